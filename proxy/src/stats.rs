@@ -1,0 +1,235 @@
+//! Envoy-named counters and gauges. Stat blocks are created at config time and handed to the
+//! request path as `Arc`s; on the request path a stat update is one relaxed atomic add, never a
+//! lock or a map lookup. Blocks are keyed by name in the [`Store`] so that they survive config
+//! reloads, as Envoy's do.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// A monotonically increasing counter.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    #[inline]
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    #[inline]
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+    #[inline]
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One stat as the admin endpoints see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatValue {
+    Counter(u64),
+    Gauge(i64),
+}
+
+/// Declares a block of stats with a `visit` method that yields `(suffix, value)` pairs.
+macro_rules! stat_block {
+    ($(#[$m:meta])* $name:ident { counters: [$($c:ident),* $(,)?], gauges: [$($g:ident),* $(,)?] $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Default)]
+        pub struct $name {
+            $(pub $c: Counter,)*
+            $(pub $g: Gauge,)*
+        }
+        impl $name {
+            /// Calls `f` with each stat's Envoy suffix and value.
+            pub fn visit(&self, f: &mut dyn FnMut(&'static str, StatValue)) {
+                $(f(stringify!($c), StatValue::Counter(self.$c.get()));)*
+                $(f(stringify!($g), StatValue::Gauge(self.$g.get()));)*
+            }
+        }
+    };
+}
+
+stat_block! {
+    /// `http.<stat_prefix>.*` — one per HTTP connection manager stat prefix.
+    HttpStats {
+        counters: [
+            downstream_cx_total, downstream_cx_http1_total, downstream_cx_http2_total,
+            downstream_cx_destroy, downstream_cx_protocol_error, downstream_cx_drain_close,
+            downstream_cx_rx_bytes_total, downstream_cx_tx_bytes_total,
+            downstream_rq_total, downstream_rq_http1_total, downstream_rq_http2_total,
+            downstream_rq_1xx, downstream_rq_2xx, downstream_rq_3xx, downstream_rq_4xx,
+            downstream_rq_5xx, downstream_rq_completed, downstream_rq_timeout,
+            downstream_rq_idle_timeout, downstream_rq_header_timeout, downstream_rq_rx_reset,
+            downstream_rq_tx_reset, downstream_rq_too_large, downstream_rq_ws_on_non_ws_route,
+            downstream_cx_upgrades_total,
+            no_route, no_cluster, rq_direct_response, rq_redirect, rq_total,
+        ],
+        gauges: [downstream_cx_active, downstream_cx_http1_active, downstream_cx_http2_active,
+                 downstream_rq_active, downstream_cx_upgrades_active],
+    }
+}
+
+impl HttpStats {
+    /// Counts a finished downstream response by class.
+    #[inline]
+    pub fn count_response(&self, status: u16) {
+        match status / 100 {
+            1 => self.downstream_rq_1xx.inc(),
+            2 => self.downstream_rq_2xx.inc(),
+            3 => self.downstream_rq_3xx.inc(),
+            4 => self.downstream_rq_4xx.inc(),
+            _ => self.downstream_rq_5xx.inc(),
+        }
+        self.downstream_rq_completed.inc();
+    }
+}
+
+stat_block! {
+    /// `cluster.<name>.*` — one per cluster name.
+    ClusterStats {
+        counters: [
+            upstream_cx_total, upstream_cx_http1_total, upstream_cx_http2_total,
+            upstream_cx_connect_fail, upstream_cx_connect_timeout, upstream_cx_destroy,
+            upstream_cx_destroy_local, upstream_cx_destroy_remote, upstream_cx_idle_timeout,
+            upstream_cx_overflow, upstream_cx_protocol_error, upstream_cx_close_notify,
+            upstream_cx_rx_bytes_total, upstream_cx_tx_bytes_total,
+            upstream_rq_total, upstream_rq_completed, upstream_rq_1xx, upstream_rq_2xx,
+            upstream_rq_3xx, upstream_rq_4xx, upstream_rq_5xx,
+            upstream_rq_timeout, upstream_rq_per_try_timeout, upstream_rq_rx_reset,
+            upstream_rq_tx_reset, upstream_rq_pending_total, upstream_rq_pending_overflow,
+            upstream_rq_pending_failure_eject, upstream_rq_cancelled,
+            upstream_rq_retry, upstream_rq_retry_success, upstream_rq_retry_overflow,
+            upstream_rq_retry_backoff_exponential,
+            lb_healthy_panic, update_attempt, update_success, update_failure, update_empty,
+            upstream_flow_control_paused_reading_total, upstream_flow_control_resumed_reading_total,
+        ],
+        gauges: [upstream_cx_active, upstream_rq_active, upstream_rq_pending_active,
+                 membership_total, membership_healthy, membership_degraded, membership_excluded,
+                 max_host_weight],
+    }
+}
+
+impl ClusterStats {
+    /// Counts a finished upstream response by class.
+    #[inline]
+    pub fn count_response(&self, status: u16) {
+        match status / 100 {
+            1 => self.upstream_rq_1xx.inc(),
+            2 => self.upstream_rq_2xx.inc(),
+            3 => self.upstream_rq_3xx.inc(),
+            4 => self.upstream_rq_4xx.inc(),
+            _ => self.upstream_rq_5xx.inc(),
+        }
+        self.upstream_rq_completed.inc();
+    }
+}
+
+stat_block! {
+    /// Per-host counters shown by `/clusters` (`cluster::addr::rq_total::N`).
+    HostStats {
+        counters: [cx_total, cx_connect_fail, rq_total, rq_success, rq_error, rq_timeout],
+        gauges: [cx_active, rq_active],
+    }
+}
+
+stat_block! {
+    /// `server.*`, `cluster_manager.*`, `listener_manager.*` and other process-wide stats.
+    ServerStats {
+        counters: [],
+        gauges: [live, concurrency, total_connections, days_until_first_cert_expiring],
+    }
+}
+
+stat_block! {
+    /// `listener.<address>.*` — one per listener address.
+    ListenerStats {
+        counters: [downstream_cx_total, downstream_cx_destroy, downstream_cx_overflow],
+        gauges: [downstream_cx_active],
+    }
+}
+
+/// All stat blocks of the process, by name. Only touched at config time and by the admin server.
+#[derive(Debug, Default)]
+pub struct Store {
+    inner: Mutex<StoreInner>,
+    pub server: ServerStats,
+}
+
+#[derive(Debug, Default)]
+struct StoreInner {
+    http: BTreeMap<String, Arc<HttpStats>>,
+    cluster: BTreeMap<String, Arc<ClusterStats>>,
+    listener: BTreeMap<String, Arc<ListenerStats>>,
+}
+
+impl Store {
+    pub fn new() -> Arc<Store> {
+        Arc::new(Store::default())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, StoreInner> {
+        // A panic while holding this lock cannot leave the maps inconsistent (each insert is
+        // one call), so a poisoned lock is still safe to use.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The block for `http.<prefix>.`, created on first use.
+    pub fn http(&self, prefix: &str) -> Arc<HttpStats> {
+        self.lock().http.entry(prefix.to_string()).or_default().clone()
+    }
+
+    /// The block for `cluster.<name>.`, created on first use.
+    pub fn cluster(&self, name: &str) -> Arc<ClusterStats> {
+        self.lock().cluster.entry(name.to_string()).or_default().clone()
+    }
+
+    /// The block for `listener.<address>.`, created on first use.
+    pub fn listener(&self, address: &str) -> Arc<ListenerStats> {
+        self.lock().listener.entry(address.to_string()).or_default().clone()
+    }
+
+    /// Every stat as `(full Envoy name, value)`, sorted by name.
+    pub fn all(&self) -> Vec<(String, StatValue)> {
+        let mut out = Vec::new();
+        {
+            let inner = self.lock();
+            for (p, s) in &inner.http {
+                s.visit(&mut |k, v| out.push((format!("http.{p}.{k}"), v)));
+            }
+            for (n, s) in &inner.cluster {
+                s.visit(&mut |k, v| out.push((format!("cluster.{n}.{k}"), v)));
+            }
+            for (a, s) in &inner.listener {
+                s.visit(&mut |k, v| out.push((format!("listener.{a}.{k}"), v)));
+            }
+        }
+        self.server
+            .visit(&mut |k, v| out.push((format!("server.{k}"), v)));
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+}

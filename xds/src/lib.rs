@@ -1,0 +1,6 @@
+//! Strait's configuration plane: decodes Envoy v3 bootstrap files (and later xDS resources) into
+//! Envoy's protobuf types, and translates them strictly into Strait's immutable [`model`].
+//! Nothing outside this crate sees a protobuf.
+#![forbid(unsafe_code)]
+
+pub mod model;
