@@ -1,1 +1,251 @@
-fn main() {}
+//! The `strait` binary: parses Envoy's command line, loads the bootstrap, runs the proxy until
+//! SIGTERM / SIGINT (or `POST /quitquitquit`), then drains and exits. Wiring only: the work is
+//! in the `strait-xds` and `strait-proxy` crates.
+#![forbid(unsafe_code)]
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use strait_proxy::admin::AdminSource;
+use strait_proxy::server::{Options, Server};
+use strait_xds::bootstrap::{self, Overrides, Source};
+use tracing_subscriber::EnvFilter;
+
+/// Envoy's flag names, so existing command lines keep working.
+#[derive(Debug, Parser)]
+#[command(
+    name = "strait",
+    version,
+    about = "A service-mesh proxy configured like Envoy"
+)]
+struct Cli {
+    /// Bootstrap file (YAML, or JSON by extension).
+    #[arg(short = 'c', long = "config-path")]
+    config_path: Option<PathBuf>,
+    /// Bootstrap YAML, merged over the file if both are given.
+    #[arg(long = "config-yaml")]
+    config_yaml: Option<String>,
+    #[arg(long, value_enum, default_value_t = Mode::Serve)]
+    mode: Mode,
+    /// Overrides `node.id`.
+    #[arg(long = "service-node")]
+    service_node: Option<String>,
+    /// Overrides `node.cluster`.
+    #[arg(long = "service-cluster")]
+    service_cluster: Option<String>,
+    /// Overrides `node.locality.zone`.
+    #[arg(long = "service-zone")]
+    service_zone: Option<String>,
+    #[arg(short = 'l', long = "log-level", value_enum, default_value_t = LogLevel::Info)]
+    log_level: LogLevel,
+    /// Worker threads; default: the number of hardware threads.
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// How long a drain lets in-flight requests finish, in seconds.
+    #[arg(long = "drain-time-s", default_value_t = 600)]
+    drain_time_s: u64,
+    /// Hot-restart base id: accepted for compatibility; Strait has no hot restart yet.
+    #[arg(long = "base-id")]
+    base_id: Option<u64>,
+    /// Accepted for compatibility: there is no hot restart to disable.
+    #[arg(long = "disable-hot-restart")]
+    disable_hot_restart: bool,
+    /// Writes the admin server's bound `ip:port` here once it listens.
+    #[arg(long = "admin-address-path")]
+    admin_address_path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Serve,
+    Validate,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    #[value(alias = "warn")]
+    Warning,
+    Error,
+    Critical,
+    Off,
+}
+
+impl LogLevel {
+    fn directive(self) -> &'static str {
+        match self {
+            LogLevel::Trace => "trace",
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warning => "warn",
+            // tracing has no level above error.
+            LogLevel::Error | LogLevel::Critical => "error",
+            LogLevel::Off => "off",
+        }
+    }
+
+    fn envoy_name(self) -> &'static str {
+        match self {
+            LogLevel::Trace => "trace",
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warning => "warning",
+            LogLevel::Error => "error",
+            LogLevel::Critical => "critical",
+            LogLevel::Off => "off",
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(EnvFilter::new(cli.log_level.directive()))
+        .init();
+
+    let source = match (&cli.config_path, &cli.config_yaml) {
+        (Some(p), _) => Source::Path(p.clone()),
+        (None, Some(y)) => Source::Yaml(y.clone()),
+        (None, None) => {
+            eprintln!("At least one of --config-path or --config-yaml should be non-empty");
+            return ExitCode::FAILURE;
+        }
+    };
+    let overrides = Overrides {
+        service_node: cli.service_node.clone(),
+        service_cluster: cli.service_cluster.clone(),
+        service_zone: cli.service_zone.clone(),
+        // With only --config-yaml the YAML is the source itself.
+        config_yaml: cli.config_path.as_ref().and(cli.config_yaml.clone()),
+    };
+    let config = match bootstrap::load(&source, &overrides) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    if cli.mode == Mode::Validate {
+        let shown = match &cli.config_path {
+            Some(p) => p.display().to_string(),
+            None => String::new(),
+        };
+        println!("configuration '{shown}' OK");
+        return ExitCode::SUCCESS;
+    }
+    if cli.base_id.is_some() {
+        tracing::info!("--base-id is accepted but ignored: hot restart is not implemented");
+    }
+
+    let concurrency = cli
+        .concurrency
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(concurrency)
+        .thread_name("strait-worker")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let opts = Options {
+        concurrency,
+        drain_time: Duration::from_secs(cli.drain_time_s),
+        command_line_options: command_line_options(&cli, concurrency),
+    };
+    runtime.block_on(serve(config, opts, cli.admin_address_path))
+}
+
+/// `/server_info`'s `command_line_options`, in `envoy.admin.v3.CommandLineOptions` JSON.
+fn command_line_options(cli: &Cli, concurrency: usize) -> serde_json::Value {
+    serde_json::json!({
+        "base_id": cli.base_id.unwrap_or(0).to_string(),
+        "concurrency": concurrency,
+        "config_path": cli.config_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        "config_yaml": cli.config_yaml.clone().unwrap_or_default(),
+        "log_level": cli.log_level.envoy_name(),
+        "service_cluster": cli.service_cluster.clone().unwrap_or_default(),
+        "service_node": cli.service_node.clone().unwrap_or_default(),
+        "service_zone": cli.service_zone.clone().unwrap_or_default(),
+        "drain_time": format!("{}s", cli.drain_time_s),
+        "mode": match cli.mode { Mode::Serve => "Serve", Mode::Validate => "Validate" },
+        "disable_hot_restart": cli.disable_hot_restart,
+    })
+}
+
+async fn serve(
+    config: strait_xds::model::Bootstrap,
+    opts: Options,
+    admin_address_path: Option<PathBuf>,
+) -> ExitCode {
+    let server = match Server::start(config, opts).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let (Some(path), Some(addr)) = (&admin_address_path, server.admin_address()) {
+        if let Err(e) = std::fs::write(path, addr.to_string()) {
+            tracing::error!("cannot write --admin-address-path {}: {e}", path.display());
+            server.shutdown();
+            server.wait().await;
+            return ExitCode::FAILURE;
+        }
+    }
+    if let Some(addr) = server.admin_address() {
+        tracing::info!("admin listening on {addr}");
+    }
+    for (name, addr) in server.listener_addresses() {
+        tracing::info!("listening on {name} {addr}");
+    }
+    // POST /quitquitquit drains through the same shared state, so wait() covers it too.
+    let shared = server.shared().clone();
+    let signals = tokio::spawn(async move {
+        termination_signal().await;
+        shared.begin_shutdown();
+    });
+    server.wait().await;
+    signals.abort();
+    tracing::info!("exiting");
+    ExitCode::SUCCESS
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+async fn termination_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!("cannot listen for SIGINT: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT: draining"),
+        _ = term => tracing::info!("SIGTERM: draining"),
+    }
+}

@@ -3,7 +3,8 @@
 #![forbid(unsafe_code)]
 
 /// Type URL of `envoy.extensions.filters.http.router.v3.Router`, the terminal filter.
-pub const ROUTER_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+pub const ROUTER_TYPE_URL: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
 
 /// Well-known name of the router filter.
 pub const ROUTER_NAME: &str = "envoy.filters.http.router";

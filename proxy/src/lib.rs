@@ -6,5 +6,15 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod body;
+pub mod cluster;
+pub mod conn;
+pub mod forward;
+pub mod headers;
+pub mod listener;
+pub mod local_reply;
+pub mod pool;
 pub mod response_flags;
+pub mod router;
+pub mod server;
 pub mod stats;

@@ -56,12 +56,13 @@ pub enum StatValue {
 
 /// Declares a block of stats with a `visit` method that yields `(suffix, value)` pairs.
 macro_rules! stat_block {
-    ($(#[$m:meta])* $name:ident { counters: [$($c:ident),* $(,)?], gauges: [$($g:ident),* $(,)?] $(,)? }) => {
+    ($(#[$m:meta])* $name:ident { counters: [$($c:ident),* $(,)?], gauges: [$($g:ident),* $(,)?] $(, extra: [$($x:ident: $xt:ty),* $(,)?])? $(,)? }) => {
         $(#[$m])*
         #[derive(Debug, Default)]
         pub struct $name {
             $(pub $c: Counter,)*
             $(pub $g: Gauge,)*
+            $($(pub $x: $xt,)*)?
         }
         impl $name {
             /// Calls `f` with each stat's Envoy suffix and value.
@@ -130,13 +131,51 @@ stat_block! {
         gauges: [upstream_cx_active, upstream_rq_active, upstream_rq_pending_active,
                  membership_total, membership_healthy, membership_degraded, membership_excluded,
                  max_host_weight],
+        extra: [upstream_rq_by_code: CodeCounters],
+    }
+}
+
+/// Per-status-code counters (`upstream_rq_200`, `upstream_rq_503`, ...), allocated on the first
+/// response so that clusters that never answer cost nothing; only codes seen are reported, as in
+/// Envoy.
+#[derive(Debug, Default)]
+pub struct CodeCounters(std::sync::OnceLock<Box<[Counter]>>);
+
+impl CodeCounters {
+    const FIRST: u16 = 100;
+    const LAST: u16 = 599;
+
+    #[inline]
+    pub fn inc(&self, status: u16) {
+        if !(Self::FIRST..=Self::LAST).contains(&status) {
+            return;
+        }
+        let table = self.0.get_or_init(|| {
+            (Self::FIRST..=Self::LAST)
+                .map(|_| Counter::default())
+                .collect()
+        });
+        table[usize::from(status - Self::FIRST)].inc();
+    }
+
+    /// Calls `f` with each code that was counted at least once.
+    pub fn visit(&self, f: &mut dyn FnMut(u16, u64)) {
+        if let Some(table) = self.0.get() {
+            for (i, c) in table.iter().enumerate() {
+                let n = c.get();
+                if n > 0 {
+                    f(Self::FIRST + i as u16, n);
+                }
+            }
+        }
     }
 }
 
 impl ClusterStats {
-    /// Counts a finished upstream response by class.
+    /// Counts a finished upstream response by class and by code.
     #[inline]
     pub fn count_response(&self, status: u16) {
+        self.upstream_rq_by_code.inc(status);
         match status / 100 {
             1 => self.upstream_rq_1xx.inc(),
             2 => self.upstream_rq_2xx.inc(),
@@ -152,7 +191,7 @@ stat_block! {
     /// Per-host counters shown by `/clusters` (`cluster::addr::rq_total::N`).
     HostStats {
         counters: [cx_total, cx_connect_fail, rq_total, rq_success, rq_error, rq_timeout],
-        gauges: [cx_active, rq_active],
+        gauges: [cx_active, rq_active, rq_pending_active],
     }
 }
 
@@ -222,6 +261,12 @@ impl Store {
             }
             for (n, s) in &inner.cluster {
                 s.visit(&mut |k, v| out.push((format!("cluster.{n}.{k}"), v)));
+                s.upstream_rq_by_code.visit(&mut |code, v| {
+                    out.push((
+                        format!("cluster.{n}.upstream_rq_{code}"),
+                        StatValue::Counter(v),
+                    ))
+                });
             }
             for (a, s) in &inner.listener {
                 s.visit(&mut |k, v| out.push((format!("listener.{a}.{k}"), v)));

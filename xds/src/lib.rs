@@ -3,4 +3,14 @@
 //! Nothing outside this crate sees a protobuf.
 #![forbid(unsafe_code)]
 
+pub mod bootstrap;
+pub(crate) mod decode;
+pub mod error;
 pub mod model;
+pub(crate) mod translate;
+
+pub use bootstrap::{load, Overrides, Source};
+pub use error::{ConfigError, ConfigErrors};
+
+#[cfg(test)]
+mod tests;

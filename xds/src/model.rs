@@ -174,7 +174,16 @@ pub enum FormatToken {
         fallback: Option<HeaderName>,
         max_len: Option<usize>,
     },
-    /// `%REQ(:METHOD)%` etc. are ReqHeader with pseudo names `:method`, `:path`, `:authority`, `:scheme`.
+    /// `%REQ(A?B):N%` when A or B is a pseudo-header (`:method`, `:path`, `:authority`,
+    /// `:scheme`), which `HeaderName` cannot hold. Names are lower-cased; a name starting with
+    /// `:` is the pseudo-header, any other is a regular request header. (Added by helper A: the
+    /// default format needs `%REQ(:METHOD)%` and `%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%`.)
+    ReqHeaderOrPseudo {
+        primary: String,
+        fallback: Option<String>,
+        max_len: Option<usize>,
+    },
+    /// `%REQ(:METHOD)%` etc. are ReqHeaderOrPseudo (see above).
     Protocol,
     ResponseCode,
     ResponseCodeDetails,

@@ -1,0 +1,231 @@
+//! One downstream connection: picks the codec (HTTP/1.1, or HTTP/2 with prior knowledge when the
+//! client sends the h2 preface), serves it with hyper, counts bytes and connection stats, and
+//! drains it gracefully (Connection: close / GOAWAY) when the server shuts down.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use strait_xds::model::CodecType;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::cluster::ClusterInfo;
+use crate::forward::{self, ConnCtx};
+use crate::stats::HttpStats;
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// hyper's smallest allowed HTTP/1 read buffer.
+const MIN_H1_BUF: usize = 8192;
+
+// === CountingIo ===
+
+/// Which stats a connection's bytes count towards.
+#[derive(Debug, Clone)]
+pub enum Counted {
+    Downstream(Arc<HttpStats>),
+    Upstream(Arc<ClusterInfo>),
+}
+
+impl Counted {
+    #[inline]
+    fn rx(&self, n: usize) {
+        match self {
+            Counted::Downstream(s) => s.downstream_cx_rx_bytes_total.add(n as u64),
+            Counted::Upstream(c) => c.stats.upstream_cx_rx_bytes_total.add(n as u64),
+        }
+    }
+    #[inline]
+    fn tx(&self, n: usize) {
+        match self {
+            Counted::Downstream(s) => s.downstream_cx_tx_bytes_total.add(n as u64),
+            Counted::Upstream(c) => c.stats.upstream_cx_tx_bytes_total.add(n as u64),
+        }
+    }
+}
+
+/// A TCP stream that counts bytes and can replay bytes already read (the sniffed preface).
+#[derive(Debug)]
+pub struct CountingIo {
+    inner: TcpStream,
+    counted: Counted,
+    prefix: Bytes,
+}
+
+impl CountingIo {
+    pub fn new(inner: TcpStream, counted: Counted) -> CountingIo {
+        CountingIo {
+            inner,
+            counted,
+            prefix: Bytes::new(),
+        }
+    }
+}
+
+impl AsyncRead for CountingIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            self.counted.rx(buf.filled().len() - before);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for CountingIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.counted.tx(n);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            self.counted.tx(n);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+// === Serving ===
+
+/// Reads until the bytes either are or cannot be the HTTP/2 preface. Returns what was read and
+/// whether it is the preface.
+async fn sniff(stream: &mut TcpStream) -> io::Result<(Bytes, bool)> {
+    let mut buf = BytesMut::with_capacity(H2_PREFACE.len());
+    while buf.len() < H2_PREFACE.len() {
+        let n = stream.read_buf(&mut buf).await?;
+        if n == 0 || !H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
+            let is_h2 = false;
+            return Ok((buf.freeze(), is_h2));
+        }
+    }
+    let is_h2 = buf.starts_with(H2_PREFACE);
+    Ok((buf.freeze(), is_h2))
+}
+
+/// Serves one accepted connection until it closes, or until the drain deadline after shutdown.
+pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
+    let hcm = cx.listener.config.hcm.clone();
+    let hs = cx.listener.http_stats.clone();
+    let mut drain = cx.server.drain_rx();
+    let _ = stream.set_nodelay(true);
+
+    let (prefix, is_h2) = match hcm.codec_type {
+        CodecType::Http1 => (Bytes::new(), false),
+        CodecType::Http2 => (Bytes::new(), true),
+        CodecType::Auto => {
+            tokio::select! {
+                r = sniff(&mut stream) => match r {
+                    Ok(x) => x,
+                    Err(_) => return,
+                },
+                _ = crate::server::drained(&mut drain) => return,
+            }
+        }
+    };
+    hs.downstream_cx_total.inc();
+    hs.downstream_cx_active.inc();
+    if is_h2 {
+        hs.downstream_cx_http2_total.inc();
+        hs.downstream_cx_http2_active.inc();
+    } else {
+        hs.downstream_cx_http1_total.inc();
+        hs.downstream_cx_http1_active.inc();
+    }
+    let mut io = CountingIo::new(stream, Counted::Downstream(hs.clone()));
+    io.prefix = prefix;
+    let io = TokioIo::new(io);
+    let svc_cx = cx.clone();
+    let svc = service_fn(move |req| forward::handle(req, svc_cx.clone()));
+    let drain_time = cx.server.drain_time();
+
+    if is_h2 {
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .max_header_list_size(hcm.max_request_headers_kb.saturating_mul(1024));
+        let conn = b.serve_connection(io, svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => log_conn_end(&hs, r.err()),
+            _ = crate::server::drained(&mut drain) => {
+                hs.downstream_cx_drain_close.inc();
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    r = conn.as_mut() => log_conn_end(&hs, r.err()),
+                    _ = tokio::time::sleep(drain_time) => {}
+                }
+            }
+        }
+        hs.downstream_cx_http2_active.dec();
+    } else {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            // hyper would otherwise default to 30 s; Envoy has no header timeout unless set.
+            .header_read_timeout(hcm.request_headers_timeout)
+            .max_buf_size(MIN_H1_BUF.max(hcm.max_request_headers_kb as usize * 1024));
+        let conn = b.serve_connection(io, svc).with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => log_conn_end(&hs, r.err()),
+            _ = crate::server::drained(&mut drain) => {
+                hs.downstream_cx_drain_close.inc();
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    r = conn.as_mut() => log_conn_end(&hs, r.err()),
+                    _ = tokio::time::sleep(drain_time) => {}
+                }
+            }
+        }
+        hs.downstream_cx_http1_active.dec();
+    }
+    hs.downstream_cx_active.dec();
+    hs.downstream_cx_destroy.inc();
+}
+
+fn log_conn_end(hs: &HttpStats, err: Option<hyper::Error>) {
+    if let Some(e) = err {
+        if e.is_parse() || e.is_parse_too_large() {
+            hs.downstream_cx_protocol_error.inc();
+        }
+        tracing::debug!(error = %e, "downstream connection ended with an error");
+    }
+}

@@ -1,0 +1,1014 @@
+//! The router filter: per request, header hygiene, route selection, local replies, cluster and
+//! host choice, upstream attempts with Envoy's timeouts and retries, response header changes,
+//! HTTP/1.1 upgrades, stats and the access-log record when the stream ends.
+//! Reads one config snapshot per request; bodies stream both ways, never fully buffered.
+
+use std::borrow::Cow;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use strait_xds::model::{self, ClusterSpecifier, HostRewrite, RetryOn, RetryPolicy, RouteAction};
+
+use crate::access_log::Record;
+use crate::body::{self, AttemptBody, BoxError, EndSignal, ProxyBody, RequestSource};
+use crate::cluster::{Breakers, ClusterState, Host};
+use crate::headers;
+use crate::local_reply::{self, ResetReason};
+use crate::pool::{Lease, PoolError};
+use crate::response_flags::ResponseFlags;
+use crate::router::{self, Selected};
+use crate::server::{ListenerRuntime, ServerShared};
+
+/// Envoy's default `per_connection_buffer_limit_bytes` (1 MiB), which also bounds the request
+/// body the router keeps for retries; a larger body is not retried.
+pub const RETRY_BUFFER_LIMIT: usize = 1024 * 1024;
+const X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
+
+/// What a request needs to know about its connection.
+pub struct ConnCtx {
+    pub listener: Arc<ListenerRuntime>,
+    pub server: Arc<ServerShared>,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+type Deadline = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+// === Finisher: the stream's record, completed when the response ends ===
+
+struct Finisher {
+    cx: Arc<ConnCtx>,
+    start: Instant,
+    start_time: SystemTime,
+    method: Method,
+    path: String,
+    authority: String,
+    version: Version,
+    request_headers: Option<HeaderMap>,
+    status: u16,
+    response_headers: Option<HeaderMap>,
+    response_trailers: Option<HeaderMap>,
+    flags: ResponseFlags,
+    details: Cow<'static, str>,
+    source: Option<RequestSource>,
+    request_end: Option<Arc<EndSignal>>,
+    response_duration: Option<Duration>,
+    upstream_host: Option<Arc<Host>>,
+    cluster: Option<Arc<ClusterState>>,
+    transport_failure: Option<String>,
+    route_name: String,
+    client: SocketAddr,
+    bytes_sent: u64,
+    rq: Option<RqGuard>,
+    lease: Option<Lease>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Complete,
+    UpstreamError,
+    Timeout,
+    DownstreamGone,
+}
+
+impl Finisher {
+    fn new(cx: Arc<ConnCtx>, parts: &Parts) -> Finisher {
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        let peer = cx.peer;
+        Finisher {
+            cx,
+            start: Instant::now(),
+            start_time: SystemTime::now(),
+            method: parts.method.clone(),
+            path: parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| "/".to_string(), |pq| pq.as_str().to_string()),
+            authority,
+            version: parts.version,
+            request_headers: None,
+            status: 0,
+            response_headers: None,
+            response_trailers: None,
+            flags: ResponseFlags::default(),
+            details: Cow::Borrowed(""),
+            source: None,
+            request_end: None,
+            response_duration: None,
+            upstream_host: None,
+            cluster: None,
+            transport_failure: None,
+            route_name: String::new(),
+            client: peer,
+            bytes_sent: 0,
+            rq: None,
+            lease: None,
+        }
+    }
+
+    fn logging(&self) -> bool {
+        self.cx.listener.access_log.is_some()
+    }
+
+    fn finish(mut self, outcome: Outcome) {
+        let hs = &self.cx.listener.http_stats;
+        hs.downstream_rq_active.dec();
+        match outcome {
+            Outcome::Complete => {
+                if let Some(l) = self.lease.as_mut() {
+                    l.set_reusable();
+                }
+                if let Some(h) = &self.upstream_host {
+                    if self.status >= 500 {
+                        h.stats.rq_error.inc();
+                    } else {
+                        h.stats.rq_success.inc();
+                    }
+                }
+            }
+            Outcome::UpstreamError => {
+                self.flags.set(ResponseFlags::UPSTREAM_REMOTE_RESET);
+                if let Some(h) = &self.upstream_host {
+                    h.stats.rq_error.inc();
+                }
+                hs.downstream_rq_tx_reset.inc();
+            }
+            Outcome::Timeout => {
+                self.flags.set(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT);
+                if let Some(c) = &self.cluster {
+                    c.stats().upstream_rq_timeout.inc();
+                }
+                if let Some(h) = &self.upstream_host {
+                    h.stats.rq_timeout.inc();
+                }
+                hs.downstream_rq_tx_reset.inc();
+            }
+            Outcome::DownstreamGone => {
+                self.flags
+                    .set(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION);
+                hs.downstream_rq_rx_reset.inc();
+                if let Some(c) = &self.cluster {
+                    if self.rq.is_some() {
+                        c.stats().upstream_rq_cancelled.inc();
+                    }
+                }
+            }
+        }
+        // Release the upstream connection and request slot before logging.
+        self.lease.take();
+        self.rq.take();
+        let Some(logger) = self.cx.listener.access_log.clone() else {
+            return;
+        };
+        let empty = HeaderMap::new();
+        let rec = Record {
+            start_time: self.start_time,
+            method: &self.method,
+            path: &self.path,
+            authority: &self.authority,
+            scheme: "http",
+            version: self.version,
+            request_headers: self.request_headers.as_ref().unwrap_or(&empty),
+            response_code: self.status,
+            response_headers: self.response_headers.as_ref(),
+            response_trailers: self.response_trailers.as_ref(),
+            response_flags: self.flags,
+            response_code_details: &self.details,
+            bytes_received: self.source.as_ref().map_or(0, |s| s.bytes_received()),
+            bytes_sent: self.bytes_sent,
+            duration: self.start.elapsed(),
+            request_duration: self
+                .request_end
+                .as_ref()
+                .and_then(|e| e.when())
+                .map(|t| t.saturating_duration_since(self.start)),
+            response_duration: self.response_duration,
+            upstream_host: self.upstream_host.as_ref().map(|h| h.address),
+            upstream_cluster: self.cluster.as_ref().map(|c| c.name()),
+            upstream_local_address: None,
+            upstream_transport_failure_reason: self.transport_failure.as_deref(),
+            downstream_remote_address: self.client,
+            downstream_direct_remote_address: self.cx.peer,
+            downstream_local_address: self.cx.local,
+            route_name: &self.route_name,
+        };
+        logger.log(&rec);
+    }
+}
+
+/// One upstream request's hold on the cluster's request breaker and active-request gauges.
+struct RqGuard {
+    cluster: Arc<ClusterState>,
+    host: Arc<Host>,
+}
+
+impl RqGuard {
+    fn new(cluster: Arc<ClusterState>, host: Arc<Host>) -> RqGuard {
+        host.stats.rq_active.inc();
+        host.stats.rq_total.inc();
+        cluster.stats().upstream_rq_active.inc();
+        cluster.stats().upstream_rq_total.inc();
+        RqGuard { cluster, host }
+    }
+}
+
+impl Drop for RqGuard {
+    fn drop(&mut self) {
+        self.host.stats.rq_active.dec();
+        self.cluster.stats().upstream_rq_active.dec();
+        Breakers::release(&self.cluster.info.breakers.requests);
+    }
+}
+
+// === Response body ===
+
+/// The downstream response body: streams the upstream body (or a local reply), counts bytes,
+/// enforces the rest of the route timeout, and completes the stream record at the end.
+pub struct RespBody {
+    inner: ProxyBody,
+    fin: Option<Box<Finisher>>,
+    deadline: Option<Deadline>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("upstream request timeout")]
+struct ResponseTimeout;
+
+impl RespBody {
+    fn end(&mut self, outcome: Outcome) {
+        if let Some(f) = self.fin.take() {
+            f.finish(outcome);
+        }
+    }
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(d) = this.deadline.as_mut() {
+            if d.as_mut().poll(cx).is_ready() {
+                this.deadline = None;
+                this.end(Outcome::Timeout);
+                return Poll::Ready(Some(Err(ResponseTimeout.into())));
+            }
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                this.end(Outcome::Complete);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.end(Outcome::UpstreamError);
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(f) = this.fin.as_mut() {
+                    if let Some(d) = frame.data_ref() {
+                        f.bytes_sent += d.len() as u64;
+                    } else if let Some(t) = frame.trailers_ref() {
+                        if f.logging() {
+                            f.response_trailers = Some(t.clone());
+                        }
+                    }
+                }
+                if this.inner.is_end_stream() {
+                    this.end(Outcome::Complete);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for RespBody {
+    fn drop(&mut self) {
+        // Dropped before its end: the downstream went away (or hyper gave up on the stream).
+        self.end(Outcome::DownstreamGone);
+    }
+}
+
+// === The request path ===
+
+/// hyper service entry point for one downstream request.
+pub async fn handle(
+    req: Request<Incoming>,
+    cx: Arc<ConnCtx>,
+) -> Result<Response<RespBody>, Infallible> {
+    let hs = cx.listener.http_stats.clone();
+    hs.downstream_rq_total.inc();
+    hs.downstream_rq_active.inc();
+    match req.version() {
+        Version::HTTP_2 => hs.downstream_rq_http2_total.inc(),
+        _ => hs.downstream_rq_http1_total.inc(),
+    }
+    let mut req = req;
+    let upgrade = if req.version() == Version::HTTP_11 {
+        headers::upgrade_type(req.headers())
+    } else {
+        None
+    };
+    let down_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let mut fin = Box::new(Finisher::new(cx.clone(), &parts));
+    let (resp, deadline, tunnel) = route(parts, body, upgrade, &cx, &mut fin).await;
+    let (mut head, inner) = resp.into_parts();
+    fin.status = head.status.as_u16();
+    hs.count_response(fin.status);
+    if fin.logging() {
+        fin.response_headers = Some(head.headers.clone());
+    }
+    if let (Some(up), Some(down)) = (tunnel, down_upgrade) {
+        // The stream lives on as a tunnel; it is logged when the tunnel closes.
+        head.headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        spawn_tunnel(down, up, fin, &cx);
+        return Ok(Response::from_parts(
+            head,
+            RespBody {
+                inner: body::empty(),
+                fin: None,
+                deadline: None,
+            },
+        ));
+    }
+    let mut rb = RespBody {
+        inner,
+        fin: Some(fin),
+        deadline,
+    };
+    if rb.inner.is_end_stream() {
+        rb.end(Outcome::Complete);
+    }
+    Ok(Response::from_parts(head, rb))
+}
+
+fn spawn_tunnel(
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    fin: Box<Finisher>,
+    cx: &Arc<ConnCtx>,
+) {
+    let hs = cx.listener.http_stats.clone();
+    let track = cx.server.track();
+    let mut drain = cx.server.drain_rx();
+    let drain_time = cx.server.drain_time();
+    hs.downstream_cx_upgrades_total.inc();
+    hs.downstream_cx_upgrades_active.inc();
+    tokio::spawn(async move {
+        let _track = track;
+        let mut fin = fin;
+        let tunnel = async {
+            let (d, u) = tokio::try_join!(down, up)?;
+            let mut d = hyper_util::rt::TokioIo::new(d);
+            let mut u = hyper_util::rt::TokioIo::new(u);
+            let (rx, tx) = tokio::io::copy_bidirectional(&mut d, &mut u).await?;
+            Ok::<_, BoxError>((rx, tx))
+        };
+        tokio::pin!(tunnel);
+        let result = tokio::select! {
+            r = tunnel.as_mut() => Some(r),
+            _ = async {
+                crate::server::drained(&mut drain).await;
+                tokio::time::sleep(drain_time).await;
+            } => None,
+        };
+        let outcome = match result {
+            Some(Ok((_, tx))) => {
+                fin.bytes_sent += tx;
+                Outcome::Complete
+            }
+            Some(Err(_)) => Outcome::UpstreamError,
+            None => Outcome::DownstreamGone,
+        };
+        // An upgraded connection is never reused.
+        fin.lease.take();
+        fin.finish(outcome);
+        hs.downstream_cx_upgrades_active.dec();
+    });
+}
+
+fn local(
+    fin: &mut Finisher,
+    status: StatusCode,
+    text: impl Into<Bytes>,
+    flag: u32,
+    details: &'static str,
+) -> Response<ProxyBody> {
+    if flag != 0 {
+        fin.flags.set(flag);
+    }
+    fin.details = Cow::Borrowed(details);
+    local_reply::build(status, text)
+}
+
+type Routed = (
+    Response<ProxyBody>,
+    Option<Deadline>,
+    Option<hyper::upgrade::OnUpgrade>,
+);
+
+async fn route(
+    mut parts: Parts,
+    body: Incoming,
+    upgrade: Option<String>,
+    cx: &Arc<ConnCtx>,
+    fin: &mut Finisher,
+) -> Routed {
+    let hcm = cx.listener.config.hcm.clone();
+    let hs = &cx.listener.http_stats;
+
+    headers::remove_hop_by_hop(&mut parts.headers, upgrade.is_some());
+    fin.client = headers::forwarded(
+        &mut parts.headers,
+        cx.peer,
+        hcm.use_remote_address,
+        hcm.xff_num_trusted_hops,
+    );
+    let edge_external = hcm.use_remote_address && !headers::is_internal(cx.peer.ip());
+    headers::request_id(&mut parts.headers, hcm.generate_request_id, edge_external);
+
+    let rc = hcm.route_config.clone();
+    let (vhost, route) = match router::select(&rc, &parts) {
+        Selected::Route { vhost, route } => (vhost, route),
+        Selected::NoVirtualHost | Selected::NoRoute => {
+            hs.no_route.inc();
+            return (
+                local(
+                    fin,
+                    StatusCode::NOT_FOUND,
+                    "",
+                    ResponseFlags::NO_ROUTE_FOUND,
+                    "route_not_found",
+                ),
+                None,
+                None,
+            );
+        }
+    };
+    fin.route_name = route.name.clone();
+    let action = match &route.action {
+        RouteAction::DirectResponse { status, body } => {
+            hs.rq_direct_response.inc();
+            let mut resp = local_reply::build(*status, body.clone().unwrap_or_default());
+            router::apply_response_headers(
+                resp.headers_mut(),
+                &[&route.headers, &vhost.headers, &rc.headers],
+            );
+            fin.details = Cow::Borrowed("direct_response");
+            return (resp, None, None);
+        }
+        RouteAction::Redirect(r) => {
+            hs.rq_redirect.inc();
+            let location = router::redirect_location(r, &parts, "http", route);
+            let mut resp = local_reply::build(r.status, "");
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                resp.headers_mut().insert(header::LOCATION, v);
+            }
+            router::apply_response_headers(
+                resp.headers_mut(),
+                &[&route.headers, &vhost.headers, &rc.headers],
+            );
+            fin.details = Cow::Borrowed("direct_response");
+            return (resp, None, None);
+        }
+        RouteAction::Forward(a) => a,
+    };
+
+    if let Some(t) = &upgrade {
+        // Envoy: the connection manager must know the upgrade type; a route may override it.
+        let hcm_cfg = hcm.upgrade_types.iter().find(|u| &u.upgrade_type == t);
+        let allowed = hcm_cfg.is_some_and(|u| {
+            action
+                .upgrade_overrides
+                .iter()
+                .find(|o| &o.upgrade_type == t)
+                .map_or(u.enabled, |o| o.enabled)
+        });
+        if !allowed {
+            hs.downstream_rq_ws_on_non_ws_route.inc();
+            return (
+                local(fin, StatusCode::FORBIDDEN, "", 0, "upgrade_failed"),
+                None,
+                None,
+            );
+        }
+    }
+
+    let (cluster_name, wc_headers): (Cow<'_, str>, Option<&model::HeaderMutations>) =
+        match &action.cluster {
+            ClusterSpecifier::Cluster(n) => (Cow::Borrowed(n.as_str()), None),
+            ClusterSpecifier::Weighted(w) => {
+                let mut r = fastrand::u32(0..w.total_weight.max(1));
+                let mut chosen = w.clusters.last();
+                for c in &w.clusters {
+                    if r < c.weight {
+                        chosen = Some(c);
+                        break;
+                    }
+                    r -= c.weight;
+                }
+                match chosen {
+                    Some(c) => (Cow::Borrowed(c.name.as_str()), Some(&c.headers)),
+                    None => (Cow::Borrowed(""), None),
+                }
+            }
+            ClusterSpecifier::Header(h) => (
+                Cow::Owned(
+                    parts
+                        .headers
+                        .get(h)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string(),
+                ),
+                None,
+            ),
+        };
+    let snapshot = cx.server.snapshot();
+    let Some(cluster) = snapshot.clusters.get(&cluster_name).cloned() else {
+        hs.no_cluster.inc();
+        return (
+            local(
+                fin,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "",
+                ResponseFlags::NO_CLUSTER_FOUND,
+                "cluster_not_found",
+            ),
+            None,
+            None,
+        );
+    };
+    hs.rq_total.inc();
+    fin.cluster = Some(cluster.clone());
+
+    // Request changes the route asks for.
+    let original_pq = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| "/".to_string(), |pq| pq.as_str().to_string());
+    if let Some(new_pq) = router::rewrite_path(action, route, &original_pq) {
+        if let Ok(v) = HeaderValue::from_str(parts.uri.path()) {
+            parts.headers.insert(X_ENVOY_ORIGINAL_PATH, v);
+        }
+        if let Ok(u) = new_pq.parse::<Uri>() {
+            parts.uri = u;
+        }
+    }
+    let mut authority = fin.authority.clone();
+    if let HostRewrite::Literal(h) = &action.host_rewrite {
+        authority = h.clone();
+    }
+    let mut levels: Vec<&model::HeaderMutations> = Vec::with_capacity(4);
+    if let Some(w) = wc_headers {
+        levels.push(w);
+    }
+    levels.extend([&route.headers, &vhost.headers, &rc.headers]);
+    router::apply_request_headers(&mut parts.headers, &levels);
+
+    let policy = action.retry_policy.as_ref();
+    let expected_timeout = policy.and_then(|p| p.per_try_timeout).or(action.timeout);
+    if let Some(t) = expected_timeout {
+        parts.headers.insert(
+            headers::X_ENVOY_EXPECTED_RQ_TIMEOUT_MS,
+            HeaderValue::from(t.as_millis() as u64),
+        );
+    }
+    if fin.logging() {
+        fin.request_headers = Some(parts.headers.clone());
+    }
+
+    let source = RequestSource::new(
+        body,
+        if policy.is_some() {
+            RETRY_BUFFER_LIMIT
+        } else {
+            0
+        },
+    );
+    fin.source = Some(source.clone());
+    fin.request_end = Some(source.end_signal());
+
+    // The route timeout runs from the end of the downstream request to the end of the response.
+    let mut deadline: Option<Deadline> = action.timeout.map(|t| {
+        let end = source.end_signal();
+        Box::pin(async move {
+            end.wait().await;
+            tokio::time::sleep(t).await;
+        }) as Deadline
+    });
+
+    let mut st = Attempts {
+        parts: &parts,
+        authority: &authority,
+        host_rewrite_auto: action.host_rewrite == HostRewrite::Auto,
+        cluster: &cluster,
+        policy,
+        source: &source,
+        upgrade: upgrade.is_some(),
+        last_host: None,
+        retried: false,
+        transport_failure: None,
+        flags: ResponseFlags::default(),
+        pending_retry_guard: None,
+    };
+    let result = match deadline.as_mut() {
+        None => st.run().await,
+        Some(d) => {
+            tokio::select! {
+                r = st.run() => r,
+                _ = d.as_mut() => AttemptResult::GlobalTimeout,
+            }
+        }
+    };
+    fin.flags.set(st.flags.0);
+    fin.upstream_host = st.last_host.clone();
+    fin.transport_failure = st.transport_failure.take();
+    let retried = st.retried;
+    match result {
+        AttemptResult::NoHealthyUpstream => (
+            local(
+                fin,
+                StatusCode::SERVICE_UNAVAILABLE,
+                local_reply::NO_HEALTHY_UPSTREAM,
+                ResponseFlags::NO_HEALTHY_UPSTREAM,
+                "no_healthy_upstream",
+            ),
+            None,
+            None,
+        ),
+        AttemptResult::Reset(reason) => (
+            local(
+                fin,
+                reason.status(),
+                reason.body(retried),
+                reason.flag(),
+                reason.details(),
+            ),
+            None,
+            None,
+        ),
+        AttemptResult::GlobalTimeout | AttemptResult::PerTryTimeout => {
+            let global = matches!(result, AttemptResult::GlobalTimeout);
+            if global {
+                cluster.stats().upstream_rq_timeout.inc();
+                if let Some(h) = &fin.upstream_host {
+                    h.stats.rq_timeout.inc();
+                }
+            }
+            (
+                local(
+                    fin,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    local_reply::UPSTREAM_REQUEST_TIMEOUT,
+                    ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
+                    if global {
+                        "upstream_response_timeout"
+                    } else {
+                        "upstream_per_try_timeout"
+                    },
+                ),
+                None,
+                None,
+            )
+        }
+        AttemptResult::Response(ok) => {
+            let Done {
+                mut resp,
+                lease,
+                rq,
+                started,
+            } = *ok;
+            let now = Instant::now();
+            fin.response_duration = Some(now.saturating_duration_since(fin.start));
+            fin.rq = Some(rq);
+            fin.lease = Some(lease);
+            fin.details = Cow::Borrowed("via_upstream");
+            let status = resp.status();
+            cluster.stats().count_response(status.as_u16());
+            let tunnel = if status == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some() {
+                Some(hyper::upgrade::on(&mut resp))
+            } else {
+                None
+            };
+            let (mut head, incoming) = resp.into_parts();
+            headers::remove_hop_by_hop(&mut head.headers, tunnel.is_some());
+            head.headers.insert(
+                headers::X_ENVOY_UPSTREAM_SERVICE_TIME,
+                HeaderValue::from(now.saturating_duration_since(started).as_millis() as u64),
+            );
+            let mut rlevels: Vec<&model::HeaderMutations> = Vec::with_capacity(4);
+            if let Some(w) = wc_headers {
+                rlevels.push(w);
+            }
+            rlevels.extend([&route.headers, &vhost.headers, &rc.headers]);
+            router::apply_response_headers(&mut head.headers, &rlevels);
+            let inner = incoming.map_err(|e| Box::new(e) as BoxError).boxed_unsync();
+            (Response::from_parts(head, inner), deadline, tunnel)
+        }
+    }
+}
+
+// === Attempts and retries ===
+
+struct Done {
+    resp: Response<Incoming>,
+    lease: Lease,
+    rq: RqGuard,
+    started: Instant,
+}
+
+enum AttemptResult {
+    Response(Box<Done>),
+    Reset(ResetReason),
+    NoHealthyUpstream,
+    PerTryTimeout,
+    GlobalTimeout,
+}
+
+struct Attempts<'a> {
+    parts: &'a Parts,
+    authority: &'a str,
+    host_rewrite_auto: bool,
+    cluster: &'a Arc<ClusterState>,
+    policy: Option<&'a RetryPolicy>,
+    source: &'a RequestSource,
+    upgrade: bool,
+    last_host: Option<Arc<Host>>,
+    retried: bool,
+    transport_failure: Option<String>,
+    flags: ResponseFlags,
+    /// The retry breaker slot taken for the next attempt.
+    pending_retry_guard: Option<RetryGuard>,
+}
+
+fn retriable_status(p: &RetryPolicy, status: StatusCode) -> bool {
+    let s = status.as_u16();
+    let on = p.retry_on;
+    (on.has(RetryOn::FIVE_XX) && status.is_server_error())
+        || (on.has(RetryOn::GATEWAY_ERROR) && matches!(s, 502..=504))
+        || (on.has(RetryOn::RETRIABLE_STATUS_CODES) && p.retriable_status_codes.contains(&s))
+        || (on.has(RetryOn::RETRIABLE_4XX) && s == 409)
+}
+
+/// Envoy's `RetryStateImpl::wouldRetryFromReset`: overflow is never retried.
+fn retriable_reset(p: &RetryPolicy, reason: ResetReason) -> bool {
+    let on = p.retry_on;
+    if reason == ResetReason::Overflow {
+        return false;
+    }
+    on.has(RetryOn::FIVE_XX)
+        || on.has(RetryOn::GATEWAY_ERROR)
+        || on.has(RetryOn::RESET)
+        || (on.has(RetryOn::CONNECT_FAILURE) && reason == ResetReason::ConnectionFailure)
+        || (on.has(RetryOn::REFUSED_STREAM) && reason == ResetReason::RemoteRefusedStreamReset)
+}
+
+fn retriable_timeout(p: &RetryPolicy) -> bool {
+    let on = p.retry_on;
+    on.has(RetryOn::FIVE_XX) || on.has(RetryOn::GATEWAY_ERROR) || on.has(RetryOn::RESET)
+}
+
+/// Envoy's jittered exponential back-off: uniform in [0, min(base * 2^n, max)).
+fn back_off(p: &RetryPolicy, retry: u32) -> Duration {
+    let base = p.back_off_base.as_millis().max(1) as u64;
+    let max = p.back_off_max.as_millis().max(1) as u64;
+    let ceiling = base.saturating_mul(1u64 << retry.min(30)).min(max);
+    Duration::from_millis(fastrand::u64(0..ceiling.max(1)))
+}
+
+fn reset_reason(e: &hyper::Error) -> ResetReason {
+    if e.is_parse() || e.is_parse_status() {
+        return ResetReason::ProtocolError;
+    }
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+            if h2e.is_reset() && h2e.is_remote() {
+                return if h2e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                    ResetReason::RemoteRefusedStreamReset
+                } else {
+                    ResetReason::RemoteReset
+                };
+            }
+            break;
+        }
+        src = s.source();
+    }
+    ResetReason::ConnectionTermination
+}
+
+impl Attempts<'_> {
+    async fn run(&mut self) -> AttemptResult {
+        let mut retry = 0u32;
+        loop {
+            let (result, retry_guard) = self.one(retry).await;
+            let Some(p) = self.policy else {
+                return result;
+            };
+            let wants_retry = match &result {
+                AttemptResult::Response(d) => retriable_status(p, d.resp.status()),
+                AttemptResult::Reset(r) => retriable_reset(p, *r),
+                AttemptResult::PerTryTimeout => retriable_timeout(p),
+                AttemptResult::NoHealthyUpstream | AttemptResult::GlobalTimeout => false,
+            };
+            drop(retry_guard);
+            if !wants_retry {
+                if retry > 0 {
+                    if let AttemptResult::Response(_) = result {
+                        self.cluster.stats().upstream_rq_retry_success.inc();
+                    }
+                }
+                return result;
+            }
+            if retry >= p.num_retries {
+                self.flags.set(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
+                return result;
+            }
+            let stats = self.cluster.stats();
+            if !Breakers::try_acquire(
+                &self.cluster.info.breakers.retries,
+                self.cluster.info.config.circuit_breakers.max_retries,
+            ) {
+                stats.upstream_rq_retry_overflow.inc();
+                return result;
+            }
+            let guard = RetryGuard(self.cluster.clone());
+            // The body already sent must be replayable, or this attempt stands.
+            if !self.source_replayable() {
+                drop(guard);
+                return result;
+            }
+            drop(result);
+            stats.upstream_rq_retry.inc();
+            stats.upstream_rq_retry_backoff_exponential.inc();
+            tokio::time::sleep(back_off(p, retry)).await;
+            retry += 1;
+            self.retried = true;
+            self.pending_retry_guard = Some(guard);
+        }
+    }
+
+    fn source_replayable(&self) -> bool {
+        self.source.can_replay()
+    }
+
+    /// One attempt: pick a host, take a connection, send, wait for the response headers (within
+    /// the per-try timeout).
+    async fn one(&mut self, _retry: u32) -> (AttemptResult, Option<RetryGuard>) {
+        let retry_guard = self.pending_retry_guard.take();
+        let Some(host) = self.cluster.pick() else {
+            return (AttemptResult::NoHealthyUpstream, retry_guard);
+        };
+        self.last_host = Some(host.clone());
+        let cluster = self.cluster;
+        let info = &cluster.info;
+        if !Breakers::try_acquire(
+            &info.breakers.requests,
+            info.config.circuit_breakers.max_requests,
+        ) {
+            info.stats.upstream_rq_pending_overflow.inc();
+            return (AttemptResult::Reset(ResetReason::Overflow), retry_guard);
+        }
+        let rq = RqGuard::new(self.cluster.clone(), host.clone());
+        let Some(body) = self.source.attempt() else {
+            return (
+                AttemptResult::Reset(ResetReason::ConnectionTermination),
+                retry_guard,
+            );
+        };
+        let per_try = self.policy.and_then(|p| p.per_try_timeout);
+        let exchange = async {
+            let conn = match host.pool.acquire().await {
+                Ok(c) => c,
+                Err(PoolError::Overflow) => return Err(ResetReason::Overflow),
+                Err(PoolError::ConnectTimeout) => {
+                    self.transport_failure = Some("connection timeout".into());
+                    return Err(ResetReason::ConnectionFailure);
+                }
+                Err(PoolError::ConnectFailure(e)) => {
+                    self.transport_failure = Some(e);
+                    return Err(ResetReason::ConnectionFailure);
+                }
+            };
+            let req = self.upstream_request(&host, body);
+            let started = Instant::now();
+            let (fut, lease) = conn.send(req);
+            match fut.await {
+                Ok(resp) => Ok((resp, lease, started)),
+                Err(e) => {
+                    tracing::debug!(upstream = %host.address, error = %e, "upstream request failed");
+                    Err(reset_reason(&e))
+                }
+            }
+        };
+        let r = match per_try {
+            None => exchange.await.map_err(Some),
+            Some(t) => match tokio::time::timeout(t, exchange).await {
+                Ok(r) => r.map_err(Some),
+                Err(_) => Err(None),
+            },
+        };
+        let result = match r {
+            Ok((resp, lease, started)) => AttemptResult::Response(Box::new(Done {
+                resp,
+                lease,
+                rq,
+                started,
+            })),
+            Err(Some(reason)) => {
+                if reason != ResetReason::Overflow && reason != ResetReason::ConnectionFailure {
+                    info.stats.upstream_rq_rx_reset.inc();
+                }
+                AttemptResult::Reset(reason)
+            }
+            Err(None) => {
+                info.stats.upstream_rq_per_try_timeout.inc();
+                host.stats.rq_timeout.inc();
+                AttemptResult::PerTryTimeout
+            }
+        };
+        (result, retry_guard)
+    }
+
+    fn upstream_request(&self, host: &Host, body: AttemptBody) -> Request<ProxyBody> {
+        let p = self.parts;
+        let authority = if self.host_rewrite_auto {
+            host.authority()
+        } else {
+            self.authority.to_string()
+        };
+        let pq = p.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let http2 = host.pool.is_http2();
+        let uri = if http2 {
+            format!("http://{authority}{pq}").parse::<Uri>().ok()
+        } else {
+            pq.parse::<Uri>().ok()
+        };
+        let mut req = Request::new(body.boxed_unsync());
+        *req.method_mut() = p.method.clone();
+        *req.uri_mut() = uri.unwrap_or_else(|| Uri::from_static("/"));
+        *req.version_mut() = if http2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        let h = req.headers_mut();
+        *h = p.headers.clone();
+        if http2 {
+            h.remove(header::HOST);
+            h.remove(header::CONNECTION);
+            h.remove(header::UPGRADE);
+        } else if let Ok(v) = HeaderValue::from_str(&authority) {
+            h.insert(header::HOST, v);
+        }
+        let _ = self.upgrade;
+        req
+    }
+}
+
+struct RetryGuard(Arc<ClusterState>);
+
+impl Drop for RetryGuard {
+    fn drop(&mut self) {
+        Breakers::release(&self.0.info.breakers.retries);
+    }
+}

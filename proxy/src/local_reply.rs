@@ -1,0 +1,124 @@
+//! Responses the proxy makes itself (no route, no healthy upstream, overflow, timeouts...), with
+//! Envoy's status codes, plain-text bodies and response-code details.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::{self, ProxyBody};
+use crate::response_flags::ResponseFlags;
+
+/// Why an upstream exchange failed before response headers, named as Envoy's reset reasons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetReason {
+    ConnectionFailure,
+    ConnectionTermination,
+    Overflow,
+    RemoteReset,
+    RemoteRefusedStreamReset,
+    ProtocolError,
+}
+
+impl ResetReason {
+    /// Envoy's `Http::Utility::resetReasonToString`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResetReason::ConnectionFailure => "connection failure",
+            ResetReason::ConnectionTermination => "connection termination",
+            ResetReason::Overflow => "overflow",
+            ResetReason::RemoteReset => "remote reset",
+            ResetReason::RemoteRefusedStreamReset => "remote refused stream reset",
+            ResetReason::ProtocolError => "protocol error",
+        }
+    }
+
+    /// The response flag Envoy sets for this reason.
+    pub fn flag(self) -> u32 {
+        match self {
+            ResetReason::ConnectionFailure => ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
+            ResetReason::ConnectionTermination => ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
+            ResetReason::Overflow => ResponseFlags::UPSTREAM_OVERFLOW,
+            ResetReason::RemoteReset | ResetReason::RemoteRefusedStreamReset => {
+                ResponseFlags::UPSTREAM_REMOTE_RESET
+            }
+            ResetReason::ProtocolError => ResponseFlags::UPSTREAM_PROTOCOL_ERROR,
+        }
+    }
+
+    /// Envoy answers 502 for upstream protocol errors and 503 for the other resets.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ResetReason::ProtocolError => StatusCode::BAD_GATEWAY,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// `%RESPONSE_CODE_DETAILS%` for a reset before response headers.
+    pub fn details(self) -> &'static str {
+        match self {
+            ResetReason::ConnectionFailure => {
+                "upstream_reset_before_response_started{connection_failure}"
+            }
+            ResetReason::ConnectionTermination => {
+                "upstream_reset_before_response_started{connection_termination}"
+            }
+            ResetReason::Overflow => "upstream_reset_before_response_started{overflow}",
+            ResetReason::RemoteReset => "upstream_reset_before_response_started{remote_reset}",
+            ResetReason::RemoteRefusedStreamReset => {
+                "upstream_reset_before_response_started{remote_refused_stream_reset}"
+            }
+            ResetReason::ProtocolError => "upstream_reset_before_response_started{protocol_error}",
+        }
+    }
+
+    /// The body Envoy's router sends for a reset before response headers.
+    pub fn body(self, retried: bool) -> String {
+        format!(
+            "upstream connect error or disconnect/reset before headers. {}reset reason: {}",
+            if retried {
+                "retried and the latest "
+            } else {
+                ""
+            },
+            self.as_str()
+        )
+    }
+}
+
+/// A local reply with Envoy's shape: `content-type: text/plain` when there is a body,
+/// `content-length` always.
+pub fn build(status: StatusCode, text: impl Into<Bytes>) -> Response<ProxyBody> {
+    let text = text.into();
+    let mut resp = Response::new(body::full(text.clone()));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    if !text.is_empty() {
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
+    resp
+}
+
+/// `no healthy upstream` (503 UH).
+pub const NO_HEALTHY_UPSTREAM: &str = "no healthy upstream";
+/// Route timeout (504 UT).
+pub const UPSTREAM_REQUEST_TIMEOUT: &str = "upstream request timeout";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envoy_texts() {
+        assert_eq!(
+            ResetReason::ConnectionFailure.body(false),
+            "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+        );
+        assert_eq!(
+            ResetReason::Overflow.body(true),
+            "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: overflow"
+        );
+        let r = build(StatusCode::NOT_FOUND, "");
+        assert_eq!(r.headers()["content-length"], "0");
+        assert!(!r.headers().contains_key("content-type"));
+    }
+}

@@ -1,0 +1,427 @@
+//! Per-host upstream connection pools: HTTP/1.1 keep-alive reuse (one request per connection at a
+//! time, an idle list) and HTTP/2 multiplexing (streams up to `max_concurrent_streams` per
+//! connection). Enforces the cluster's connection / pending / request circuit breakers, reaps idle
+//! connections after `idle_timeout`, and counts Envoy's `upstream_cx_*` stats.
+//! No lock is held across an await, except the per-host HTTP/2 connect lock (see `H2Pool`).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use strait_xds::model::UpstreamProtocol;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use crate::body::ProxyBody;
+use crate::cluster::{Breakers, ClusterInfo};
+use crate::conn::{Counted, CountingIo};
+use crate::stats::HostStats;
+
+/// Why no connection could be had.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolError {
+    /// A circuit breaker (pending requests) is full.
+    Overflow,
+    ConnectFailure(String),
+    ConnectTimeout,
+}
+
+fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    base().elapsed().as_millis() as u64
+}
+
+/// State one connection shares between its pool entry, its leases and its driver task.
+#[derive(Debug, Default)]
+struct ConnMeta {
+    active: AtomicU32,
+    idle_since_ms: AtomicU64,
+    closed: AtomicBool,
+}
+
+impl ConnMeta {
+    fn begin(&self) {
+        self.active.fetch_add(1, Ordering::AcqRel);
+    }
+    fn end(&self) {
+        self.idle_since_ms.store(now_ms(), Ordering::Release);
+        let _ = self
+            .active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1));
+    }
+}
+
+struct IdleH1 {
+    sender: http1::SendRequest<ProxyBody>,
+    meta: Arc<ConnMeta>,
+}
+
+struct H2Conn {
+    sender: http2::SendRequest<ProxyBody>,
+    meta: Arc<ConnMeta>,
+}
+
+#[derive(Default)]
+struct H1Pool {
+    // A short critical section per acquire/release on one host; contention is per host only.
+    idle: Mutex<Vec<IdleH1>>,
+}
+
+#[derive(Default)]
+struct H2Pool {
+    conns: Mutex<Vec<Arc<H2Conn>>>,
+    /// Serialises connection setup so that a burst of requests shares one new connection instead
+    /// of opening one each (held across the connect await on purpose; per host only).
+    connecting: tokio::sync::Mutex<()>,
+}
+
+struct PoolShared {
+    info: Arc<ClusterInfo>,
+    addr: SocketAddr,
+    host_stats: Arc<HostStats>,
+    h1: H1Pool,
+    h2: H2Pool,
+    /// Woken when a connection or stream frees up.
+    freed: Notify,
+}
+
+/// One host's connections.
+#[derive(Clone)]
+pub struct HostPool {
+    shared: Arc<PoolShared>,
+}
+
+impl std::fmt::Debug for HostPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostPool")
+            .field("addr", &self.shared.addr)
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section is a push/pop/scan: a panic cannot leave the list inconsistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl HostPool {
+    pub fn new(info: Arc<ClusterInfo>, addr: SocketAddr, host_stats: Arc<HostStats>) -> HostPool {
+        HostPool {
+            shared: Arc::new(PoolShared {
+                info,
+                addr,
+                host_stats,
+                h1: H1Pool::default(),
+                h2: H2Pool::default(),
+                freed: Notify::new(),
+            }),
+        }
+    }
+
+    pub fn is_http2(&self) -> bool {
+        matches!(
+            self.shared.info.config.protocol,
+            UpstreamProtocol::Http2 { .. }
+        )
+    }
+
+    /// A connection ready for one request: an idle or not-full one, else a new one (waiting as a
+    /// pending request while the connection breaker is full).
+    pub async fn acquire(&self) -> Result<Conn, PoolError> {
+        let s = &self.shared;
+        if let Some(c) = self.try_existing().await {
+            return Ok(c);
+        }
+        let cb = &s.info.config.circuit_breakers;
+        if !Breakers::try_acquire(&s.info.breakers.pending, cb.max_pending_requests) {
+            s.info.stats.upstream_rq_pending_overflow.inc();
+            return Err(PoolError::Overflow);
+        }
+        s.info.stats.upstream_rq_pending_total.inc();
+        s.info.stats.upstream_rq_pending_active.inc();
+        let _pending = PendingGuard(s.clone());
+        let mut overflowed = false;
+        loop {
+            let freed = s.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(c) = self.try_existing().await {
+                return Ok(c);
+            }
+            if self.is_http2() {
+                let _connecting = s.h2.connecting.lock().await;
+                if let Some(c) = self.try_existing().await {
+                    return Ok(c);
+                }
+                if Breakers::try_acquire(&s.info.breakers.connections, cb.max_connections) {
+                    return self.connect().await;
+                }
+            } else if Breakers::try_acquire(&s.info.breakers.connections, cb.max_connections) {
+                return self.connect().await;
+            }
+            if !overflowed {
+                s.info.stats.upstream_cx_overflow.inc();
+                overflowed = true;
+            }
+            freed.await;
+        }
+    }
+
+    async fn try_existing(&self) -> Option<Conn> {
+        let s = &self.shared;
+        if let UpstreamProtocol::Http2 {
+            max_concurrent_streams,
+        } = s.info.config.protocol
+        {
+            let mut conns = lock(&s.h2.conns);
+            conns.retain(|c| !c.meta.closed.load(Ordering::Acquire) && !c.sender.is_closed());
+            for c in conns.iter() {
+                let active = c.meta.active.load(Ordering::Acquire);
+                if active < max_concurrent_streams.max(1) {
+                    c.meta.begin();
+                    return Some(Conn {
+                        kind: ConnKind::H2(c.sender.clone(), c.meta.clone()),
+                        pool: s.clone(),
+                    });
+                }
+            }
+            return None;
+        }
+        loop {
+            let idle = lock(&s.h1.idle).pop()?;
+            let mut sender = idle.sender;
+            if sender.is_closed() || idle.meta.closed.load(Ordering::Acquire) {
+                continue;
+            }
+            // The previous response just ended; the connection turns ready right after.
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            idle.meta.begin();
+            return Some(Conn {
+                kind: ConnKind::H1(sender, idle.meta),
+                pool: s.clone(),
+            });
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn, PoolError> {
+        let s = &self.shared;
+        let st = &s.info.stats;
+        st.upstream_cx_total.inc();
+        s.host_stats.cx_total.inc();
+        let fail = |e: PoolError| {
+            st.upstream_cx_connect_fail.inc();
+            s.host_stats.cx_connect_fail.inc();
+            Breakers::release(&s.info.breakers.connections);
+            s.freed.notify_one();
+            e
+        };
+        let stream =
+            match tokio::time::timeout(s.info.config.connect_timeout, TcpStream::connect(s.addr))
+                .await
+            {
+                Err(_) => {
+                    st.upstream_cx_connect_timeout.inc();
+                    return Err(fail(PoolError::ConnectTimeout));
+                }
+                Ok(Err(e)) => return Err(fail(PoolError::ConnectFailure(e.to_string()))),
+                Ok(Ok(stream)) => stream,
+            };
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(CountingIo::new(stream, Counted::Upstream(s.info.clone())));
+        let meta = Arc::new(ConnMeta::default());
+        meta.begin();
+        let kind = if let UpstreamProtocol::Http2 { .. } = s.info.config.protocol {
+            let (sender, conn) = match http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+            {
+                Ok(x) => x,
+                Err(e) => return Err(fail(PoolError::ConnectFailure(e.to_string()))),
+            };
+            st.upstream_cx_http2_total.inc();
+            self.spawn_driver(conn, meta.clone());
+            let c = Arc::new(H2Conn {
+                sender: sender.clone(),
+                meta: meta.clone(),
+            });
+            lock(&s.h2.conns).push(c);
+            ConnKind::H2(sender, meta)
+        } else {
+            let (sender, conn) = match http1::Builder::new().handshake(io).await {
+                Ok(x) => x,
+                Err(e) => return Err(fail(PoolError::ConnectFailure(e.to_string()))),
+            };
+            st.upstream_cx_http1_total.inc();
+            self.spawn_driver(conn.with_upgrades(), meta.clone());
+            ConnKind::H1(sender, meta)
+        };
+        st.upstream_cx_active.inc();
+        s.host_stats.cx_active.inc();
+        Ok(Conn {
+            kind,
+            pool: s.clone(),
+        })
+    }
+
+    /// Drives one connection until it closes or stays idle for `idle_timeout`.
+    fn spawn_driver<F>(&self, conn: F, meta: Arc<ConnMeta>)
+    where
+        F: Future<Output = Result<(), hyper::Error>> + Send + 'static,
+    {
+        let s = self.shared.clone();
+        tokio::spawn(async move {
+            tokio::pin!(conn);
+            let idle = s.info.config.idle_timeout;
+            let st = &s.info.stats;
+            loop {
+                let deadline = idle.map(|d| {
+                    let since = meta.idle_since_ms.load(Ordering::Acquire);
+                    base() + Duration::from_millis(since) + d
+                });
+                tokio::select! {
+                    r = &mut conn => {
+                        if let Err(e) = r {
+                            tracing::debug!(upstream = %s.addr, error = %e, "upstream connection failed");
+                        }
+                        st.upstream_cx_destroy_remote.inc();
+                        break;
+                    }
+                    _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() => {
+                        let since = meta.idle_since_ms.load(Ordering::Acquire);
+                        let d = idle.unwrap_or_default();
+                        if meta.active.load(Ordering::Acquire) == 0
+                            && now_ms().saturating_sub(since) >= d.as_millis() as u64
+                        {
+                            st.upstream_cx_idle_timeout.inc();
+                            st.upstream_cx_destroy_local.inc();
+                            break;
+                        }
+                    }
+                }
+            }
+            meta.closed.store(true, Ordering::Release);
+            st.upstream_cx_destroy.inc();
+            st.upstream_cx_active.dec();
+            s.host_stats.cx_active.dec();
+            Breakers::release(&s.info.breakers.connections);
+            s.freed.notify_one();
+        });
+    }
+}
+
+struct PendingGuard(Arc<PoolShared>);
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        Breakers::release(&self.0.info.breakers.pending);
+        self.0.info.stats.upstream_rq_pending_active.dec();
+    }
+}
+
+enum ConnKind {
+    H1(http1::SendRequest<ProxyBody>, Arc<ConnMeta>),
+    H2(http2::SendRequest<ProxyBody>, Arc<ConnMeta>),
+}
+
+/// A connection reserved for one request.
+pub struct Conn {
+    kind: ConnKind,
+    pool: Arc<PoolShared>,
+}
+
+impl Conn {
+    /// Sends the request; the lease must live until the response body ends (HTTP/1.1 reuse).
+    pub fn send(
+        self,
+        req: Request<ProxyBody>,
+    ) -> (
+        impl Future<Output = Result<Response<Incoming>, hyper::Error>> + Send,
+        Lease,
+    ) {
+        let Conn { kind, pool } = self;
+        let (fut, lease) = match kind {
+            ConnKind::H1(mut sender, meta) => {
+                let fut = sender.send_request(req);
+                (
+                    futures_util::future::Either::Left(fut),
+                    LeaseKind::H1(Some(sender), meta),
+                )
+            }
+            ConnKind::H2(mut sender, meta) => {
+                let fut = sender.send_request(req);
+                (
+                    futures_util::future::Either::Right(fut),
+                    LeaseKind::H2(meta),
+                )
+            }
+        };
+        (
+            fut,
+            Lease {
+                kind: lease,
+                pool,
+                reusable: false,
+            },
+        )
+    }
+}
+
+enum LeaseKind {
+    H1(Option<http1::SendRequest<ProxyBody>>, Arc<ConnMeta>),
+    H2(Arc<ConnMeta>),
+}
+
+/// Holds a connection (HTTP/1.1) or a stream slot (HTTP/2) until the exchange ends.
+pub struct Lease {
+    kind: LeaseKind,
+    pool: Arc<PoolShared>,
+    reusable: bool,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("addr", &self.pool.addr)
+            .finish()
+    }
+}
+
+impl Lease {
+    /// The exchange completed cleanly: an HTTP/1.1 connection may serve the next request.
+    pub fn set_reusable(&mut self) {
+        self.reusable = true;
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        match &mut self.kind {
+            LeaseKind::H1(sender, meta) => {
+                meta.end();
+                if let Some(sender) = sender.take() {
+                    if self.reusable && !sender.is_closed() {
+                        lock(&self.pool.h1.idle).push(IdleH1 {
+                            sender,
+                            meta: meta.clone(),
+                        });
+                    }
+                }
+            }
+            LeaseKind::H2(meta) => meta.end(),
+        }
+        self.pool.freed.notify_one();
+    }
+}

@@ -1,0 +1,781 @@
+//! Data-path tests through a real `Server` on loopback: real upstream servers, real clients.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use strait_proxy::server::{Options, Server};
+use strait_xds::model::{self, *};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+// === Config builders ===
+
+fn route(prefix: &str, action: RouteAction) -> Route {
+    Route {
+        name: format!("r{prefix}"),
+        matcher: RouteMatch {
+            path: PathMatch::Prefix(prefix.into()),
+            case_sensitive: true,
+            headers: vec![],
+            query_parameters: vec![],
+        },
+        action,
+        headers: HeaderMutations::default(),
+    }
+}
+
+fn forward(cluster: &str) -> ForwardAction {
+    ForwardAction {
+        cluster: ClusterSpecifier::Cluster(cluster.into()),
+        prefix_rewrite: None,
+        regex_rewrite: None,
+        host_rewrite: HostRewrite::None,
+        timeout: Some(Duration::from_secs(15)),
+        idle_timeout: None,
+        retry_policy: None,
+        upgrade_overrides: vec![],
+    }
+}
+
+fn retry(on: &str, n: u32, per_try: Option<Duration>) -> RetryPolicy {
+    RetryPolicy {
+        retry_on: RetryOn::parse(on).unwrap(),
+        num_retries: n,
+        per_try_timeout: per_try,
+        retriable_status_codes: vec![],
+        back_off_base: Duration::from_millis(5),
+        back_off_max: Duration::from_millis(50),
+    }
+}
+
+fn cluster(name: &str, addrs: &[SocketAddr], protocol: UpstreamProtocol) -> Arc<Cluster> {
+    Arc::new(Cluster {
+        name: name.into(),
+        discovery: DiscoveryType::Static,
+        connect_timeout: Duration::from_secs(2),
+        lb_policy: LbPolicy::RoundRobin,
+        load_assignment: LoadAssignment {
+            endpoints: vec![LocalityLbEndpoints {
+                locality: Locality::default(),
+                priority: 0,
+                load_balancing_weight: None,
+                lb_endpoints: addrs
+                    .iter()
+                    .map(|a| LbEndpoint {
+                        address: EndpointAddress::Ip(*a),
+                        load_balancing_weight: 1,
+                        health_status: HealthStatus::Unknown,
+                        hostname: None,
+                    })
+                    .collect(),
+            }],
+        },
+        protocol,
+        circuit_breakers: Thresholds::default(),
+        idle_timeout: Some(Duration::from_secs(3600)),
+        dns_refresh_rate: Duration::from_secs(5),
+        dns_lookup_family: DnsLookupFamily::Auto,
+    })
+}
+
+fn bootstrap(routes: Vec<Route>, clusters: Vec<Arc<Cluster>>, codec: CodecType) -> Bootstrap {
+    bootstrap_with(routes, clusters, codec, vec![])
+}
+
+fn bootstrap_with(
+    routes: Vec<Route>,
+    clusters: Vec<Arc<Cluster>>,
+    codec: CodecType,
+    upgrade_types: Vec<UpgradeConfig>,
+) -> Bootstrap {
+    let rc = RouteConfig {
+        name: "local".into(),
+        virtual_hosts: vec![VirtualHost {
+            name: "all".into(),
+            domains: vec![DomainMatcher::Any],
+            routes,
+            headers: HeaderMutations::default(),
+            retry_policy: None,
+        }],
+        headers: HeaderMutations::default(),
+    };
+    let hcm = HttpConnectionManager {
+        stat_prefix: "ingress".into(),
+        codec_type: codec,
+        route_config: Arc::new(rc),
+        http_filters: vec![],
+        stream_idle_timeout: Some(Duration::from_secs(300)),
+        request_timeout: None,
+        request_headers_timeout: None,
+        max_request_headers_kb: 60,
+        use_remote_address: true,
+        xff_num_trusted_hops: 0,
+        generate_request_id: true,
+        access_logs: vec![],
+        upgrade_types,
+    };
+    Bootstrap {
+        listeners: vec![Arc::new(model::Listener {
+            name: "main".into(),
+            address: "127.0.0.1:0".parse().unwrap(),
+            hcm: Arc::new(hcm),
+        })],
+        clusters,
+        ..Default::default()
+    }
+}
+
+async fn start(cfg: Bootstrap) -> (Server, SocketAddr) {
+    let server = Server::start(
+        cfg,
+        Options {
+            concurrency: 1,
+            drain_time: Duration::from_secs(2),
+            command_line_options: serde_json::Value::Null,
+        },
+    )
+    .await
+    .expect("server starts");
+    let addr = server.listener_addresses()[0].1;
+    (server, addr)
+}
+
+fn stat(server: &Server, name: &str) -> i64 {
+    use strait_proxy::admin::AdminSource;
+    server
+        .shared()
+        .stats()
+        .all()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| match v {
+            strait_proxy::stats::StatValue::Counter(c) => c as i64,
+            strait_proxy::stats::StatValue::Gauge(g) => g,
+        })
+        .unwrap_or_else(|| panic!("no stat {name}"))
+}
+
+// === Upstreams ===
+
+type Handler = Arc<dyn Fn(Request<Incoming>, usize) -> HandlerFut + Send + Sync>;
+type HandlerFut = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>,
+            > + Send,
+    >,
+>;
+
+struct Upstream {
+    addr: SocketAddr,
+    accepts: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+}
+
+fn full(b: impl Into<Bytes>) -> http_body_util::combinators::BoxBody<Bytes, Infallible> {
+    Full::new(b.into()).boxed()
+}
+
+/// A hyper upstream (HTTP/1.1 or h2c) whose handler gets the request and its 0-based index.
+async fn upstream(h2: bool, handler: Handler) -> Upstream {
+    let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let (a, r) = (accepts.clone(), requests.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = tcp.accept().await else {
+                return;
+            };
+            a.fetch_add(1, Ordering::SeqCst);
+            let (handler, r) = (handler.clone(), r.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let n = r.fetch_add(1, Ordering::SeqCst);
+                    let f = handler(req, n);
+                    async move { Ok::<_, Infallible>(f.await) }
+                });
+                if h2 {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .with_upgrades()
+                        .await;
+                }
+            });
+        }
+    });
+    Upstream {
+        addr,
+        accepts,
+        requests,
+    }
+}
+
+fn handler<F, Fut>(f: F) -> Handler
+where
+    F: Fn(Request<Incoming>, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<
+            Output = Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>,
+        > + Send
+        + 'static,
+{
+    Arc::new(move |req, n| Box::pin(f(req, n)))
+}
+
+/// Echoes the request headers back as `x-echo-<name>` response headers.
+fn echo_headers() -> Handler {
+    handler(|req: Request<Incoming>, _| async move {
+        let mut resp = Response::new(full("ok"));
+        for (k, v) in req.headers() {
+            let name = HeaderName::from_bytes(format!("x-echo-{k}").as_bytes()).unwrap();
+            resp.headers_mut().append(name, v.clone());
+        }
+        resp.headers_mut().insert(
+            "x-echo-path",
+            HeaderValue::from_str(req.uri().path()).unwrap(),
+        );
+        resp
+    })
+}
+
+async fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+// === Clients ===
+
+async fn h1_client(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    tx
+}
+
+async fn get(addr: SocketAddr, path: &str) -> (StatusCode, HeaderMap, Bytes) {
+    let mut tx = h1_client(addr).await;
+    let req = Request::get(path)
+        .header("host", "example.com")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    (parts.status, parts.headers, body)
+}
+
+// === Tests ===
+
+#[tokio::test]
+async fn forwards_with_header_hygiene() {
+    let up = upstream(false, echo_headers()).await;
+    let cfg = bootstrap(
+        vec![route("/", RouteAction::Forward(forward("backend")))],
+        vec![cluster("backend", &[up.addr], UpstreamProtocol::Http1)],
+        CodecType::Auto,
+    );
+    let (server, addr) = start(cfg).await;
+    let mut tx = h1_client(addr).await;
+    let req = Request::get("/hello?x=1")
+        .header("host", "example.com")
+        .header("connection", "keep-alive, x-drop-me")
+        .header("x-drop-me", "1")
+        .header("keep-alive", "timeout=5")
+        .header("proxy-connection", "keep-alive")
+        .header("te", "trailers")
+        .header("x-keep", "yes")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers().clone();
+    assert_eq!(h["x-echo-host"], "example.com");
+    assert_eq!(h["x-echo-x-keep"], "yes");
+    assert_eq!(h["x-echo-te"], "trailers");
+    assert_eq!(h["x-echo-path"], "/hello");
+    for gone in [
+        "x-echo-connection",
+        "x-echo-x-drop-me",
+        "x-echo-keep-alive",
+        "x-echo-proxy-connection",
+    ] {
+        assert!(!h.contains_key(gone), "{gone} forwarded");
+    }
+    assert_eq!(h["x-echo-x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-echo-x-forwarded-proto"], "http");
+    assert_eq!(h["x-echo-x-request-id"].len(), 36);
+    assert_eq!(h["x-echo-x-envoy-expected-rq-timeout-ms"], "15000");
+    assert!(h.contains_key("x-envoy-upstream-service-time"));
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(stat(&server, "http.ingress.downstream_rq_2xx"), 1);
+    assert_eq!(stat(&server, "cluster.backend.upstream_rq_2xx"), 1);
+    assert_eq!(stat(&server, "cluster.backend.upstream_cx_total"), 1);
+    server.shutdown();
+    server.wait().await;
+}
+
+#[tokio::test]
+async fn http1_pool_reuses_connection() {
+    let up = upstream(false, echo_headers()).await;
+    let cfg = bootstrap(
+        vec![route("/", RouteAction::Forward(forward("backend")))],
+        vec![cluster("backend", &[up.addr], UpstreamProtocol::Http1)],
+        CodecType::Auto,
+    );
+    let (_server, addr) = start(cfg).await;
+    let mut tx = h1_client(addr).await;
+    for _ in 0..20 {
+        let req = Request::get("/")
+            .header("host", "a")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = tx.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+    }
+    assert_eq!(up.requests.load(Ordering::SeqCst), 20);
+    assert_eq!(up.accepts.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn http2_upstream_multiplexes() {
+    let up = upstream(
+        true,
+        handler(|_, _| async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Response::new(full("h2"))
+        }),
+    )
+    .await;
+    let cfg = bootstrap(
+        vec![route("/", RouteAction::Forward(forward("backend")))],
+        vec![cluster(
+            "backend",
+            &[up.addr],
+            UpstreamProtocol::Http2 {
+                max_concurrent_streams: 100,
+            },
+        )],
+        CodecType::Auto,
+    );
+    let (_server, addr) = start(cfg).await;
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        tasks.push(tokio::spawn(async move { get(addr, "/").await }));
+    }
+    for t in tasks {
+        let (status, _, body) = t.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(body, "h2");
+    }
+    assert_eq!(up.requests.load(Ordering::SeqCst), 10);
+    assert_eq!(up.accepts.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn retries_on_503() {
+    let up = upstream(
+        false,
+        handler(|_, n| async move {
+            let mut r = Response::new(full(if n == 0 { "busy" } else { "fine" }));
+            if n == 0 {
+                *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            }
+            r
+        }),
+    )
+    .await;
+    let mut fwd = forward("backend");
+    fwd.retry_policy = Some(retry("5xx", 2, None));
+    let cfg = bootstrap(
+        vec![route("/", RouteAction::Forward(fwd))],
+        vec![cluster("backend", &[up.addr], UpstreamProtocol::Http1)],
+        CodecType::Auto,
+    );
+    let (server, addr) = start(cfg).await;
+    // A body that must be replayed on the retry.
+    let mut tx = h1_client(addr).await;
+    let req = Request::post("/")
+        .header("host", "a")
+        .body(Full::new(Bytes::from("payload")))
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "fine");
+    assert_eq!(up.requests.load(Ordering::SeqCst), 2);
+    assert_eq!(stat(&server, "cluster.backend.upstream_rq_retry"), 1);
+    assert_eq!(
+        stat(&server, "cluster.backend.upstream_rq_retry_success"),
+        1
+    );
+}
+
+#[tokio::test]
+async fn retry_limit_passes_last_response_through() {
+    let up = upstream(
+        false,
+        handler(|_, _| async move {
+            let mut r = Response::new(full("busy"));
+            *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            r
+        }),
+    )
+    .await;
+    let mut fwd = forward("backend");
+    fwd.retry_policy = Some(retry("gateway-error", 2, None));
+    let cfg = bootstrap(
+        vec![route("/", RouteAction::Forward(fwd))],
+        vec![cluster("backend", &[up.addr], UpstreamProtocol::Http1)],
+        CodecType::Auto,
+    );
+    let (_server, addr) = start(cfg).await;
+    let (status, _, body) = get(addr, "/").await;
+    assert_eq!(status, 503);
+    assert_eq!(body, "busy");
+    assert_eq!(up.requests.load(Ordering::SeqCst), 3);
+}
+
+/// An upstream speaking raw HTTP/1.1: the first connection is reset after the request
+/// arrives, later ones get a 200.
+async fn reset_once_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = tcp.accept().await else {
+                return;
+            };
+            let i = n2.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                if i == 0 {
+                    // Closed before any response: the proxy sees a connection termination.
+                    drop(s);
+                } else {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                    let _ = s.read(&mut buf).await;
+                }
+            });
+        }
+    });
+    (addr, n)
+}
+
+#[tokio::test]
+async fn retries_on_reset_and_reports_failures() {
+    let (up, accepts) = reset_once_upstream().await;
+    let mut fwd = forward("backend");
+    fwd.retry_policy = Some(retry("reset", 1, None));
+    let cfg = bootstrap(
+        vec![route("/", RouteAction::Forward(fwd))],
+        vec![cluster("backend", &[up], UpstreamProtocol::Http1)],
+        CodecType::Auto,
+    );
+    let (server, addr) = start(cfg).await;
+    let (status, _, body) = get(addr, "/").await;
+    assert_eq!(status, 200);
+    assert_eq!(body, "ok");
+    assert_eq!(accepts.load(Ordering::SeqCst), 2);
+    assert_eq!(stat(&server, "cluster.backend.upstream_rq_retry"), 1);
+
+    // Without a retry policy a reset becomes Envoy's 503.
+    let (up, _) = reset_once_upstream().await;
+    let cfg = bootstrap(
+        vec![route("/", RouteAction::Forward(forward("backend")))],
+        vec![cluster("backend", &[up], UpstreamProtocol::Http1)],
+        CodecType::Auto,
+    );
+    let (_server, addr) = start(cfg).await;
+    let (status, _, body) = get(addr, "/").await;
+    assert_eq!(status, 503);
+    assert_eq!(
+        body,
+        "upstream connect error or disconnect/reset before headers. reset reason: connection termination"
+    );
+}
+
+#[tokio::test]
+async fn per_try_timeout_then_504() {
+    // Accepts and never answers.
+    let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let black = tcp.local_addr().unwrap();
+    let held = Arc::new(tokio::sync::Mutex::new(Vec::new()));
+    let h2 = held.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = tcp.accept().await {
+            h2.lock().await.push(s);
+        }
+    });
+    let mut fwd = forward("backend");
+    fwd.retry_policy = Some(retry("5xx", 1, Some(Duration::from_millis(100))));
+    let cfg = bootstrap(
+        vec![route("/", RouteAction::Forward(fwd))],
+        vec![cluster("backend", &[black], UpstreamProtocol::Http1)],
+        CodecType::Auto,
+    );
+    let (server, addr) = start(cfg).await;
+    let (status, _, body) = get(addr, "/").await;
+    assert_eq!(status, 504);
+    assert_eq!(body, "upstream request timeout");
+    assert_eq!(
+        stat(&server, "cluster.backend.upstream_rq_per_try_timeout"),
+        2
+    );
+    assert_eq!(stat(&server, "cluster.backend.upstream_rq_retry"), 1);
+
+    // The route timeout alone.
+    let mut fwd = forward("backend");
+    fwd.timeout = Some(Duration::from_millis(100));
+    let cfg = bootstrap(
+        vec![route("/", RouteAction::Forward(fwd))],
+        vec![cluster("backend", &[black], UpstreamProtocol::Http1)],
+        CodecType::Auto,
+    );
+    let (server, addr) = start(cfg).await;
+    let (status, _, body) = get(addr, "/").await;
+    assert_eq!(status, 504);
+    assert_eq!(body, "upstream request timeout");
+    assert_eq!(stat(&server, "cluster.backend.upstream_rq_timeout"), 1);
+}
+
+#[tokio::test]
+async fn local_replies() {
+    let dead = closed_port().await;
+    let mut by_header = forward("x");
+    by_header.cluster = ClusterSpecifier::Header(HeaderName::from_static("x-cluster"));
+    let cfg = bootstrap(
+        vec![
+            route("/dead", RouteAction::Forward(forward("dead"))),
+            route("/empty", RouteAction::Forward(forward("empty"))),
+            route("/byheader", RouteAction::Forward(by_header)),
+            route(
+                "/direct",
+                RouteAction::DirectResponse {
+                    status: StatusCode::IM_A_TEAPOT,
+                    body: Some(Bytes::from("short and stout")),
+                },
+            ),
+        ],
+        vec![
+            cluster("dead", &[dead], UpstreamProtocol::Http1),
+            cluster("empty", &[], UpstreamProtocol::Http1),
+        ],
+        CodecType::Auto,
+    );
+    let (server, addr) = start(cfg).await;
+    let (s, h, b) = get(addr, "/nowhere").await;
+    assert_eq!((s, b.as_ref()), (StatusCode::NOT_FOUND, &b""[..]));
+    assert_eq!(h["content-length"], "0");
+    let (s, h, b) = get(addr, "/dead").await;
+    assert_eq!(s, 503);
+    assert_eq!(
+        b,
+        "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+    );
+    assert_eq!(h["content-type"], "text/plain");
+    let (s, _, b) = get(addr, "/empty").await;
+    assert_eq!(
+        (s, b.as_ref()),
+        (StatusCode::SERVICE_UNAVAILABLE, &b"no healthy upstream"[..])
+    );
+    let (s, _, _) = get(addr, "/byheader").await;
+    assert_eq!(s, 503);
+    let (s, _, b) = get(addr, "/direct").await;
+    assert_eq!(
+        (s, b.as_ref()),
+        (StatusCode::IM_A_TEAPOT, &b"short and stout"[..])
+    );
+    assert_eq!(stat(&server, "http.ingress.no_route"), 1);
+    assert_eq!(stat(&server, "http.ingress.no_cluster"), 1);
+    assert_eq!(stat(&server, "cluster.dead.upstream_cx_connect_fail"), 1);
+    assert_eq!(stat(&server, "http.ingress.downstream_rq_5xx"), 3);
+}
+
+#[tokio::test]
+async fn streams_bodies_and_trailers_over_h2() {
+    // Upstream: counts the uploaded bytes, answers with a streamed body and trailers.
+    let up = upstream(
+        true,
+        handler(|req: Request<Incoming>, _| async move {
+            let mut body = req.into_body();
+            let mut n = 0usize;
+            while let Some(f) = body.frame().await {
+                if let Ok(d) = f.unwrap().into_data() {
+                    n += d.len();
+                }
+            }
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+            let frames: Vec<Result<Frame<Bytes>, Infallible>> = vec![
+                Ok(Frame::data(Bytes::from(format!("got {n}")))),
+                Ok(Frame::data(Bytes::from(" bytes"))),
+                Ok(Frame::trailers(trailers)),
+            ];
+            Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed())
+        }),
+    )
+    .await;
+    let cfg = bootstrap(
+        vec![route("/", RouteAction::Forward(forward("backend")))],
+        vec![cluster(
+            "backend",
+            &[up.addr],
+            UpstreamProtocol::Http2 {
+                max_concurrent_streams: 100,
+            },
+        )],
+        CodecType::Auto,
+    );
+    let (_server, addr) = start(cfg).await;
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // 8 MiB in 64 KiB chunks, generated as the client sends.
+    let chunks = (0..128).map(|_| Ok::<_, Infallible>(Frame::data(Bytes::from(vec![7u8; 65536]))));
+    let req = Request::post("http://example.com/up")
+        .body(StreamBody::new(futures_util::stream::iter(chunks)))
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(collected.to_bytes(), "got 8388608 bytes");
+}
+
+#[tokio::test]
+async fn websocket_upgrade_tunnels_only_when_enabled() {
+    // Upstream: accepts the upgrade and echoes bytes on the upgraded connection.
+    let up = upstream(
+        false,
+        handler(|mut req: Request<Incoming>, _| async move {
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(u) = on.await {
+                    let mut io = TokioIo::new(u);
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = io.read(&mut buf).await {
+                        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+            Response::builder()
+                .status(101)
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .body(full(""))
+                .unwrap()
+        }),
+    )
+    .await;
+    let ws = UpgradeConfig {
+        upgrade_type: "websocket".into(),
+        enabled: true,
+    };
+    for enabled in [true, false] {
+        let cfg = bootstrap_with(
+            vec![route("/", RouteAction::Forward(forward("backend")))],
+            vec![cluster("backend", &[up.addr], UpstreamProtocol::Http1)],
+            CodecType::Auto,
+            if enabled { vec![ws.clone()] } else { vec![] },
+        );
+        let (_server, addr) = start(cfg).await;
+        let mut tx = h1_client(addr).await;
+        let req = Request::get("/ws")
+            .header("host", "a")
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = tx.send_request(req).await.unwrap();
+        if !enabled {
+            assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+            continue;
+        }
+        assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+        let mut io = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+        for msg in [&b"hello"[..], b"again"] {
+            io.write_all(msg).await.unwrap();
+            let mut buf = vec![0u8; msg.len()];
+            io.read_exact(&mut buf).await.unwrap();
+            assert_eq!(buf, msg);
+        }
+    }
+}
+
+#[tokio::test]
+async fn drain_lets_in_flight_requests_finish() {
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let arrived2 = arrived.clone();
+    let up = upstream(
+        false,
+        handler(move |_, _| {
+            let mut rx = release_rx.clone();
+            arrived2.notify_one();
+            async move {
+                let _ = rx.wait_for(|v| *v).await.map(|_| ());
+                Response::new(full("late"))
+            }
+        }),
+    )
+    .await;
+    let cfg = bootstrap(
+        vec![route("/", RouteAction::Forward(forward("backend")))],
+        vec![cluster("backend", &[up.addr], UpstreamProtocol::Http1)],
+        CodecType::Auto,
+    );
+    let (server, addr) = start(cfg).await;
+    let mut tx = h1_client(addr).await;
+    let req = Request::get("/")
+        .header("host", "a")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let in_flight = tokio::spawn(tx.send_request(req));
+    arrived.notified().await;
+    server.shutdown();
+    let waiter = tokio::spawn(server.wait());
+    // New connections are refused once draining (the accept loop closes its socket).
+    for _ in 0..200 {
+        if TcpStream::connect(addr).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(TcpStream::connect(addr).await.is_err());
+    release_tx.send_replace(true);
+    let resp = in_flight.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["connection"], "close");
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "late");
+    tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .unwrap()
+        .unwrap();
+}

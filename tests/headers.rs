@@ -1,0 +1,159 @@
+//! Header hygiene as the upstream and the client see it: hop-by-hop headers removed,
+//! x-forwarded-for / x-forwarded-proto, x-request-id, x-envoy-upstream-service-time, Host kept.
+
+mod common;
+
+use common::{Client, Config, Upstream};
+use serde_json::json;
+
+async fn proxy(up: &Upstream, use_remote_address: bool) -> common::Strait {
+    Config::new()
+        .routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "up"}}]))
+        .cluster("up", &[up.addr])
+        .hcm("use_remote_address", json!(use_remote_address))
+        .start()
+        .await
+}
+
+fn values(seen: &common::Seen, name: &str) -> Vec<String> {
+    seen.headers
+        .get_all(name)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_are_removed() {
+    let up = Upstream::start("up").await;
+    let strait = proxy(&up, false).await;
+    let r = Client::http1()
+        .get_with(
+            &strait.url("/"),
+            &[
+                ("connection", "keep-alive"),
+                ("keep-alive", "timeout=5"),
+                ("proxy-connection", "keep-alive"),
+                ("te", "trailers"),
+                ("x-end-to-end", "kept"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let seen = up.last_seen();
+    for gone in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "upgrade",
+        "transfer-encoding",
+    ] {
+        assert!(values(&seen, gone).is_empty(), "{gone}: {:?}", seen.headers);
+    }
+    assert_eq!(values(&seen, "te"), ["trailers"], "TE: trailers is kept");
+    assert_eq!(values(&seen, "x-end-to-end"), ["kept"]);
+
+    Client::http1()
+        .get_with(&strait.url("/"), &[("te", "gzip")])
+        .await;
+    assert!(
+        values(&up.last_seen(), "te").is_empty(),
+        "TE other than trailers is removed"
+    );
+}
+
+/// The address Envoy appends for this test's peer. Envoy records a loopback peer as the
+/// proxy's own (first non-loopback) address, so accept either form, but exactly one IP.
+fn appended_ip(xff: &str, before: &str) -> std::net::IpAddr {
+    let rest = xff
+        .strip_prefix(before)
+        .unwrap_or_else(|| panic!("x-forwarded-for {xff:?} should start with {before:?}"));
+    rest.parse()
+        .unwrap_or_else(|e| panic!("x-forwarded-for {xff:?}: appended {rest:?} is no IP: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_with_use_remote_address() {
+    let up = Upstream::start("up").await;
+    let strait = proxy(&up, true).await;
+    let client = Client::http1();
+    client.get(&strait.url("/")).await;
+    let seen = up.last_seen();
+    let xff = values(&seen, "x-forwarded-for");
+    assert_eq!(xff.len(), 1, "{xff:?}");
+    let ip = appended_ip(&xff[0], "");
+    assert_eq!(values(&seen, "x-forwarded-proto"), ["http"]);
+
+    client
+        .get_with(&strait.url("/"), &[("x-forwarded-for", "203.0.113.7")])
+        .await;
+    let xff = values(&up.last_seen(), "x-forwarded-for");
+    assert_eq!(xff.len(), 1, "{xff:?}");
+    assert_eq!(appended_ip(&xff[0], "203.0.113.7,"), ip);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_untouched_without_use_remote_address() {
+    let up = Upstream::start("up").await;
+    let strait = proxy(&up, false).await;
+    let client = Client::http1();
+    client
+        .get_with(&strait.url("/"), &[("x-forwarded-for", "203.0.113.7")])
+        .await;
+    let seen = up.last_seen();
+    assert_eq!(values(&seen, "x-forwarded-for"), ["203.0.113.7"]);
+    assert_eq!(values(&seen, "x-forwarded-proto"), ["http"]);
+    client.get(&strait.url("/")).await;
+    assert!(values(&up.last_seen(), "x-forwarded-for").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_id_generated_or_kept() {
+    let up = Upstream::start("up").await;
+    let strait = proxy(&up, false).await;
+    let client = Client::http1();
+    client.get(&strait.url("/")).await;
+    let id = values(&up.last_seen(), "x-request-id");
+    assert_eq!(id.len(), 1);
+    let uuid =
+        regex::Regex::new("^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+            .unwrap_or_else(|e| panic!("{e}"));
+    assert!(uuid.is_match(&id[0]), "not a UUID v4: {}", id[0]);
+
+    client.get(&strait.url("/")).await;
+    let id2 = values(&up.last_seen(), "x-request-id");
+    assert_ne!(id, id2, "a fresh id per request");
+
+    client
+        .get_with(&strait.url("/"), &[("x-request-id", "my-own-id")])
+        .await;
+    assert_eq!(values(&up.last_seen(), "x-request-id"), ["my-own-id"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_service_time_and_host() {
+    let up = Upstream::start("up").await;
+    let strait = proxy(&up, false).await;
+    let r = Client::http1()
+        .get_with(&strait.url("/"), &[("host", "svc.example:1234")])
+        .await;
+    let ust = r
+        .header("x-envoy-upstream-service-time")
+        .unwrap_or_default();
+    assert!(
+        ust.parse::<u64>().is_ok(),
+        "x-envoy-upstream-service-time: {ust:?}"
+    );
+    assert_eq!(
+        up.last_seen().authority.as_deref(),
+        Some("svc.example:1234")
+    );
+
+    // Local replies are not from an upstream: no service time.
+    let strait = Config::new()
+        .routes(json!([{"match": {"prefix": "/"}, "direct_response": {"status": 200}}]))
+        .start()
+        .await;
+    let r = Client::http1().get(&strait.url("/")).await;
+    assert_eq!(r.header("x-envoy-upstream-service-time"), None);
+}

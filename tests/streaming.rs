@@ -1,0 +1,219 @@
+//! Bodies stream through the proxy: a large upload and download keep the proxy's memory
+//! bounded, trailers pass both ways over HTTP/2, and `Expect: 100-continue` works.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::{Client, Config, Reply, Upstream};
+use http::{HeaderMap, HeaderValue, Method};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use serde_json::json;
+
+const MIB: u64 = 1024 * 1024;
+/// Large enough that buffering it would blow the memory bound several times over.
+const BIG: u64 = 256 * MIB;
+/// Allowed growth of the proxy's peak RSS over its idle RSS.
+const BOUND_KB: u64 = 64 * 1024;
+
+async fn proxy(up: &Upstream, h2_upstream: bool) -> common::Strait {
+    let cfg = Config::new().routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "up"}}]));
+    let cfg = if h2_upstream {
+        cfg.cluster_h2("up", &[up.addr])
+    } else {
+        cfg.cluster("up", &[up.addr])
+    };
+    cfg.start().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_upload_and_download_keep_memory_bounded() {
+    let up = Upstream::start("up").await;
+    let strait = proxy(&up, false).await;
+    let client = Client::http1();
+    assert_eq!(client.get(&strait.url("/warm-up")).await.status, 200);
+    let peak_reset = strait.reset_peak_rss();
+    let (idle_rss, _) = strait.memory_kb();
+    // Sampling RSS as well catches sustained buffering even where VmHWM cannot be reset.
+    let sampled = Arc::new(AtomicU64::new(idle_rss));
+    let sampler = {
+        let (pid, sampled) = (strait.pid(), sampled.clone());
+        tokio::spawn(async move {
+            let path = format!("/proc/{pid}/status");
+            loop {
+                let status = common::read(std::path::Path::new(&path));
+                let rss = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+                if let Some(r) = rss {
+                    sampled.fetch_max(r, Ordering::Relaxed);
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+    };
+
+    up.script([Reply::CountBody]);
+    let upload = common::req(
+        Method::POST,
+        &strait.url("/upload"),
+        &[],
+        common::generated(BIG),
+    );
+    let r = common::within_for(
+        std::time::Duration::from_secs(120),
+        "upload",
+        client.send(upload),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["bytes"], json!(BIG));
+
+    up.script([Reply::Stream(BIG)]);
+    let resp = client
+        .send_streaming(common::req(
+            Method::GET,
+            &strait.url("/download"),
+            &[],
+            common::empty(),
+        ))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let (n, _) = common::within_for(
+        std::time::Duration::from_secs(120),
+        "download",
+        common::drain_body(resp.into_body()),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("download: {e}"));
+    assert_eq!(n, BIG);
+
+    let (_, hwm) = strait.memory_kb();
+    sampler.abort();
+    let sampled = sampled.load(Ordering::Relaxed);
+    let peak = if peak_reset {
+        hwm.max(sampled)
+    } else {
+        sampled
+    };
+    assert!(
+        peak.saturating_sub(idle_rss) < BOUND_KB,
+        "proxy peak RSS {peak} KiB vs idle {idle_rss} KiB: grew by more than {BOUND_KB} KiB \
+         while moving {} MiB each way",
+        BIG / MIB
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_trailers_pass_through_h2() {
+    let up = Upstream::start_with(
+        "up",
+        Reply::Trailers(vec![
+            ("grpc-status".into(), "0".into()),
+            ("x-checksum".into(), "abc123".into()),
+        ]),
+    )
+    .await;
+    let strait = proxy(&up, true).await;
+    let r = Client::h2c().get(&strait.url("/trailers")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "trailers follow");
+    let t = r.trailers.unwrap_or_else(|| panic!("no trailers"));
+    assert_eq!(
+        t.get("grpc-status").and_then(|v| v.to_str().ok()),
+        Some("0")
+    );
+    assert_eq!(
+        t.get("x-checksum").and_then(|v| v.to_str().ok()),
+        Some("abc123")
+    );
+    assert_eq!(up.last_seen().version, http::Version::HTTP_2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_trailers_pass_through_h2() {
+    let up = Upstream::start_with("up", Reply::CountBody).await;
+    let strait = proxy(&up, true).await;
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-request-trailer", HeaderValue::from_static("yes"));
+    let frames: Vec<Result<Frame<Bytes>, common::BoxError>> = vec![
+        Ok(Frame::data(Bytes::from_static(b"0123456789"))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();
+    let r = Client::h2c()
+        .send(common::req(
+            Method::POST,
+            &strait.url("/req-trailers"),
+            &[],
+            body,
+        ))
+        .await;
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["bytes"], 10);
+    assert_eq!(v["trailers"]["x-request-trailer"], json!(["yes"]), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_with_curl() {
+    if !common::tool("curl") {
+        return;
+    }
+    let up = Upstream::start_with("up", Reply::CountBody).await;
+    let strait = proxy(&up, false).await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.path().join("body.bin");
+    std::fs::write(&file, vec![b'y'; 2 * MIB as usize]).unwrap_or_else(|e| panic!("{e}"));
+    let (status, out, err) = common::run(
+        common::TIMEOUT,
+        "curl",
+        &[
+            "-sS".into(),
+            "-v".into(),
+            "--http1.1".into(),
+            // Long enough that a proxy that never says 100 makes the assertion below fail
+            // rather than curl sending the body anyway.
+            "--expect100-timeout".into(),
+            "15".into(),
+            "-H".into(),
+            "Expect: 100-continue".into(),
+            "--data-binary".into(),
+            format!("@{}", file.display()),
+            strait.url("/upload"),
+        ],
+    )
+    .await;
+    assert!(status.success(), "curl failed: {err}");
+    assert!(
+        err.lines()
+            .any(|l| l.trim_end() == "< HTTP/1.1 100 Continue"),
+        "no 100 Continue:\n{err}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["bytes"], json!(2 * MIB));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_echoed_while_streaming_over_h2() {
+    let up = Upstream::start_with("up", Reply::EchoBody).await;
+    let strait = proxy(&up, true).await;
+    let n = 16 * MIB;
+    let resp = Client::h2c()
+        .send_streaming(common::req(
+            Method::POST,
+            &strait.url("/echo"),
+            &[],
+            common::generated(n),
+        ))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let (got, _) = common::within("echoed body", common::drain_body(resp.into_body()))
+        .await
+        .unwrap_or_else(|e| panic!("echo: {e}"));
+    assert_eq!(got, n);
+}

@@ -1,0 +1,106 @@
+//! WebSocket upgrades through the proxy: echoed messages when the connection manager enables
+//! `websocket` in `upgrade_configs`, and Envoy's 403 when it does not.
+
+mod common;
+
+use common::Config;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+/// A WebSocket echo server on 127.0.0.1:0.
+async fn echo_server() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = common::bind().await;
+    let addr = common::local_addr(&listener);
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            conns.spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+fn config(addr: std::net::SocketAddr) -> Config {
+    Config::new()
+        .routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "ws"}}]))
+        .cluster("ws", &[addr])
+}
+
+async fn connect(
+    strait: &common::Strait,
+) -> Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, tungstenite::Error> {
+    let stream = common::connect(strait.listener("ingress"))
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    let url = format!("ws://{}/chat", strait.listener("ingress"));
+    common::within(
+        "websocket handshake",
+        tokio_tungstenite::client_async(url, stream),
+    )
+    .await
+    .map(|(ws, _)| ws)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_echo_through_proxy() {
+    let (addr, server) = echo_server().await;
+    let strait = config(addr)
+        .hcm("upgrade_configs", json!([{"upgrade_type": "websocket"}]))
+        .start()
+        .await;
+    let mut ws = connect(&strait)
+        .await
+        .unwrap_or_else(|e| panic!("handshake through proxy: {e}"));
+    for i in 0..5 {
+        let text = format!("hello {i}");
+        common::within("send", ws.send(Message::text(text.clone())))
+            .await
+            .unwrap_or_else(|e| panic!("send: {e}"));
+        let back = common::within("echo", ws.next())
+            .await
+            .unwrap_or_else(|| panic!("closed before echo {i}"))
+            .unwrap_or_else(|e| panic!("echo {i}: {e}"));
+        assert_eq!(back, Message::text(text));
+    }
+    let big = vec![7u8; 256 * 1024];
+    common::within("send binary", ws.send(Message::binary(big.clone())))
+        .await
+        .unwrap_or_else(|e| panic!("send: {e}"));
+    let back = common::within("binary echo", ws.next()).await;
+    assert!(
+        matches!(&back, Some(Ok(Message::Binary(b))) if b.as_ref() == big.as_slice()),
+        "binary echo mismatch"
+    );
+    common::within("close", ws.close(None))
+        .await
+        .unwrap_or_else(|e| panic!("close: {e}"));
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_without_upgrade_config_is_403() {
+    let (addr, server) = echo_server().await;
+    let strait = config(addr).start().await;
+    match connect(&strait).await {
+        Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 403),
+        Err(e) => panic!("expected HTTP 403, got {e}"),
+        Ok(_) => panic!("upgrade should be refused without upgrade_configs"),
+    }
+    assert_eq!(
+        strait
+            .wait_stat("http.ingress.downstream_rq_ws_on_non_ws_route", 1)
+            .await,
+        Some(1)
+    );
+    server.abort();
+}
