@@ -554,7 +554,9 @@ pub enum DnsLookupFamily {
 pub enum LbPolicy {
     RoundRobin,
     /// P2C by default (`choice_count` 2).
-    LeastRequest { choice_count: u32 },
+    LeastRequest {
+        choice_count: u32,
+    },
     Random,
 }
 
@@ -562,7 +564,9 @@ pub enum LbPolicy {
 pub enum UpstreamProtocol {
     Http1,
     /// `explicit_http_config.http2_protocol_options`.
-    Http2 { max_concurrent_streams: u32 },
+    Http2 {
+        max_concurrent_streams: u32,
+    },
 }
 
 /// Circuit-breaker thresholds for the DEFAULT routing priority (Envoy's defaults 1024/1024/1024/3).
