@@ -34,13 +34,12 @@ async fn upstream(instance: &'static str) -> Result<SocketAddr, Error> {
                     let flaky = flaky.clone();
                     async move {
                         let fail = req.uri().path() == "/flaky"
-                            && flaky.fetch_add(1, Ordering::Relaxed) % 2 == 0;
+                            && flaky.fetch_add(1, Ordering::Relaxed).is_multiple_of(2);
                         let status = if fail { 503 } else { 200 };
-                        let resp = Response::builder()
+                        Response::builder()
                             .status(status)
                             .header("x-instance", instance)
-                            .body(Full::new(Bytes::from(instance)));
-                        Ok::<_, http::Error>(resp?)
+                            .body(Full::new(Bytes::from(instance)))
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()

@@ -3,7 +3,8 @@
 
 mod common;
 
-use common::{Client, Config, Upstream};
+use common::{Config, Conn, Upstream};
+use http::Method;
 use serde_json::json;
 
 const N: i64 = 7;
@@ -15,10 +16,18 @@ async fn proxy_with_traffic() -> (common::Strait, Upstream) {
         .cluster("backend", &[up.addr])
         .start()
         .await;
-    let client = Client::http1();
+    // One downstream connection, so exactly one upstream connection is expected.
+    let mut conn = Conn::open(strait.listener("ingress")).await;
     for i in 0..N {
-        let r = client.get(&strait.url(&format!("/req/{i}"))).await;
-        assert_eq!(r.status, 200, "{}", r.text());
+        let url = strait.url(&format!("/req/{i}"));
+        let r = conn
+            .send(common::req(Method::GET, &url, &[], common::empty()))
+            .await;
+        assert_eq!(
+            r.map(|r| r.status).ok(),
+            Some(http::StatusCode::OK),
+            "request {i}"
+        );
     }
     assert_eq!(
         strait

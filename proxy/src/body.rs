@@ -3,10 +3,10 @@
 //! can replay it (Envoy's retry buffer). Never holds more than the buffer limit per request.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -17,6 +17,48 @@ use hyper::body::Incoming;
 use tokio::sync::Notify;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A process-wide monotonic origin, so instants fit in an `AtomicU64` as milliseconds.
+pub fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+/// Milliseconds since [`base`].
+pub fn now_ms() -> u64 {
+    base().elapsed().as_millis() as u64
+}
+
+/// The last time a stream saw activity in either direction (for stream idle timeouts).
+#[derive(Debug)]
+pub struct Activity(AtomicU64);
+
+impl Activity {
+    pub fn new() -> Arc<Activity> {
+        Arc::new(Activity(AtomicU64::new(now_ms())))
+    }
+
+    #[inline]
+    pub fn touch(&self) {
+        self.0.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// When the stream becomes idle for `idle`, given no further activity.
+    pub fn deadline(&self, idle: Duration) -> Instant {
+        base() + Duration::from_millis(self.0.load(Ordering::Relaxed)) + idle
+    }
+
+    /// Resolves once the stream has seen no activity for `idle`.
+    pub async fn idle_for(&self, idle: Duration) {
+        loop {
+            let deadline = self.deadline(idle);
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    }
+}
 
 /// The body of every response the proxy sends and every request it forwards.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -89,11 +131,12 @@ struct Shared {
 pub struct RequestSource {
     shared: Arc<Mutex<Shared>>,
     end: Arc<EndSignal>,
+    activity: Arc<Activity>,
 }
 
 impl RequestSource {
     /// `retry_buffer` is the replay limit in bytes (0 when the request will not be retried).
-    pub fn new(src: Incoming, retry_buffer: usize) -> RequestSource {
+    pub fn new(src: Incoming, retry_buffer: usize, activity: Arc<Activity>) -> RequestSource {
         let end = Arc::new(EndSignal::default());
         let eos = src.is_end_stream();
         if eos {
@@ -115,6 +158,7 @@ impl RequestSource {
                 exact_len,
             })),
             end,
+            activity,
         }
     }
 
@@ -149,6 +193,7 @@ impl RequestSource {
         Some(AttemptBody {
             shared: self.shared.clone(),
             end: self.end.clone(),
+            activity: self.activity.clone(),
             id: s.current,
             pos: 0,
             trailers_sent: false,
@@ -163,6 +208,7 @@ impl RequestSource {
 pub struct AttemptBody {
     shared: Arc<Mutex<Shared>>,
     end: Arc<EndSignal>,
+    activity: Arc<Activity>,
     id: u32,
     pos: usize,
     trailers_sent: bool,
@@ -210,7 +256,11 @@ impl Body for AttemptBody {
             }
             return Poll::Ready(None);
         }
-        match Pin::new(&mut s.src).poll_frame(cx) {
+        let polled = Pin::new(&mut s.src).poll_frame(cx);
+        if polled.is_ready() {
+            this.activity.touch();
+        }
+        match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 s.eos = true;

@@ -503,6 +503,10 @@ mod tests {
     use std::time::Duration;
 
     fn cluster(policy: LbPolicy, eps: &[(u16, u32, HealthStatus, u32)]) -> Arc<ClusterState> {
+        ClusterState::new(Arc::new(config(policy, eps)), &Store::default())
+    }
+
+    fn config(policy: LbPolicy, eps: &[(u16, u32, HealthStatus, u32)]) -> model::Cluster {
         let groups = eps
             .iter()
             .map(
@@ -519,7 +523,7 @@ mod tests {
                 },
             )
             .collect();
-        let cfg = model::Cluster {
+        model::Cluster {
             name: "c".into(),
             discovery: DiscoveryType::Static,
             connect_timeout: Duration::from_secs(1),
@@ -530,8 +534,7 @@ mod tests {
             idle_timeout: None,
             dns_refresh_rate: Duration::from_secs(5),
             dns_lookup_family: DnsLookupFamily::Auto,
-        };
-        ClusterState::new(Arc::new(cfg), &Store::default())
+        }
     }
 
     fn counts(c: &ClusterState, n: usize) -> HashMap<u16, usize> {
@@ -616,6 +619,39 @@ mod tests {
         let s = smooth_wrr(&[1_000_000, 3_000_000]);
         assert_eq!(s.len(), 4096);
         assert_eq!(s.iter().filter(|&&i| i == 0).count(), 1024);
+    }
+
+    #[tokio::test]
+    async fn strict_dns_resolves_and_keeps_hosts() {
+        let mut cfg = config(LbPolicy::RoundRobin, &[]);
+        cfg.discovery = DiscoveryType::StrictDns;
+        cfg.dns_lookup_family = DnsLookupFamily::V4Only;
+        cfg.load_assignment.endpoints = vec![model::LocalityLbEndpoints {
+            locality: Default::default(),
+            priority: 0,
+            load_balancing_weight: None,
+            lb_endpoints: vec![model::LbEndpoint {
+                address: EndpointAddress::Dns {
+                    host: "localhost".into(),
+                    port: 8080,
+                },
+                load_balancing_weight: 1,
+                health_status: HealthStatus::Unknown,
+                hostname: None,
+            }],
+        }];
+        let c = ClusterState::new(Arc::new(cfg), &Store::default());
+        assert!(c.pick().is_none(), "no hosts before the first resolution");
+        c.resolve().await;
+        let h = c.pick().expect("resolved");
+        assert_eq!(h.address, SocketAddr::from(([127, 0, 0, 1], 8080)));
+        assert_eq!(h.authority(), "localhost");
+        c.resolve().await;
+        assert!(
+            Arc::ptr_eq(&h, &c.pick().unwrap()),
+            "unchanged hosts are kept"
+        );
+        assert_eq!(c.stats().update_success.get(), 2);
     }
 
     #[test]

@@ -19,6 +19,8 @@ use crate::forward::{self, ConnCtx};
 use crate::stats::HttpStats;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Envoy's default `http2_protocol_options.max_concurrent_streams`.
+const H2_MAX_CONCURRENT_STREAMS: u32 = 2_147_483_647;
 /// hyper's smallest allowed HTTP/1 read buffer.
 const MIN_H1_BUF: usize = 8192;
 
@@ -181,6 +183,8 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
     if is_h2 {
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())
+            // Envoy's default SETTINGS_MAX_CONCURRENT_STREAMS (hyper's own is 200).
+            .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
             .max_header_list_size(hcm.max_request_headers_kb.saturating_mul(1024));
         let conn = b.serve_connection(io, svc);
         tokio::pin!(conn);

@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 use strait_xds::model::{self, ClusterSpecifier, HostRewrite, RetryOn, RetryPolicy, RouteAction};
 
 use crate::access_log::Record;
-use crate::body::{self, AttemptBody, BoxError, EndSignal, ProxyBody, RequestSource};
+use crate::body::{self, Activity, AttemptBody, BoxError, EndSignal, ProxyBody, RequestSource};
 use crate::cluster::{Breakers, ClusterState, Host};
 use crate::headers;
 use crate::local_reply::{self, ResetReason};
@@ -68,11 +68,23 @@ struct Finisher {
     upstream_host: Option<Arc<Host>>,
     cluster: Option<Arc<ClusterState>>,
     transport_failure: Option<String>,
+    upstream_local: Option<SocketAddr>,
     route_name: String,
     client: SocketAddr,
     bytes_sent: u64,
     rq: Option<RqGuard>,
     lease: Option<Lease>,
+    done: bool,
+}
+
+impl Drop for Finisher {
+    fn drop(&mut self) {
+        // Dropped unfinished: hyper cancelled the request because the downstream went away
+        // before a response was produced. Envoy still counts and logs it (code 0, `DC`).
+        if !self.done {
+            self.finish(Outcome::DownstreamGone);
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +92,7 @@ enum Outcome {
     Complete,
     UpstreamError,
     Timeout,
+    IdleTimeout,
     DownstreamGone,
 }
 
@@ -121,11 +134,13 @@ impl Finisher {
             upstream_host: None,
             cluster: None,
             transport_failure: None,
+            upstream_local: None,
             route_name: String::new(),
             client: peer,
             bytes_sent: 0,
             rq: None,
             lease: None,
+            done: false,
         }
     }
 
@@ -133,7 +148,11 @@ impl Finisher {
         self.cx.listener.access_log.is_some()
     }
 
-    fn finish(mut self, outcome: Outcome) {
+    fn finish(&mut self, outcome: Outcome) {
+        if self.done {
+            return;
+        }
+        self.done = true;
         let hs = &self.cx.listener.http_stats;
         hs.downstream_rq_active.dec();
         match outcome {
@@ -164,6 +183,11 @@ impl Finisher {
                 if let Some(h) = &self.upstream_host {
                     h.stats.rq_timeout.inc();
                 }
+                hs.downstream_rq_tx_reset.inc();
+            }
+            Outcome::IdleTimeout => {
+                self.flags.set(ResponseFlags::STREAM_IDLE_TIMEOUT);
+                hs.downstream_rq_idle_timeout.inc();
                 hs.downstream_rq_tx_reset.inc();
             }
             Outcome::DownstreamGone => {
@@ -208,7 +232,7 @@ impl Finisher {
             response_duration: self.response_duration,
             upstream_host: self.upstream_host.as_ref().map(|h| h.address),
             upstream_cluster: self.cluster.as_ref().map(|c| c.name()),
-            upstream_local_address: None,
+            upstream_local_address: self.upstream_local,
             upstream_transport_failure_reason: self.transport_failure.as_deref(),
             downstream_remote_address: self.client,
             downstream_direct_remote_address: self.cx.peer,
@@ -228,9 +252,7 @@ struct RqGuard {
 impl RqGuard {
     fn new(cluster: Arc<ClusterState>, host: Arc<Host>) -> RqGuard {
         host.stats.rq_active.inc();
-        host.stats.rq_total.inc();
         cluster.stats().upstream_rq_active.inc();
-        cluster.stats().upstream_rq_total.inc();
         RqGuard { cluster, host }
     }
 }
@@ -251,15 +273,20 @@ pub struct RespBody {
     inner: ProxyBody,
     fin: Option<Box<Finisher>>,
     deadline: Option<Deadline>,
+    idle: Option<IdleTimer>,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("upstream request timeout")]
 struct ResponseTimeout;
 
+#[derive(Debug, thiserror::Error)]
+#[error("stream idle timeout")]
+struct IdleTimeout;
+
 impl RespBody {
     fn end(&mut self, outcome: Outcome) {
-        if let Some(f) = self.fin.take() {
+        if let Some(mut f) = self.fin.take() {
             f.finish(outcome);
         }
     }
@@ -281,7 +308,20 @@ impl Body for RespBody {
                 return Poll::Ready(Some(Err(ResponseTimeout.into())));
             }
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        if let Some(t) = this.idle.as_mut() {
+            if t.poll_expired(cx).is_ready() {
+                this.idle = None;
+                this.end(Outcome::IdleTimeout);
+                return Poll::Ready(Some(Err(IdleTimeout.into())));
+            }
+        }
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if polled.is_ready() {
+            if let Some(t) = &this.idle {
+                t.activity.touch();
+            }
+        }
+        match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 this.end(Outcome::Complete);
@@ -348,7 +388,7 @@ pub async fn handle(
     let down_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let mut fin = Box::new(Finisher::new(cx.clone(), &parts));
-    let (resp, deadline, tunnel) = route(parts, body, upgrade, &cx, &mut fin).await;
+    let (resp, timers, tunnel) = route(parts, body, upgrade, &cx, &mut fin).await;
     let (mut head, inner) = resp.into_parts();
     fin.status = head.status.as_u16();
     hs.count_response(fin.status);
@@ -366,15 +406,25 @@ pub async fn handle(
                 inner: body::empty(),
                 fin: None,
                 deadline: None,
+                idle: None,
             },
         ));
     }
+    let (deadline, idle) = match timers {
+        Some(t) => (t.deadline, t.idle),
+        None => (None, None),
+    };
     let mut rb = RespBody {
         inner,
         fin: Some(fin),
         deadline,
+        idle,
     };
-    if rb.inner.is_end_stream() {
+    // hyper never polls a body it must not send (HEAD, 204, 304): the stream ends here.
+    let bodiless = rb.fin.as_ref().is_some_and(|f| f.method == Method::HEAD)
+        || head.status == StatusCode::NO_CONTENT
+        || head.status == StatusCode::NOT_MODIFIED;
+    if bodiless || rb.inner.is_end_stream() {
         rb.end(Outcome::Complete);
     }
     Ok(Response::from_parts(head, rb))
@@ -441,9 +491,48 @@ fn local(
 
 type Routed = (
     Response<ProxyBody>,
-    Option<Deadline>,
+    Option<Timers>,
     Option<hyper::upgrade::OnUpgrade>,
 );
+
+/// Timers that keep running while the response body streams.
+struct Timers {
+    /// The rest of the route timeout.
+    deadline: Option<Deadline>,
+    /// The stream idle timeout (route `idle_timeout`, else the HCM's `stream_idle_timeout`).
+    idle: Option<IdleTimer>,
+}
+
+struct IdleTimer {
+    idle: Duration,
+    activity: Arc<Activity>,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleTimer {
+    fn new(idle: Duration, activity: Arc<Activity>) -> IdleTimer {
+        let sleep = Box::pin(tokio::time::sleep_until(activity.deadline(idle).into()));
+        IdleTimer {
+            idle,
+            activity,
+            sleep,
+        }
+    }
+
+    /// Ready once the stream has been idle for the whole timeout.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let deadline = self.activity.deadline(self.idle);
+            if Instant::now() >= deadline {
+                return Poll::Ready(());
+            }
+            self.sleep.as_mut().reset(deadline.into());
+        }
+    }
+}
 
 async fn route(
     mut parts: Parts,
@@ -462,6 +551,15 @@ async fn route(
         hcm.use_remote_address,
         hcm.xff_num_trusted_hops,
     );
+    // Envoy (proxy_100_continue: false) answers `Expect: 100-continue` itself and strips it;
+    // hyper sends the 100 once the upstream attempt starts reading the body.
+    if parts
+        .headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+    {
+        parts.headers.remove(header::EXPECT);
+    }
     let edge_external = hcm.use_remote_address && !headers::is_internal(cx.peer.ip());
     headers::request_id(&mut parts.headers, hcm.generate_request_id, edge_external);
 
@@ -469,6 +567,7 @@ async fn route(
     let (vhost, route) = match router::select(&rc, &parts) {
         Selected::Route { vhost, route } => (vhost, route),
         Selected::NoVirtualHost | Selected::NoRoute => {
+            hs.rq_total.inc();
             hs.no_route.inc();
             return (
                 local(
@@ -484,6 +583,30 @@ async fn route(
         }
     };
     fin.route_name = route.name.clone();
+    if let Some(t) = &upgrade {
+        // Envoy: the connection manager must know the upgrade type; a route may override it.
+        let hcm_cfg = hcm.upgrade_types.iter().find(|u| &u.upgrade_type == t);
+        let overrides: &[model::UpgradeConfig] = match &route.action {
+            RouteAction::Forward(a) => &a.upgrade_overrides,
+            _ => &[],
+        };
+        let allowed = hcm_cfg.is_some_and(|u| {
+            overrides
+                .iter()
+                .find(|o| &o.upgrade_type == t)
+                .map_or(u.enabled, |o| o.enabled)
+        });
+        if !allowed {
+            hs.downstream_rq_ws_on_non_ws_route.inc();
+            let mut resp = local(fin, StatusCode::FORBIDDEN, "", 0, "upgrade_failed");
+            // Envoy closes the connection after refusing an upgrade.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return (resp, None, None);
+        }
+    }
+    // The router sees the request from here on (Envoy's `rq_total`).
+    hs.rq_total.inc();
     let action = match &route.action {
         RouteAction::DirectResponse { status, body } => {
             hs.rq_direct_response.inc();
@@ -511,26 +634,6 @@ async fn route(
         }
         RouteAction::Forward(a) => a,
     };
-
-    if let Some(t) = &upgrade {
-        // Envoy: the connection manager must know the upgrade type; a route may override it.
-        let hcm_cfg = hcm.upgrade_types.iter().find(|u| &u.upgrade_type == t);
-        let allowed = hcm_cfg.is_some_and(|u| {
-            action
-                .upgrade_overrides
-                .iter()
-                .find(|o| &o.upgrade_type == t)
-                .map_or(u.enabled, |o| o.enabled)
-        });
-        if !allowed {
-            hs.downstream_rq_ws_on_non_ws_route.inc();
-            return (
-                local(fin, StatusCode::FORBIDDEN, "", 0, "upgrade_failed"),
-                None,
-                None,
-            );
-        }
-    }
 
     let (cluster_name, wc_headers): (Cow<'_, str>, Option<&model::HeaderMutations>) =
         match &action.cluster {
@@ -577,7 +680,6 @@ async fn route(
             None,
         );
     };
-    hs.rq_total.inc();
     fin.cluster = Some(cluster.clone());
 
     // Request changes the route asks for.
@@ -616,6 +718,9 @@ async fn route(
         fin.request_headers = Some(parts.headers.clone());
     }
 
+    let activity = Activity::new();
+    let request_start = fin.start;
+    let idle = action.idle_timeout.or(hcm.stream_idle_timeout);
     let source = RequestSource::new(
         body,
         if policy.is_some() {
@@ -623,6 +728,7 @@ async fn route(
         } else {
             0
         },
+        activity.clone(),
     );
     fin.source = Some(source.clone());
     fin.request_end = Some(source.end_signal());
@@ -650,20 +756,79 @@ async fn route(
         flags: ResponseFlags::default(),
         pending_retry_guard: None,
     };
-    let result = match deadline.as_mut() {
-        None => st.run().await,
-        Some(d) => {
-            tokio::select! {
-                r = st.run() => r,
-                _ = d.as_mut() => AttemptResult::GlobalTimeout,
+    let result = {
+        let global = async {
+            match deadline.as_mut() {
+                Some(d) => d.as_mut().await,
+                None => std::future::pending().await,
             }
+        };
+        let idle_wait = async {
+            match idle {
+                Some(i) => activity.idle_for(i).await,
+                None => std::future::pending().await,
+            }
+        };
+        // HCM `request_timeout`: the whole request must arrive within it (disarmed at its end).
+        let request_wait = async {
+            match hcm.request_timeout {
+                Some(t) => {
+                    let end = source.end_signal();
+                    tokio::select! {
+                        _ = tokio::time::sleep_until((request_start + t).into()) => {}
+                        _ = end.wait() => std::future::pending::<()>().await,
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = st.run() => r,
+            _ = global => AttemptResult::GlobalTimeout,
+            _ = idle_wait => AttemptResult::IdleTimeout,
+            _ = request_wait => AttemptResult::RequestTimeout,
         }
     };
-    fin.flags.set(st.flags.0);
+    // Keeps the order the flags were set in (Envoy prints them so).
+    fin.flags = st.flags;
     fin.upstream_host = st.last_host.clone();
     fin.transport_failure = st.transport_failure.take();
     let retried = st.retried;
     match result {
+        AttemptResult::RequestTimeout => {
+            hs.downstream_rq_timeout.inc();
+            let mut resp = local(
+                fin,
+                StatusCode::REQUEST_TIMEOUT,
+                "request timeout",
+                0,
+                "request_overall_timeout",
+            );
+            // The rest of the request will not be read: Envoy closes the connection.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            (resp, None, None)
+        }
+        AttemptResult::IdleTimeout => {
+            hs.downstream_rq_idle_timeout.inc();
+            // Envoy 1.40: 504 once the whole request was received, 408 while it was not.
+            let status = if source.end_signal().is_set() {
+                StatusCode::GATEWAY_TIMEOUT
+            } else {
+                StatusCode::REQUEST_TIMEOUT
+            };
+            (
+                local(
+                    fin,
+                    status,
+                    "stream timeout",
+                    ResponseFlags::STREAM_IDLE_TIMEOUT,
+                    "stream_idle_timeout",
+                ),
+                None,
+                None,
+            )
+        }
         AttemptResult::NoHealthyUpstream => (
             local(
                 fin,
@@ -675,17 +840,18 @@ async fn route(
             None,
             None,
         ),
-        AttemptResult::Reset(reason) => (
-            local(
+        AttemptResult::Reset(reason) => {
+            let details = reason.details_with(fin.transport_failure.as_deref());
+            let resp = local(
                 fin,
                 reason.status(),
                 reason.body(retried),
                 reason.flag(),
-                reason.details(),
-            ),
-            None,
-            None,
-        ),
+                "",
+            );
+            fin.details = details;
+            (resp, None, None)
+        }
         AttemptResult::GlobalTimeout | AttemptResult::PerTryTimeout => {
             let global = matches!(result, AttemptResult::GlobalTimeout);
             if global {
@@ -720,6 +886,7 @@ async fn route(
             let now = Instant::now();
             fin.response_duration = Some(now.saturating_duration_since(fin.start));
             fin.rq = Some(rq);
+            fin.upstream_local = lease.local_addr();
             fin.lease = Some(lease);
             fin.details = Cow::Borrowed("via_upstream");
             let status = resp.status();
@@ -742,7 +909,11 @@ async fn route(
             rlevels.extend([&route.headers, &vhost.headers, &rc.headers]);
             router::apply_response_headers(&mut head.headers, &rlevels);
             let inner = incoming.map_err(|e| Box::new(e) as BoxError).boxed_unsync();
-            (Response::from_parts(head, inner), deadline, tunnel)
+            let timers = Timers {
+                deadline,
+                idle: idle.map(|i| IdleTimer::new(i, activity.clone())),
+            };
+            (Response::from_parts(head, inner), Some(timers), tunnel)
         }
     }
 }
@@ -762,6 +933,8 @@ enum AttemptResult {
     NoHealthyUpstream,
     PerTryTimeout,
     GlobalTimeout,
+    IdleTimeout,
+    RequestTimeout,
 }
 
 struct Attempts<'a> {
@@ -798,7 +971,11 @@ fn retriable_reset(p: &RetryPolicy, reason: ResetReason) -> bool {
     on.has(RetryOn::FIVE_XX)
         || on.has(RetryOn::GATEWAY_ERROR)
         || on.has(RetryOn::RESET)
-        || (on.has(RetryOn::CONNECT_FAILURE) && reason == ResetReason::ConnectionFailure)
+        || (on.has(RetryOn::CONNECT_FAILURE)
+            && matches!(
+                reason,
+                ResetReason::ConnectionFailure | ResetReason::ConnectionTimeout
+            ))
         || (on.has(RetryOn::REFUSED_STREAM) && reason == ResetReason::RemoteRefusedStreamReset)
 }
 
@@ -848,7 +1025,10 @@ impl Attempts<'_> {
                 AttemptResult::Response(d) => retriable_status(p, d.resp.status()),
                 AttemptResult::Reset(r) => retriable_reset(p, *r),
                 AttemptResult::PerTryTimeout => retriable_timeout(p),
-                AttemptResult::NoHealthyUpstream | AttemptResult::GlobalTimeout => false,
+                AttemptResult::NoHealthyUpstream
+                | AttemptResult::GlobalTimeout
+                | AttemptResult::IdleTimeout
+                | AttemptResult::RequestTimeout => false,
             };
             drop(retry_guard);
             if !wants_retry {
@@ -861,6 +1041,7 @@ impl Attempts<'_> {
             }
             if retry >= p.num_retries {
                 self.flags.set(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
+                self.cluster.stats().upstream_rq_retry_limit_exceeded.inc();
                 return result;
             }
             let stats = self.cluster.stats();
@@ -920,15 +1101,15 @@ impl Attempts<'_> {
             let conn = match host.pool.acquire().await {
                 Ok(c) => c,
                 Err(PoolError::Overflow) => return Err(ResetReason::Overflow),
-                Err(PoolError::ConnectTimeout) => {
-                    self.transport_failure = Some("connection timeout".into());
-                    return Err(ResetReason::ConnectionFailure);
-                }
+                Err(PoolError::ConnectTimeout) => return Err(ResetReason::ConnectionTimeout),
                 Err(PoolError::ConnectFailure(e)) => {
                     self.transport_failure = Some(e);
                     return Err(ResetReason::ConnectionFailure);
                 }
             };
+            // Envoy counts a request upstream once it has a connection to go on.
+            host.stats.rq_total.inc();
+            info.stats.upstream_rq_total.inc();
             let req = self.upstream_request(&host, body);
             let started = Instant::now();
             let (fut, lease) = conn.send(req);
@@ -955,7 +1136,12 @@ impl Attempts<'_> {
                 started,
             })),
             Err(Some(reason)) => {
-                if reason != ResetReason::Overflow && reason != ResetReason::ConnectionFailure {
+                if !matches!(
+                    reason,
+                    ResetReason::Overflow
+                        | ResetReason::ConnectionFailure
+                        | ResetReason::ConnectionTimeout
+                ) {
                     info.stats.upstream_rq_rx_reset.inc();
                 }
                 AttemptResult::Reset(reason)

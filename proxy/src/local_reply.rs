@@ -1,6 +1,8 @@
 //! Responses the proxy makes itself (no route, no healthy upstream, overflow, timeouts...), with
 //! Envoy's status codes, plain-text bodies and response-code details.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 
@@ -10,7 +12,10 @@ use crate::response_flags::ResponseFlags;
 /// Why an upstream exchange failed before response headers, named as Envoy's reset reasons.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResetReason {
+    /// The upstream refused or dropped the connection attempt.
     ConnectionFailure,
+    /// `connect_timeout` elapsed.
+    ConnectionTimeout,
     ConnectionTermination,
     Overflow,
     RemoteReset,
@@ -19,10 +24,12 @@ pub enum ResetReason {
 }
 
 impl ResetReason {
-    /// Envoy's `Http::Utility::resetReasonToString`.
+    /// Envoy's `Http::Utility::resetReasonToString` (Envoy 1.40 names a refused connection
+    /// `remote connection failure`).
     pub fn as_str(self) -> &'static str {
         match self {
-            ResetReason::ConnectionFailure => "connection failure",
+            ResetReason::ConnectionFailure => "remote connection failure",
+            ResetReason::ConnectionTimeout => "connection timeout",
             ResetReason::ConnectionTermination => "connection termination",
             ResetReason::Overflow => "overflow",
             ResetReason::RemoteReset => "remote reset",
@@ -34,7 +41,9 @@ impl ResetReason {
     /// The response flag Envoy sets for this reason.
     pub fn flag(self) -> u32 {
         match self {
-            ResetReason::ConnectionFailure => ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
+            ResetReason::ConnectionFailure | ResetReason::ConnectionTimeout => {
+                ResponseFlags::UPSTREAM_CONNECTION_FAILURE
+            }
             ResetReason::ConnectionTermination => ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
             ResetReason::Overflow => ResponseFlags::UPSTREAM_OVERFLOW,
             ResetReason::RemoteReset | ResetReason::RemoteRefusedStreamReset => {
@@ -56,7 +65,10 @@ impl ResetReason {
     pub fn details(self) -> &'static str {
         match self {
             ResetReason::ConnectionFailure => {
-                "upstream_reset_before_response_started{connection_failure}"
+                "upstream_reset_before_response_started{remote_connection_failure}"
+            }
+            ResetReason::ConnectionTimeout => {
+                "upstream_reset_before_response_started{connection_timeout}"
             }
             ResetReason::ConnectionTermination => {
                 "upstream_reset_before_response_started{connection_termination}"
@@ -67,6 +79,17 @@ impl ResetReason {
                 "upstream_reset_before_response_started{remote_refused_stream_reset}"
             }
             ResetReason::ProtocolError => "upstream_reset_before_response_started{protocol_error}",
+        }
+    }
+
+    /// `details()` with Envoy's `|<transport failure reason>` suffix when there is one.
+    pub fn details_with(self, transport_failure: Option<&str>) -> Cow<'static, str> {
+        match transport_failure {
+            None => Cow::Borrowed(self.details()),
+            Some(t) => {
+                let d = self.details();
+                Cow::Owned(format!("{}|{t}}}", &d[..d.len() - 1]))
+            }
         }
     }
 
@@ -98,6 +121,18 @@ pub fn build(status: StatusCode, text: impl Into<Bytes>) -> Response<ProxyBody> 
     resp
 }
 
+/// Envoy's `%UPSTREAM_TRANSPORT_FAILURE_REASON%` for a failed connect: `delayed connect
+/// error: <strerror>`, spaces as `_` (as Envoy 1.40 prints it).
+pub fn transport_failure(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    // Rust appends ` (os error N)` to the strerror text Envoy prints.
+    let text = match text.find(" (os error") {
+        Some(i) => &text[..i],
+        None => &text,
+    };
+    format!("delayed connect error: {text}").replace(' ', "_")
+}
+
 /// `no healthy upstream` (503 UH).
 pub const NO_HEALTHY_UPSTREAM: &str = "no healthy upstream";
 /// Route timeout (504 UT).
@@ -111,11 +146,19 @@ mod tests {
     fn envoy_texts() {
         assert_eq!(
             ResetReason::ConnectionFailure.body(false),
-            "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+            "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure"
         );
         assert_eq!(
             ResetReason::Overflow.body(true),
             "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: overflow"
+        );
+        assert_eq!(
+            ResetReason::ConnectionFailure.details_with(Some("delayed_connect_error:_Connection_refused")),
+            "upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}"
+        );
+        assert_eq!(
+            transport_failure(&std::io::Error::from_raw_os_error(111)),
+            "delayed_connect_error:_Connection_refused"
         );
         let r = build(StatusCode::NOT_FOUND, "");
         assert_eq!(r.headers()["content-length"], "0");

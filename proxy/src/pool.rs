@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -32,14 +32,7 @@ pub enum PoolError {
     ConnectTimeout,
 }
 
-fn base() -> Instant {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    *BASE.get_or_init(Instant::now)
-}
-
-fn now_ms() -> u64 {
-    base().elapsed().as_millis() as u64
-}
+use crate::body::{base, now_ms};
 
 /// State one connection shares between its pool entry, its leases and its driver task.
 #[derive(Debug, Default)]
@@ -47,6 +40,8 @@ struct ConnMeta {
     active: AtomicU32,
     idle_since_ms: AtomicU64,
     closed: AtomicBool,
+    /// Our side of the connection (`%UPSTREAM_LOCAL_ADDRESS%`).
+    local: Option<SocketAddr>,
 }
 
 impl ConnMeta {
@@ -221,7 +216,12 @@ impl HostPool {
         st.upstream_cx_total.inc();
         s.host_stats.cx_total.inc();
         let fail = |e: PoolError| {
+            // As Envoy counts it: the failed connection is destroyed (remotely) and the
+            // request that waited on it is ejected from the pending queue.
             st.upstream_cx_connect_fail.inc();
+            st.upstream_cx_destroy.inc();
+            st.upstream_cx_destroy_remote.inc();
+            st.upstream_rq_pending_failure_eject.inc();
             s.host_stats.cx_connect_fail.inc();
             Breakers::release(&s.info.breakers.connections);
             s.freed.notify_one();
@@ -235,12 +235,20 @@ impl HostPool {
                     st.upstream_cx_connect_timeout.inc();
                     return Err(fail(PoolError::ConnectTimeout));
                 }
-                Ok(Err(e)) => return Err(fail(PoolError::ConnectFailure(e.to_string()))),
+                Ok(Err(e)) => {
+                    return Err(fail(PoolError::ConnectFailure(
+                        crate::local_reply::transport_failure(&e),
+                    )))
+                }
                 Ok(Ok(stream)) => stream,
             };
         let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok();
         let io = TokioIo::new(CountingIo::new(stream, Counted::Upstream(s.info.clone())));
-        let meta = Arc::new(ConnMeta::default());
+        let meta = Arc::new(ConnMeta {
+            local,
+            ..ConnMeta::default()
+        });
         meta.begin();
         let kind = if let UpstreamProtocol::Http2 { .. } = s.info.config.protocol {
             let (sender, conn) = match http2::Builder::new(TokioExecutor::new())
@@ -400,6 +408,13 @@ impl std::fmt::Debug for Lease {
 }
 
 impl Lease {
+    /// The local address of the upstream connection.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match &self.kind {
+            LeaseKind::H1(_, meta) | LeaseKind::H2(meta) => meta.local,
+        }
+    }
+
     /// The exchange completed cleanly: an HTTP/1.1 connection may serve the next request.
     pub fn set_reusable(&mut self) {
         self.reusable = true;

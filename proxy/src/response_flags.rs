@@ -1,8 +1,34 @@
 //! Envoy's response flags (`%RESPONSE_FLAGS%`): why a request ended the way it did.
 
 /// A set of response flags, printed as Envoy's short codes joined by `,` (or `-` when empty).
+/// Envoy (1.40) prints flags in the order they were set (e.g. `URX,UT`), so the set also
+/// remembers that order (helper B's addition).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ResponseFlags(pub u32);
+pub struct ResponseFlags(pub u32, FlagOrder);
+
+/// Bit indices in the order they were set: up to 12 of 5 bits each, index + 1 so 0 is empty.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlagOrder(u64);
+
+impl FlagOrder {
+    const SLOTS: u32 = 12;
+
+    fn push(&mut self, bit: u32) {
+        for slot in 0..Self::SLOTS {
+            if (self.0 >> (slot * 5)) & 0x1f == 0 {
+                self.0 |= u64::from(bit + 1) << (slot * 5);
+                return;
+            }
+        }
+    }
+
+    fn bits(self) -> impl Iterator<Item = u32> {
+        (0..Self::SLOTS)
+            .map(move |slot| ((self.0 >> (slot * 5)) & 0x1f) as u32)
+            .take_while(|&b| b != 0)
+            .map(|b| b - 1)
+    }
+}
 
 macro_rules! flags {
     ($($name:ident = $bit:expr, $code:literal;)*) => {
@@ -48,8 +74,15 @@ flags! {
 }
 
 impl ResponseFlags {
+    /// Adds flags; several bits at once are recorded lowest first.
     #[inline]
     pub fn set(&mut self, flag: u32) {
+        let mut new = flag & !self.0;
+        while new != 0 {
+            let bit = new.trailing_zeros();
+            self.1.push(bit);
+            new &= new - 1;
+        }
         self.0 |= flag;
     }
     #[inline]
@@ -67,8 +100,15 @@ impl std::fmt::Display for ResponseFlags {
             return f.write_str("-");
         }
         let mut first = true;
-        for (bit, code) in Self::CODES {
-            if self.0 & bit != 0 {
+        let mut shown = 0u32;
+        let recorded = self.1.bits().map(|b| 1u32 << b);
+        // Recorded order first; then any bits set without a record (direct field writes).
+        for bit in recorded.chain(Self::CODES.iter().map(|(b, _)| *b)) {
+            if self.0 & bit == 0 || shown & bit != 0 {
+                continue;
+            }
+            shown |= bit;
+            if let Some((_, code)) = Self::CODES.iter().find(|(b, _)| *b == bit) {
                 if !first {
                     f.write_str(",")?;
                 }
@@ -91,5 +131,12 @@ mod tests {
         f.set(ResponseFlags::UPSTREAM_CONNECTION_FAILURE);
         f.set(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
         assert_eq!(f.to_string(), "UF,URX");
+        // Envoy 1.40 prints in the order set: `504 URX,UT` after exhausted per-try timeouts.
+        let mut f = ResponseFlags::default();
+        f.set(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
+        f.set(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT);
+        f.set(ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
+        assert_eq!(f.to_string(), "URX,UT");
+        assert!(f.has(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT));
     }
 }

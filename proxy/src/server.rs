@@ -217,15 +217,6 @@ impl Server {
         stats.server.concurrency.set(opts.concurrency as i64);
         let config = Arc::new(config);
         let clusters = ClusterManager::new(&config.clusters, &stats);
-        futures_util::future::join_all(
-            clusters
-                .all()
-                .iter()
-                .filter(|c| c.info.config.discovery == model::DiscoveryType::StrictDns)
-                .map(|c| c.resolve()),
-        )
-        .await;
-
         let admin_tcp = match &config.admin {
             Some(a) => Some(bind("admin".into(), a.address).await?),
             None => None,
@@ -270,19 +261,26 @@ impl Server {
             idle: Notify::new(),
         });
         let mut background = Vec::new();
-        for c in shared.snapshot().clusters.all() {
-            if c.info.config.discovery == model::DiscoveryType::StrictDns {
-                background.push(tokio::spawn(c.clone().run_dns()));
-            }
-        }
-        let accept_loops = bound
-            .into_iter()
-            .map(|(tcp, rt)| tokio::spawn(listener::accept_loop(tcp, rt, shared.clone())))
-            .collect();
+        // Admin answers during initialization (`/ready`: 503 until LIVE), as Envoy's does.
         if let Some(tcp) = admin_tcp {
             let source: Arc<dyn AdminSource> = shared.clone();
             background.push(tokio::spawn(admin::serve(tcp, source)));
         }
+        // Cluster warming: STRICT_DNS clusters resolve once before listeners accept.
+        let snapshot = shared.snapshot();
+        let dns: Vec<_> = snapshot
+            .clusters
+            .all()
+            .iter()
+            .filter(|c| c.info.config.discovery == model::DiscoveryType::StrictDns)
+            .cloned()
+            .collect();
+        futures_util::future::join_all(dns.iter().map(|c| c.resolve())).await;
+        background.extend(dns.into_iter().map(|c| tokio::spawn(c.run_dns())));
+        let accept_loops = bound
+            .into_iter()
+            .map(|(tcp, rt)| tokio::spawn(listener::accept_loop(tcp, rt, shared.clone())))
+            .collect();
         shared.state.store(STATE_LIVE, Ordering::Release);
         shared.stats.server.live.set(1);
         Ok(Server {

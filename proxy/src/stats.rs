@@ -124,6 +124,7 @@ stat_block! {
             upstream_rq_tx_reset, upstream_rq_pending_total, upstream_rq_pending_overflow,
             upstream_rq_pending_failure_eject, upstream_rq_cancelled,
             upstream_rq_retry, upstream_rq_retry_success, upstream_rq_retry_overflow,
+            upstream_rq_retry_limit_exceeded,
             upstream_rq_retry_backoff_exponential,
             lb_healthy_panic, update_attempt, update_success, update_failure, update_empty,
             upstream_flow_control_paused_reading_total, upstream_flow_control_resumed_reading_total,
@@ -238,17 +239,29 @@ impl Store {
 
     /// The block for `http.<prefix>.`, created on first use.
     pub fn http(&self, prefix: &str) -> Arc<HttpStats> {
-        self.lock().http.entry(prefix.to_string()).or_default().clone()
+        self.lock()
+            .http
+            .entry(prefix.to_string())
+            .or_default()
+            .clone()
     }
 
     /// The block for `cluster.<name>.`, created on first use.
     pub fn cluster(&self, name: &str) -> Arc<ClusterStats> {
-        self.lock().cluster.entry(name.to_string()).or_default().clone()
+        self.lock()
+            .cluster
+            .entry(name.to_string())
+            .or_default()
+            .clone()
     }
 
     /// The block for `listener.<address>.`, created on first use.
     pub fn listener(&self, address: &str) -> Arc<ListenerStats> {
-        self.lock().listener.entry(address.to_string()).or_default().clone()
+        self.lock()
+            .listener
+            .entry(address.to_string())
+            .or_default()
+            .clone()
     }
 
     /// Every stat as `(full Envoy name, value)`, sorted by name.

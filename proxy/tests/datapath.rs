@@ -591,7 +591,7 @@ async fn local_replies() {
     assert_eq!(s, 503);
     assert_eq!(
         b,
-        "upstream connect error or disconnect/reset before headers. reset reason: connection failure"
+        "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure"
     );
     assert_eq!(h["content-type"], "text/plain");
     let (s, _, b) = get(addr, "/empty").await;
@@ -778,4 +778,246 @@ async fn drain_lets_in_flight_requests_finish() {
         .await
         .unwrap()
         .unwrap();
+}
+
+#[tokio::test]
+async fn circuit_breakers_overflow_as_503_uo() {
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let arrived2 = arrived.clone();
+    let up = upstream(
+        false,
+        handler(move |_, _| {
+            let mut rx = release_rx.clone();
+            arrived2.notify_one();
+            async move {
+                let _ = rx.wait_for(|v| *v).await.map(|_| ());
+                Response::new(full("done"))
+            }
+        }),
+    )
+    .await;
+    let mut c = cluster("backend", &[up.addr], UpstreamProtocol::Http1);
+    Arc::get_mut(&mut c).unwrap().circuit_breakers = Thresholds {
+        max_connections: 1,
+        max_pending_requests: 1,
+        max_requests: 1024,
+        max_retries: 3,
+    };
+    let cfg = bootstrap(
+        vec![route("/", RouteAction::Forward(forward("backend")))],
+        vec![c],
+        CodecType::Auto,
+    );
+    let (server, addr) = start(cfg).await;
+    // The first request holds the only connection; the second waits as the one pending
+    // request; the third finds the pending queue full.
+    let first = tokio::spawn(get(addr, "/1"));
+    arrived.notified().await;
+    let second = tokio::spawn(get(addr, "/2"));
+    for _ in 0..500 {
+        if stat(&server, "cluster.backend.upstream_rq_pending_active") == 1 {
+            break;
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(
+        stat(&server, "cluster.backend.upstream_rq_pending_active"),
+        1
+    );
+    let (s, _, b) = get(addr, "/3").await;
+    assert_eq!(s, 503);
+    assert_eq!(
+        b,
+        "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+    );
+    assert_eq!(
+        stat(&server, "cluster.backend.upstream_rq_pending_overflow"),
+        1
+    );
+    assert_eq!(stat(&server, "cluster.backend.upstream_cx_overflow"), 1);
+    release_tx.send_replace(true);
+    assert_eq!(first.await.unwrap().0, 200);
+    assert_eq!(second.await.unwrap().0, 200);
+    // Both went over the one connection.
+    assert_eq!(up.accepts.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn stream_idle_timeout_is_504_then_reset() {
+    // Before response headers (request complete): 504 `stream timeout`, as Envoy 1.40.
+    let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let black = tcp.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = tcp.accept().await {
+            held.push(s);
+        }
+    });
+    // After response headers: the body stalls, the stream is reset.
+    let stall = upstream(
+        false,
+        handler(|_, _| async {
+            let frames = futures_util::stream::iter(vec![Ok::<_, Infallible>(Frame::data(
+                Bytes::from("partial"),
+            ))]);
+            let frames = futures_util::StreamExt::chain(frames, futures_util::stream::pending());
+            Response::new(StreamBody::new(frames).boxed())
+        }),
+    )
+    .await;
+    let mut idle = forward("hole");
+    idle.idle_timeout = Some(Duration::from_millis(150));
+    let mut idle_body = forward("stall");
+    idle_body.idle_timeout = Some(Duration::from_millis(150));
+    let cfg = bootstrap(
+        vec![
+            route("/hole", RouteAction::Forward(idle)),
+            route("/stall", RouteAction::Forward(idle_body)),
+        ],
+        vec![
+            cluster("hole", &[black], UpstreamProtocol::Http1),
+            cluster("stall", &[stall.addr], UpstreamProtocol::Http1),
+        ],
+        CodecType::Auto,
+    );
+    let (server, addr) = start(cfg).await;
+    let (s, _, b) = get(addr, "/hole").await;
+    assert_eq!(
+        (s, b.as_ref()),
+        (StatusCode::GATEWAY_TIMEOUT, &b"stream timeout"[..])
+    );
+
+    let mut tx = h1_client(addr).await;
+    let req = Request::get("/stall")
+        .header("host", "a")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.into_body().collect().await.is_err());
+    assert_eq!(stat(&server, "http.ingress.downstream_rq_idle_timeout"), 2);
+}
+
+#[tokio::test]
+async fn request_timeout_is_408_while_the_body_is_incomplete() {
+    let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let black = tcp.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = tcp.accept().await {
+            held.push(s);
+        }
+    });
+    let mut cfg = bootstrap(
+        vec![route("/", RouteAction::Forward(forward("hole")))],
+        vec![cluster("hole", &[black], UpstreamProtocol::Http1)],
+        CodecType::Auto,
+    );
+    let l = Arc::get_mut(&mut cfg.listeners[0]).unwrap();
+    Arc::get_mut(&mut l.hcm).unwrap().request_timeout = Some(Duration::from_millis(200));
+    let (server, addr) = start(cfg).await;
+    // Headers promise a body that never comes.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\nabc")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("the proxy closes the connection")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.ends_with("request timeout"), "{text}");
+    assert_eq!(stat(&server, "http.ingress.downstream_rq_timeout"), 1);
+}
+
+#[tokio::test]
+async fn oversized_request_headers_are_431() {
+    let up = upstream(false, echo_headers()).await;
+    let cfg = bootstrap(
+        vec![route("/", RouteAction::Forward(forward("backend")))],
+        vec![cluster("backend", &[up.addr], UpstreamProtocol::Http1)],
+        CodecType::Auto,
+    );
+    let (_server, addr) = start(cfg).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let big = "x".repeat(70 * 1024);
+    let req = format!("GET / HTTP/1.1\r\nhost: a\r\nx-big: {big}\r\n\r\n");
+    // The proxy may answer before reading everything; a write error is fine then.
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 431"), "{text}");
+    assert_eq!(up.requests.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn access_log_records_the_stream() {
+    let up = upstream(false, echo_headers()).await;
+    let dead = closed_port().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let mut cfg = bootstrap(
+        vec![
+            route("/dead", RouteAction::Forward(forward("dead"))),
+            route("/ok", RouteAction::Forward(forward("backend"))),
+        ],
+        vec![
+            cluster("backend", &[up.addr], UpstreamProtocol::Http1),
+            cluster("dead", &[dead], UpstreamProtocol::Http1),
+        ],
+        CodecType::Auto,
+    );
+    use FormatToken as T;
+    let sp = || T::Literal(" ".into());
+    let l = Arc::get_mut(&mut cfg.listeners[0]).unwrap();
+    Arc::get_mut(&mut l.hcm).unwrap().access_logs = vec![AccessLog {
+        sink: AccessLogSink::File(path.clone()),
+        format: LogFormat::Text(vec![
+            T::ResponseCode,
+            sp(),
+            T::ResponseFlags,
+            sp(),
+            T::BytesReceived,
+            sp(),
+            T::BytesSent,
+            sp(),
+            T::UpstreamCluster,
+            sp(),
+            T::UpstreamHost,
+            sp(),
+            T::ResponseCodeDetails,
+            T::Literal("\n".into()),
+        ]),
+    }];
+    let (server, addr) = start(cfg).await;
+    let mut tx = h1_client(addr).await;
+    let req = Request::post("/ok")
+        .header("host", "a")
+        .body(Full::new(Bytes::from("hello")))
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    resp.into_body().collect().await.unwrap();
+    get(addr, "/nowhere").await;
+    get(addr, "/dead").await;
+    server.shutdown();
+    server.wait().await;
+    let log = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len(), 3, "{log}");
+    assert_eq!(
+        lines[0],
+        format!("200 - 5 2 backend {} via_upstream", up.addr)
+    );
+    assert_eq!(lines[1], "404 NR 0 0 - - route_not_found");
+    assert_eq!(
+        lines[2],
+        format!(
+            "503 UF 0 98 dead {dead} upstream_reset_before_response_started{{remote_connection_failure|delayed_connect_error:_Connection_refused}}"
+        )
+    );
 }

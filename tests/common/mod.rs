@@ -9,7 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1101,9 +1101,4 @@ pub async fn run(limit: Duration, program: &str, args: &[String]) -> (ExitStatus
         ),
         Err(e) => panic!("{program}: {e}"),
     }
-}
-
-/// A path in `dir` (for files a test writes, such as an access log).
-pub fn path_in(dir: &Path, name: &str) -> PathBuf {
-    dir.join(name)
 }

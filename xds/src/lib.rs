@@ -3,10 +3,13 @@
 //! Nothing outside this crate sees a protobuf.
 #![forbid(unsafe_code)]
 
+pub mod ads;
 pub mod bootstrap;
+pub mod control_plane;
 pub(crate) mod decode;
 pub mod error;
 pub mod model;
+pub mod store;
 pub(crate) mod translate;
 
 pub use bootstrap::{load, Overrides, Source};
