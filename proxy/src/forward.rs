@@ -399,7 +399,8 @@ pub async fn handle(
         // The stream lives on as a tunnel; it is logged when the tunnel closes.
         head.headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        spawn_tunnel(down, up, fin, &cx);
+        let idle = timers.and_then(|t| t.idle).map(|t| (t.idle, t.activity));
+        spawn_tunnel(down, up, fin, idle, &cx);
         return Ok(Response::from_parts(
             head,
             RespBody {
@@ -434,6 +435,7 @@ fn spawn_tunnel(
     down: hyper::upgrade::OnUpgrade,
     up: hyper::upgrade::OnUpgrade,
     fin: Box<Finisher>,
+    idle: Option<(Duration, Arc<Activity>)>,
     cx: &Arc<ConnCtx>,
 ) {
     let hs = cx.listener.http_stats.clone();
@@ -445,34 +447,96 @@ fn spawn_tunnel(
     tokio::spawn(async move {
         let _track = track;
         let mut fin = fin;
+        let activity = idle.as_ref().map(|(_, a)| a.clone());
         let tunnel = async {
             let (d, u) = tokio::try_join!(down, up)?;
-            let mut d = hyper_util::rt::TokioIo::new(d);
+            let mut d = Touching {
+                inner: hyper_util::rt::TokioIo::new(d),
+                activity: activity.clone(),
+            };
             let mut u = hyper_util::rt::TokioIo::new(u);
             let (rx, tx) = tokio::io::copy_bidirectional(&mut d, &mut u).await?;
             Ok::<_, BoxError>((rx, tx))
         };
         tokio::pin!(tunnel);
+        // Envoy applies the stream idle timeout to upgraded streams too.
+        let idle_wait = async {
+            match &idle {
+                Some((d, a)) => a.idle_for(*d).await,
+                None => std::future::pending().await,
+            }
+        };
         let result = tokio::select! {
-            r = tunnel.as_mut() => Some(r),
+            r = tunnel.as_mut() => Ok(r),
+            _ = idle_wait => Err(Outcome::IdleTimeout),
             _ = async {
                 crate::server::drained(&mut drain).await;
                 tokio::time::sleep(drain_time).await;
-            } => None,
+            } => Err(Outcome::DownstreamGone),
         };
         let outcome = match result {
-            Some(Ok((_, tx))) => {
+            Ok(Ok((_, tx))) => {
                 fin.bytes_sent += tx;
                 Outcome::Complete
             }
-            Some(Err(_)) => Outcome::UpstreamError,
-            None => Outcome::DownstreamGone,
+            Ok(Err(_)) => Outcome::UpstreamError,
+            Err(o) => o,
         };
         // An upgraded connection is never reused.
         fin.lease.take();
         fin.finish(outcome);
         hs.downstream_cx_upgrades_active.dec();
     });
+}
+
+/// Marks stream activity on every byte moved, for the tunnel's idle timeout.
+struct Touching<T> {
+    inner: T,
+    activity: Option<Arc<Activity>>,
+}
+
+impl<T> Touching<T> {
+    fn touch(&self) {
+        if let Some(a) = &self.activity {
+            a.touch();
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Touching<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if r.is_ready() {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Touching<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if r.is_ready() {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 fn local(

@@ -296,8 +296,13 @@ impl HostPool {
             let st = &s.info.stats;
             loop {
                 let deadline = idle.map(|d| {
-                    let since = meta.idle_since_ms.load(Ordering::Acquire);
-                    base() + Duration::from_millis(since) + d
+                    if meta.active.load(Ordering::Acquire) > 0 {
+                        // Busy: it cannot expire sooner than `d` after it goes idle.
+                        Instant::now() + d
+                    } else {
+                        let since = meta.idle_since_ms.load(Ordering::Acquire);
+                        base() + Duration::from_millis(since) + d
+                    }
                 });
                 tokio::select! {
                     r = &mut conn => {

@@ -699,13 +699,16 @@ async fn websocket_upgrade_tunnels_only_when_enabled() {
         enabled: true,
     };
     for enabled in [true, false] {
+        let mut fwd = forward("backend");
+        // The stream idle timeout also ends an idle tunnel.
+        fwd.idle_timeout = Some(Duration::from_millis(300));
         let cfg = bootstrap_with(
-            vec![route("/", RouteAction::Forward(forward("backend")))],
+            vec![route("/", RouteAction::Forward(fwd))],
             vec![cluster("backend", &[up.addr], UpstreamProtocol::Http1)],
             CodecType::Auto,
             if enabled { vec![ws.clone()] } else { vec![] },
         );
-        let (_server, addr) = start(cfg).await;
+        let (server, addr) = start(cfg).await;
         let mut tx = h1_client(addr).await;
         let req = Request::get("/ws")
             .header("host", "a")
@@ -726,6 +729,11 @@ async fn websocket_upgrade_tunnels_only_when_enabled() {
             io.read_exact(&mut buf).await.unwrap();
             assert_eq!(buf, msg);
         }
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "idle tunnel was not closed");
+        assert!(rest.is_empty());
+        assert_eq!(stat(&server, "http.ingress.downstream_rq_idle_timeout"), 1);
     }
 }
 
@@ -1020,4 +1028,29 @@ async fn access_log_records_the_stream() {
             "503 UF 0 98 dead {dead} upstream_reset_before_response_started{{remote_connection_failure|delayed_connect_error:_Connection_refused}}"
         )
     );
+}
+
+#[tokio::test]
+async fn idle_upstream_connections_are_closed() {
+    let up = upstream(false, echo_headers()).await;
+    let mut c = cluster("backend", &[up.addr], UpstreamProtocol::Http1);
+    Arc::get_mut(&mut c).unwrap().idle_timeout = Some(Duration::from_millis(100));
+    let cfg = bootstrap(
+        vec![route("/", RouteAction::Forward(forward("backend")))],
+        vec![c],
+        CodecType::Auto,
+    );
+    let (server, addr) = start(cfg).await;
+    assert_eq!(get(addr, "/").await.0, 200);
+    // Bounded wait for the reaper (no event to wait on from outside the proxy).
+    for _ in 0..300 {
+        if stat(&server, "cluster.backend.upstream_cx_idle_timeout") == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(stat(&server, "cluster.backend.upstream_cx_idle_timeout"), 1);
+    assert_eq!(stat(&server, "cluster.backend.upstream_cx_active"), 0);
+    assert_eq!(get(addr, "/").await.0, 200);
+    assert_eq!(up.accepts.load(Ordering::SeqCst), 2);
 }
