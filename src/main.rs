@@ -6,12 +6,17 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use strait_proxy::admin::AdminSource;
+use strait_proxy::grpc_clusters::ProxyClusters;
 use strait_proxy::server::{Options, Server};
+use strait_proxy::stats::NamedStats;
 use strait_xds::bootstrap::{self, Overrides, Source};
+use strait_xds::dynamic::{Dynamic, Loaded};
+use strait_xds::filter_env;
 use tracing_subscriber::EnvFilter;
 
 /// Envoy's flag names, so existing command lines keep working.
@@ -56,6 +61,10 @@ struct Cli {
     /// Writes the admin server's bound `ip:port` here once it listens.
     #[arg(long = "admin-address-path")]
     admin_address_path: Option<PathBuf>,
+    /// Strait-only: keeps every accepted xDS resource set here (the last-known-good store) and
+    /// serves from it when no control plane answers at start. Off unless given.
+    #[arg(long = "xds-state-dir")]
+    xds_state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -125,7 +134,33 @@ fn main() -> ExitCode {
         // With only --config-yaml the YAML is the source itself.
         config_yaml: cli.config_path.as_ref().and(cli.config_yaml.clone()),
     };
-    let config = match bootstrap::load(&source, &overrides) {
+    let concurrency = cli
+        .concurrency
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(concurrency)
+        .thread_name("strait-worker")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Filters are built while the config is translated: gRPC channels (ext_authz) need the
+    // runtime, and a serving proxy's filters count into its stats and reach its clusters.
+    let _entered = runtime.enter();
+    let clusters = ProxyClusters::new();
+    if cli.mode == Mode::Serve {
+        filter_env::install(filter_env::FilterEnv::builtin(
+            NamedStats::process(),
+            Arc::new(clusters.clone()),
+        ));
+    }
+    let config = match bootstrap::load_full(&source, &overrides) {
         Ok(c) => c,
         Err(errors) => {
             for e in &errors.0 {
@@ -146,28 +181,18 @@ fn main() -> ExitCode {
         tracing::info!("--base-id is accepted but ignored: hot restart is not implemented");
     }
 
-    let concurrency = cli
-        .concurrency
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .max(1);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(concurrency)
-        .thread_name("strait-worker")
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let opts = Options {
         concurrency,
         drain_time: Duration::from_secs(cli.drain_time_s),
         command_line_options: command_line_options(&cli, concurrency),
     };
-    runtime.block_on(serve(config, opts, cli.admin_address_path))
+    runtime.block_on(serve(
+        config,
+        opts,
+        cli.admin_address_path,
+        clusters,
+        cli.xds_state_dir,
+    ))
 }
 
 /// `/server_info`'s `command_line_options`, in `envoy.admin.v3.CommandLineOptions` JSON.
@@ -188,16 +213,43 @@ fn command_line_options(cli: &Cli, concurrency: usize) -> serde_json::Value {
 }
 
 async fn serve(
-    config: strait_xds::model::Bootstrap,
+    loaded: Loaded,
     opts: Options,
     admin_address_path: Option<PathBuf>,
+    clusters: ProxyClusters,
+    xds_state_dir: Option<PathBuf>,
 ) -> ExitCode {
-    let server = match Server::start(config, opts).await {
+    // xDS (ADS, files, or static resources using RDS/EDS): the server starts INITIALIZING
+    // with the static clusters and gets its listeners from the dynamic configuration.
+    let dynamic = if loaded.needs_dynamic() {
+        match Dynamic::new(loaded, xds_state_dir, NamedStats::process()) {
+            Ok(d) => Ok(d),
+            Err(e) => {
+                tracing::error!("cannot start: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        if xds_state_dir.is_some() {
+            tracing::warn!("--xds-state-dir is ignored: the bootstrap uses no xDS");
+        }
+        Err(loaded.model)
+    };
+    let started = match &dynamic {
+        Ok(d) => Server::start_initializing(d.initial(), opts).await,
+        Err(config) => Server::start(config.clone(), opts).await,
+    };
+    let server = match started {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("cannot start: {e}");
             return ExitCode::FAILURE;
         }
+    };
+    clusters.attach(server.shared());
+    let _xds = match dynamic {
+        Ok(d) => Some(strait_proxy::xds::start(server.shared(), d).await),
+        Err(_) => None,
     };
     if let (Some(path), Some(addr)) = (&admin_address_path, server.admin_address()) {
         if let Err(e) = std::fs::write(path, addr.to_string()) {

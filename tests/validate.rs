@@ -87,13 +87,13 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "unsupported cluster type and lb policy, all listed",
-            edits: &[("type: STATIC", "type: EDS"), ("lb_policy: ROUND_ROBIN", "lb_policy: RING_HASH")],
+            edits: &[("type: STATIC", "type: ORIGINAL_DST"), ("lb_policy: ROUND_ROBIN", "lb_policy: CLUSTER_PROVIDED")],
             errors: vec![format!("{CLUSTER}.type: not supported yet"), format!("{CLUSTER}.lb_policy: not supported yet")],
         },
         Case {
-            name: "outlier detection",
-            edits: &[("    lb_policy: ROUND_ROBIN", "    lb_policy: ROUND_ROBIN\n    outlier_detection: {consecutive_5xx: 3}")],
-            errors: vec![format!("{CLUSTER}.outlier_detection: not supported yet")],
+            name: "outlier detection option not implemented",
+            edits: &[("    lb_policy: ROUND_ROBIN", "    lb_policy: ROUND_ROBIN\n    outlier_detection: {consecutive_5xx: 3, always_eject_one_host: true}")],
+            errors: vec![format!("{CLUSTER}.outlier_detection.always_eject_one_host: not supported yet")],
         },
         Case {
             name: "rds instead of an inline route config",
@@ -101,7 +101,8 @@ fn cases() -> Vec<Case> {
                 "          route_config:\n            name: rc\n            virtual_hosts:\n            - name: vh\n              domains: [\"*\"]\n              routes:\n              - match: {prefix: /}\n                route: {cluster: backend, timeout: 5s}\n",
                 "          rds: {route_config_name: rc, config_source: {ads: {}}}\n",
             )],
-            errors: vec![format!("{HCM}.rds: not supported yet")],
+            // RDS over ADS needs `dynamic_resources.ads_config` (helper H).
+            errors: vec![format!("{HCM}.rds.config_source.ads: requires dynamic_resources.ads_config in the bootstrap")],
         },
         Case {
             name: "http3 codec",
@@ -115,8 +116,8 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "unknown http filter",
-            edits: &[("          http_filters:\n", "          http_filters:\n          - name: envoy.filters.http.cors\n            typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors}\n")],
-            errors: vec![format!("{HCM}.http_filters[0]: unknown filter 'envoy.filters.http.cors'")],
+            edits: &[("          http_filters:\n", "          http_filters:\n          - name: envoy.filters.http.lua\n            typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua}\n")],
+            errors: vec![format!("{HCM}.http_filters[0].typed_config: unknown filter 'envoy.filters.http.lua' (type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua)")],
         },
         Case {
             name: "router not last",
@@ -179,17 +180,17 @@ fn cases() -> Vec<Case> {
             ],
         },
         Case {
-            name: "high priority circuit breaker and retry budget",
-            edits: &[("    lb_policy: ROUND_ROBIN", "    lb_policy: ROUND_ROBIN\n    circuit_breakers: {thresholds: [{priority: HIGH, max_connections: 1}, {retry_budget: {}}]}")],
+            name: "upstream TLS and subsets, all listed",
+            edits: &[("    lb_policy: ROUND_ROBIN", "    lb_policy: ROUND_ROBIN\n    transport_socket: {name: envoy.transport_sockets.tls, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext}}\n    lb_subset_config: {fallback_policy: ANY_ENDPOINT}")],
             errors: vec![
-                format!("{CLUSTER}.circuit_breakers.thresholds[0].priority: not supported yet"),
-                format!("{CLUSTER}.circuit_breakers.thresholds[1].retry_budget: not supported yet"),
+                format!("{CLUSTER}.lb_subset_config: not supported yet"),
+                format!("{CLUSTER}.transport_socket: not supported yet"),
             ],
         },
         Case {
             name: "dynamic resources and runtime",
-            edits: &[("admin:\n", "dynamic_resources: {lds_config: {path_config_source: {path: /tmp/lds.yaml}}}\nlayered_runtime: {layers: [{name: static, static_layer: {}}]}\nadmin:\n")],
-            errors: s(&["dynamic_resources: not supported yet", "layered_runtime: not supported yet"]),
+            edits: &[("admin:\n", "dynamic_resources: {lds_resources_locator: xdstp://x/l}\nlayered_runtime: {layers: [{name: static, static_layer: {}}]}\nadmin:\n")],
+            errors: s(&["dynamic_resources.lds_resources_locator: not supported yet", "layered_runtime: not supported yet"]),
         },
         Case {
             name: "duplicate cluster",

@@ -58,6 +58,9 @@ pub trait AdminSource: Send + Sync + 'static {
 pub struct ClusterView {
     pub config: Arc<model::Cluster>,
     pub hosts: Vec<HostView>,
+    /// With outlier detection: success-rate average and ejection threshold, external then
+    /// local origin (`-1` when not computed), as Envoy's `NAME::outlier::*` lines.
+    pub outlier: Option<[f64; 4]>,
 }
 
 /// A host as `/clusters` prints it.
@@ -71,6 +74,9 @@ pub struct HostView {
     /// Envoy's `health_flags` value: `healthy`, or flags such as `/failed_eds_health`.
     pub health_flags: String,
     pub stats: Arc<HostStats>,
+    /// The outlier detector's last success rates (percent), `-1` when not computed.
+    pub success_rate: f64,
+    pub local_origin_success_rate: f64,
 }
 
 // === Server ===
@@ -143,7 +149,7 @@ fn handle<B>(source: &dyn AdminSource, req: &Request<B>) -> Response<Body> {
             ),
         },
         "/server_info" => json(&server_info(source)),
-        "/config_dump" => json(&config_dump(source)),
+        "/config_dump" => json(&config_dump(source, req.uri().query().unwrap_or(""))),
         "/clusters" if query.format() == Some("json") => json(&clusters_json(source)),
         "/clusters" => text(StatusCode::OK, clusters_text(source)),
         "/listeners" if query.format() == Some("json") => json(&listeners_json(source)),
@@ -376,10 +382,22 @@ fn with_type(v: &Value, type_url: &str) -> Value {
     v
 }
 
-fn config_dump(source: &dyn AdminSource) -> Value {
+/// One dynamic resource as Envoy dumps it (`version_info`, the resource under `key`,
+/// `last_updated`), plus Strait's `strait_source`: `control_plane`, `store` or `file`.
+fn dynamic_entry(e: &model::DynamicEntry, key: &str) -> Value {
+    json!({
+        "version_info": e.version_info,
+        key: e.body.render(),
+        "last_updated": timestamp(e.last_updated),
+        "strait_source": e.source.as_str(),
+    })
+}
+
+fn config_dump(source: &dyn AdminSource, query: &str) -> Value {
     const T: &str = "type.googleapis.com/";
     let config = source.config();
     let dump = &config.dump;
+    let dynamic = &config.dynamic_dump;
     let updated = timestamp(source.start_time());
     let entries = |list: &[(String, Value)], key: &str, type_name: &str| -> Vec<Value> {
         list.iter()
@@ -388,41 +406,73 @@ fn config_dump(source: &dyn AdminSource) -> Value {
             })
             .collect()
     };
-    json!({
-        "configs": [
-            {
-                "@type": format!("{T}envoy.admin.v3.BootstrapConfigDump"),
-                "bootstrap": dump.bootstrap,
-                "last_updated": updated,
-            },
-            {
-                "@type": format!("{T}envoy.admin.v3.ClustersConfigDump"),
-                "version_info": "",
-                "static_clusters": entries(&dump.static_clusters, "cluster", "envoy.config.cluster.v3.Cluster"),
-                "dynamic_active_clusters": [],
-                "dynamic_warming_clusters": [],
-            },
-            {
-                "@type": format!("{T}envoy.admin.v3.ListenersConfigDump"),
-                "static_listeners": entries(&dump.static_listeners, "listener", "envoy.config.listener.v3.Listener"),
-                "dynamic_listeners": [],
-            },
-            {
-                "@type": format!("{T}envoy.admin.v3.RoutesConfigDump"),
-                "static_route_configs": entries(&dump.static_route_configs, "route_config", "envoy.config.route.v3.RouteConfiguration"),
-                "dynamic_route_configs": [],
-            },
-        ]
-    })
+    let clusters = |warming: bool| -> Vec<Value> {
+        dynamic
+            .clusters
+            .iter()
+            .filter(|e| e.warming == warming)
+            .map(|e| dynamic_entry(e, "cluster"))
+            .collect()
+    };
+    let listeners: Vec<Value> = dynamic
+        .listeners
+        .iter()
+        .map(|e| {
+            let state = if e.warming {
+                "warming_state"
+            } else {
+                "active_state"
+            };
+            json!({ "name": e.name, state: dynamic_entry(e, "listener") })
+        })
+        .collect();
+    let routes: Vec<Value> = dynamic
+        .route_configs
+        .iter()
+        .map(|e| dynamic_entry(e, "route_config"))
+        .collect();
+    let mut configs = vec![
+        json!({
+            "@type": format!("{T}envoy.admin.v3.BootstrapConfigDump"),
+            "bootstrap": dump.bootstrap,
+            "last_updated": updated,
+        }),
+        json!({
+            "@type": format!("{T}envoy.admin.v3.ClustersConfigDump"),
+            "version_info": dynamic.cds_version,
+            "static_clusters": entries(&dump.static_clusters, "cluster", "envoy.config.cluster.v3.Cluster"),
+            "dynamic_active_clusters": clusters(false),
+            "dynamic_warming_clusters": clusters(true),
+        }),
+        json!({
+            "@type": format!("{T}envoy.admin.v3.ListenersConfigDump"),
+            "version_info": dynamic.lds_version,
+            "static_listeners": entries(&dump.static_listeners, "listener", "envoy.config.listener.v3.Listener"),
+            "dynamic_listeners": listeners,
+        }),
+        json!({
+            "@type": format!("{T}envoy.admin.v3.RoutesConfigDump"),
+            "static_route_configs": entries(&dump.static_route_configs, "route_config", "envoy.config.route.v3.RouteConfiguration"),
+            "dynamic_route_configs": routes,
+        }),
+    ];
+    // Envoy adds the (large) endpoint dump only when asked.
+    if query
+        .split('&')
+        .any(|p| p == "include_eds" || p.starts_with("include_eds="))
+    {
+        let eds: Vec<Value> = dynamic
+            .endpoint_configs
+            .iter()
+            .map(|e| dynamic_entry(e, "endpoint_config"))
+            .collect();
+        configs.push(json!({
+            "@type": format!("{T}envoy.admin.v3.EndpointsConfigDump"),
+            "dynamic_endpoint_configs": eds,
+        }));
+    }
+    json!({ "configs": configs })
 }
-
-/// Envoy's default HIGH-priority thresholds; Strait configures only the DEFAULT priority.
-const HIGH_PRIORITY: model::Thresholds = model::Thresholds {
-    max_connections: 1024,
-    max_pending_requests: 1024,
-    max_requests: 1024,
-    max_retries: 3,
-};
 
 fn sorted_clusters(source: &dyn AdminSource) -> Vec<ClusterView> {
     let mut clusters = source.clusters();
@@ -445,7 +495,7 @@ fn clusters_text(source: &dyn AdminSource) -> String {
         let _ = writeln!(out, "{n}::observability_name::{n}");
         for (prio, t) in [
             ("default", c.config.circuit_breakers),
-            ("high", HIGH_PRIORITY),
+            ("high", c.config.circuit_breakers_high),
         ] {
             let _ = writeln!(
                 out,
@@ -464,6 +514,19 @@ fn clusters_text(source: &dyn AdminSource) -> String {
             );
             let _ = writeln!(out, "{n}::{prio}_priority::max_retries::{}", t.max_retries);
         }
+        if let Some(o) = c.outlier {
+            for (name, v) in [
+                "success_rate_average",
+                "success_rate_ejection_threshold",
+                "local_origin_success_rate_average",
+                "local_origin_success_rate_ejection_threshold",
+            ]
+            .iter()
+            .zip(o)
+            {
+                let _ = writeln!(out, "{n}::outlier::{name}::{v}");
+            }
+        }
         let _ = writeln!(out, "{n}::added_via_api::false");
         for h in &c.hosts {
             let a = h.address;
@@ -478,8 +541,12 @@ fn clusters_text(source: &dyn AdminSource) -> String {
             let _ = writeln!(out, "{n}::{a}::sub_zone::{}", h.locality.sub_zone);
             let _ = writeln!(out, "{n}::{a}::canary::false");
             let _ = writeln!(out, "{n}::{a}::priority::{}", h.priority);
-            let _ = writeln!(out, "{n}::{a}::success_rate::-1");
-            let _ = writeln!(out, "{n}::{a}::local_origin_success_rate::-1");
+            let _ = writeln!(out, "{n}::{a}::success_rate::{}", h.success_rate);
+            let _ = writeln!(
+                out,
+                "{n}::{a}::local_origin_success_rate::{}",
+                h.local_origin_success_rate
+            );
         }
     }
     out
@@ -527,10 +594,26 @@ fn clusters_json(source: &dyn AdminSource) -> Value {
                     } else {
                         "HEALTHY"
                     };
-                    json!({
+                    let mut health = json!({"eds_health_status": eds});
+                    // Envoy's HostHealthStatus booleans, present only when true.
+                    for (flag, key) in [
+                        ("/failed_active_hc", "failed_active_health_check"),
+                        ("/failed_outlier_check", "failed_outlier_check"),
+                        ("/degraded_active_hc", "failed_active_degraded_check"),
+                        ("/pending_active_hc", "pending_active_hc"),
+                        (
+                            "/excluded_via_immediate_hc_fail",
+                            "excluded_via_immediate_hc_fail",
+                        ),
+                    ] {
+                        if h.health_flags.contains(flag) {
+                            health[key] = json!(true);
+                        }
+                    }
+                    let mut host = json!({
                         "address": socket_address(h.address),
                         "stats": stats,
-                        "health_status": {"eds_health_status": eds},
+                        "health_status": health,
                         "weight": h.weight,
                         "hostname": h.hostname,
                         "locality": {
@@ -539,7 +622,17 @@ fn clusters_json(source: &dyn AdminSource) -> Value {
                             "sub_zone": h.locality.sub_zone,
                         },
                         "priority": h.priority,
-                    })
+                    });
+                    // Envoy's outlier success rates, present once the detector computed them.
+                    for (key, v) in [
+                        ("success_rate", h.success_rate),
+                        ("local_origin_success_rate", h.local_origin_success_rate),
+                    ] {
+                        if v >= 0.0 {
+                            host[key] = json!({"value": v});
+                        }
+                    }
+                    host
                 })
                 .collect();
             json!({
@@ -547,7 +640,7 @@ fn clusters_json(source: &dyn AdminSource) -> Value {
                 "observability_name": c.config.name,
                 "circuit_breakers": {"thresholds": [
                     thresholds_json(c.config.circuit_breakers, None),
-                    thresholds_json(HIGH_PRIORITY, Some("HIGH")),
+                    thresholds_json(c.config.circuit_breakers_high, Some("HIGH")),
                 ]},
                 "host_statuses": hosts,
             })
@@ -722,7 +815,10 @@ mod tests {
                     weight: 1,
                     health_flags: "healthy".into(),
                     stats: self.host.clone(),
+                    success_rate: -1.0,
+                    local_origin_success_rate: -1.0,
                 }],
+                outlier: None,
             }]
         }
         fn start_time(&self) -> SystemTime {
@@ -752,6 +848,7 @@ mod tests {
             discovery: model::DiscoveryType::Static,
             connect_timeout: Duration::from_secs(5),
             lb_policy: model::LbPolicy::RoundRobin,
+            lb: Default::default(),
             load_assignment: Default::default(),
             protocol: model::UpstreamProtocol::Http1,
             circuit_breakers: model::Thresholds {
@@ -761,6 +858,9 @@ mod tests {
             idle_timeout: None,
             dns_refresh_rate: Duration::from_secs(5),
             dns_lookup_family: Default::default(),
+            health_checks: Vec::new(),
+            outlier_detection: None,
+            circuit_breakers_high: Default::default(),
         });
         let config = model::Bootstrap {
             node: model::Node {
@@ -996,6 +1096,7 @@ backend::127.0.0.1:8080::local_origin_success_rate::-1
                 "type.googleapis.com/envoy.admin.v3.ClustersConfigDump",
                 "type.googleapis.com/envoy.admin.v3.ListenersConfigDump",
                 "type.googleapis.com/envoy.admin.v3.RoutesConfigDump",
+                "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump",
             ]
         );
         assert_eq!(configs[0]["bootstrap"]["node"]["id"], "n1");

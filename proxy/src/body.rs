@@ -2,6 +2,7 @@
 //! body sent upstream, which streams with back-pressure and keeps a bounded copy so that a retry
 //! can replay it (Envoy's retry buffer). Never holds more than the buffer limit per request.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -14,6 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
+use strait_filters::{BodyFlow, FilterChain, FilterContext, LocalReply};
 use tokio::sync::Notify;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -110,7 +112,7 @@ impl EndSignal {
 
 #[derive(Debug)]
 struct Shared {
-    src: Incoming,
+    src: Downstream,
     /// Data frames received so far, while they fit in the retry buffer.
     chunks: Vec<Bytes>,
     buffered: usize,
@@ -136,7 +138,12 @@ pub struct RequestSource {
 
 impl RequestSource {
     /// `retry_buffer` is the replay limit in bytes (0 when the request will not be retried).
-    pub fn new(src: Incoming, retry_buffer: usize, activity: Arc<Activity>) -> RequestSource {
+    pub fn new(
+        src: impl Into<Downstream>,
+        retry_buffer: usize,
+        activity: Arc<Activity>,
+    ) -> RequestSource {
+        let src = src.into();
         let end = Arc::new(EndSignal::default());
         let eos = src.is_end_stream();
         if eos {
@@ -220,7 +227,7 @@ pub enum RequestBodyError {
     #[error("superseded by a retry")]
     Superseded,
     #[error("downstream request body failed: {0}")]
-    Downstream(hyper::Error),
+    Downstream(BoxError),
     #[error("downstream request body failed earlier")]
     Failed,
 }
@@ -326,9 +333,482 @@ impl Body for AttemptBody {
     }
 }
 
+// === Request and response bodies through HTTP filters ===
+
+/// The downstream request body as the router reads it: straight from the connection, or through
+/// the request body/trailer hooks of the filter chain (only when some filter has them).
+#[derive(Debug)]
+pub enum Downstream {
+    Plain(Incoming),
+    Filtered(Box<FilteredRequest>),
+}
+
+impl From<Incoming> for Downstream {
+    fn from(b: Incoming) -> Downstream {
+        Downstream::Plain(b)
+    }
+}
+
+impl Body for Downstream {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Downstream::Plain(b) => Pin::new(b).poll_frame(cx).map_err(|e| e.into()),
+            Downstream::Filtered(b) => Pin::new(b.as_mut()).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Downstream::Plain(b) => b.is_end_stream(),
+            Downstream::Filtered(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Downstream::Plain(b) => b.size_hint(),
+            Downstream::Filtered(b) => b.size_hint(),
+        }
+    }
+}
+
+/// The per-request filter context when body or trailer hooks need it from the body's side too
+/// (the upstream connection polls the request body while the response side waits).
+pub type SharedFilterContext = Arc<tokio::sync::Mutex<FilterContext>>;
+
+/// A local reply a body hook produced after the upstream request started; the router waits on
+/// it next to the upstream response.
+#[derive(Debug, Default)]
+pub struct ReplySlot {
+    reply: Mutex<Option<LocalReply>>,
+    notify: Notify,
+}
+
+impl ReplySlot {
+    fn set(&self, reply: LocalReply) {
+        *self.reply.lock().unwrap_or_else(|e| e.into_inner()) = Some(reply);
+        self.notify.notify_waiters();
+    }
+
+    /// Takes the reply, if a hook produced one.
+    pub fn take(&self) -> Option<LocalReply> {
+        self.reply.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Resolves with the reply once a hook produces one.
+    pub async fn wait(&self) -> LocalReply {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(r) = self.take() {
+                return r;
+            }
+            notified.await;
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("request stopped by an HTTP filter")]
+pub struct FilterStopped;
+
+type HookFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+enum ReqStep {
+    Data(Bytes, bool, Result<BodyFlow, LocalReply>),
+    Trailers(HeaderMap, Result<(), LocalReply>),
+}
+
+/// The downstream request body through the chain's request body and trailer hooks. Hooks may
+/// hold chunks (`StopAndBuffer`), replace them, or stop the request with a local reply (put in
+/// the [`ReplySlot`]; the upstream request is then aborted).
+pub struct FilteredRequest {
+    src: Incoming,
+    chain: Arc<FilterChain>,
+    fcx: SharedFilterContext,
+    slot: Arc<ReplySlot>,
+    pending: Option<HookFuture<ReqStep>>,
+    /// Trailers that arrived; their hook runs after the end-of-stream body hook.
+    trailers: Option<HeaderMap>,
+    /// The body hook has been called with `end_of_stream`.
+    eos_called: bool,
+    /// Nothing more to yield.
+    done: bool,
+    /// A frame read ahead by [`FilteredRequest::prime`].
+    primed: Option<Option<Result<Frame<Bytes>, BoxError>>>,
+    exact_len: Option<u64>,
+}
+
+impl std::fmt::Debug for FilteredRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FilteredRequest")
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FilteredRequest {
+    pub fn new(
+        src: Incoming,
+        chain: Arc<FilterChain>,
+        fcx: SharedFilterContext,
+        slot: Arc<ReplySlot>,
+    ) -> FilteredRequest {
+        // Only a chain that cannot change the data keeps the length (and so Content-Length).
+        let exact_len = if chain.has_hook(strait_filters::Hooks::REQUEST_BODY) {
+            None
+        } else {
+            src.size_hint().exact()
+        };
+        FilteredRequest {
+            src,
+            chain,
+            fcx,
+            slot,
+            pending: None,
+            trailers: None,
+            eos_called: false,
+            done: false,
+            primed: None,
+            exact_len,
+        }
+    }
+
+    /// Runs the hooks until the first frame to forward (or the end), before any upstream
+    /// request exists: a filter that holds the body (buffer) or rejects it answers without the
+    /// upstream seeing the request, as in Envoy.
+    pub async fn prime(&mut self) -> Result<(), LocalReply> {
+        let first = std::future::poll_fn(|cx| Pin::new(&mut *self).poll_frame(cx)).await;
+        if let Some(reply) = self.slot.take() {
+            return Err(reply);
+        }
+        self.primed = Some(first);
+        Ok(())
+    }
+
+    fn body_hook(&mut self, chunk: Bytes, eos: bool) {
+        self.eos_called |= eos;
+        let chain = self.chain.clone();
+        let fcx = self.fcx.clone();
+        self.pending = Some(Box::pin(async move {
+            let mut g = fcx.lock_owned().await;
+            let mut chunk = chunk;
+            let r = chain.run_request_body(&mut g, &mut chunk, eos).await;
+            ReqStep::Data(chunk, eos, r)
+        }));
+    }
+
+    fn trailers_hook(&mut self, trailers: HeaderMap) {
+        let chain = self.chain.clone();
+        let fcx = self.fcx.clone();
+        self.pending = Some(Box::pin(async move {
+            let mut g = fcx.lock_owned().await;
+            let mut t = trailers;
+            let r = chain.run_request_trailers(&mut g, &mut t).await;
+            ReqStep::Trailers(t, r)
+        }));
+    }
+
+    fn stop(&mut self, reply: LocalReply) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.done = true;
+        self.slot.set(reply);
+        Poll::Ready(Some(Err(FilterStopped.into())))
+    }
+}
+
+impl Body for FilteredRequest {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(f) = this.primed.take() {
+            return Poll::Ready(f);
+        }
+        loop {
+            if let Some(p) = this.pending.as_mut() {
+                let step = match p.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(s) => s,
+                };
+                this.pending = None;
+                match step {
+                    ReqStep::Data(_, _, Err(reply)) | ReqStep::Trailers(_, Err(reply)) => {
+                        return this.stop(reply);
+                    }
+                    ReqStep::Data(chunk, eos, Ok(flow)) => {
+                        if eos {
+                            match this.trailers.take() {
+                                Some(t) => this.trailers_hook(t),
+                                None => this.done = true,
+                            }
+                        }
+                        if flow == BodyFlow::Forward && !chunk.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                        }
+                        continue;
+                    }
+                    ReqStep::Trailers(t, Ok(())) => {
+                        this.done = true;
+                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                    }
+                }
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.src).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                Poll::Ready(None) => {
+                    if this.eos_called {
+                        this.done = true;
+                    } else {
+                        this.body_hook(Bytes::new(), true);
+                    }
+                }
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let eos = this.src.is_end_stream();
+                        this.body_hook(data, eos);
+                    }
+                    Err(frame) => {
+                        if let Ok(t) = frame.into_trailers() {
+                            this.trailers = Some(t);
+                            this.body_hook(Bytes::new(), true);
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.pending.is_none() && self.primed.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.exact_len {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+enum RespStep {
+    Data(Bytes, bool, Result<BodyFlow, LocalReply>),
+    Trailers(HeaderMap, Result<(), LocalReply>),
+}
+
+/// The response body through the chain's response body and trailer hooks. A local reply from
+/// them comes too late (the headers are sent): the stream is reset, as Envoy does.
+pub struct FilteredResponse {
+    inner: ProxyBody,
+    chain: Arc<FilterChain>,
+    fcx: SharedFilterContext,
+    pending: Option<HookFuture<RespStep>>,
+    trailers: Option<HeaderMap>,
+    eos_called: bool,
+    done: bool,
+}
+
+impl FilteredResponse {
+    pub fn new(inner: ProxyBody, chain: Arc<FilterChain>, fcx: SharedFilterContext) -> Self {
+        FilteredResponse {
+            inner,
+            chain,
+            fcx,
+            pending: None,
+            trailers: None,
+            eos_called: false,
+            done: false,
+        }
+    }
+
+    fn body_hook(&mut self, chunk: Bytes, eos: bool) {
+        self.eos_called |= eos;
+        let chain = self.chain.clone();
+        let fcx = self.fcx.clone();
+        self.pending = Some(Box::pin(async move {
+            let mut g = fcx.lock_owned().await;
+            let mut chunk = chunk;
+            let r = chain.run_response_body(&mut g, &mut chunk, eos).await;
+            RespStep::Data(chunk, eos, r)
+        }));
+    }
+
+    fn trailers_hook(&mut self, trailers: HeaderMap) {
+        let chain = self.chain.clone();
+        let fcx = self.fcx.clone();
+        self.pending = Some(Box::pin(async move {
+            let mut g = fcx.lock_owned().await;
+            let mut t = trailers;
+            let r = chain.run_response_trailers(&mut g, &mut t).await;
+            RespStep::Trailers(t, r)
+        }));
+    }
+}
+
+impl Body for FilteredResponse {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(p) = this.pending.as_mut() {
+                let step = match p.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(s) => s,
+                };
+                this.pending = None;
+                match step {
+                    RespStep::Data(_, _, Err(_)) | RespStep::Trailers(_, Err(_)) => {
+                        this.done = true;
+                        return Poll::Ready(Some(Err(FilterStopped.into())));
+                    }
+                    RespStep::Data(chunk, eos, Ok(flow)) => {
+                        if eos {
+                            match this.trailers.take() {
+                                Some(t) => this.trailers_hook(t),
+                                None => this.done = true,
+                            }
+                        }
+                        if flow == BodyFlow::Forward && !chunk.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+                        }
+                        continue;
+                    }
+                    RespStep::Trailers(t, Ok(())) => {
+                        this.done = true;
+                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                    }
+                }
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => {
+                    if this.eos_called {
+                        this.done = true;
+                    } else {
+                        this.body_hook(Bytes::new(), true);
+                    }
+                }
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let eos = this.inner.is_end_stream();
+                        this.body_hook(data, eos);
+                    }
+                    Err(frame) => {
+                        if let Ok(t) = frame.into_trailers() {
+                            this.trailers = Some(t);
+                            this.body_hook(Bytes::new(), true);
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.pending.is_none()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    mod filtered_response {
+        use super::*;
+        use strait_filters::{Action, ChainEntry, HttpFilter};
+
+        /// Upper-cases data, holds the chunk after "hold", counts chunks into a trailer.
+        struct Shout;
+
+        #[derive(Default)]
+        struct Seen(usize);
+
+        impl HttpFilter for Shout {
+            fn hooks(&self) -> strait_filters::Hooks {
+                strait_filters::Hooks::RESPONSE_BODY | strait_filters::Hooks::RESPONSE_TRAILERS
+            }
+
+            fn on_response_body(
+                &self,
+                ctx: &mut FilterContext,
+                chunk: &mut Bytes,
+                _eos: bool,
+            ) -> Action {
+                ctx.local::<Seen>().0 += 1;
+                if chunk.as_ref() == b"hold" {
+                    return Action::StopAndBuffer;
+                }
+                *chunk = Bytes::from(chunk.to_ascii_uppercase());
+                Action::Continue
+            }
+
+            fn on_response_trailers(&self, ctx: &mut FilterContext, t: &mut HeaderMap) -> Action {
+                let n = ctx.local::<Seen>().0;
+                t.insert("x-chunks", http::HeaderValue::from(n));
+                Action::Continue
+            }
+        }
+
+        fn body_of(frames: Vec<Frame<Bytes>>) -> ProxyBody {
+            let stream = futures_util::stream::iter(frames.into_iter().map(Ok::<_, BoxError>));
+            http_body_util::StreamBody::new(stream).boxed_unsync()
+        }
+
+        #[tokio::test]
+        async fn hooks_see_every_chunk_and_the_trailers() {
+            let chain = Arc::new(FilterChain::new(vec![ChainEntry {
+                name: "shout".into(),
+                filter: Arc::new(Shout),
+                disabled_by_default: false,
+            }]));
+            let addr: std::net::SocketAddr = ([127, 0, 0, 1], 1).into();
+            let fcx = Arc::new(tokio::sync::Mutex::new(FilterContext::new(addr, addr)));
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            let inner = body_of(vec![
+                Frame::data(Bytes::from_static(b"ab")),
+                Frame::data(Bytes::from_static(b"hold")),
+                Frame::data(Bytes::from_static(b"cd")),
+                Frame::trailers(trailers),
+            ]);
+            let body = FilteredResponse::new(inner, chain, fcx.clone());
+            let collected = body.collect().await.unwrap_or_else(|e| panic!("{e}"));
+            let t = collected.trailers().cloned().unwrap_or_default();
+            assert_eq!(collected.to_bytes(), Bytes::from_static(b"ABCD"));
+            // Three data frames and the end-of-stream call before the trailers.
+            assert_eq!(t.get("x-chunks").map(|v| v.as_bytes()), Some(&b"4"[..]));
+            assert_eq!(t.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+        }
+    }
 
     #[tokio::test]
     async fn end_signal_wakes_waiter() {

@@ -5,22 +5,17 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Weak};
 
 use arc_swap::ArcSwap;
-use strait_xds::model::{
-    self, DiscoveryType, DnsLookupFamily, EndpointAddress, HealthStatus, LbPolicy,
-};
+use strait_xds::model::{self, DiscoveryType, DnsLookupFamily, EndpointAddress, HealthStatus};
 
 use crate::admin::{ClusterView, HostView};
+use crate::health::{self, HostHealth};
+use crate::lb::{BuildInput, LbContext, LbHealth};
 use crate::pool::HostPool;
 use crate::stats::{ClusterStats, HostStats, Store};
-
-/// Envoy's default `healthy_panic_threshold` (50%).
-const PANIC_THRESHOLD_PERCENT: usize = 50;
-/// Longest smooth weighted round-robin schedule; larger weight sums are scaled down to it.
-const MAX_SCHEDULE: u64 = 4096;
 
 // === Host ===
 
@@ -33,24 +28,70 @@ pub struct Host {
     pub locality: model::Locality,
     pub priority: u32,
     pub weight: u32,
+    /// The locality's `load_balancing_weight`; 0 when unset (such a locality gets no traffic
+    /// under locality-weighted LB).
+    pub locality_weight: u32,
     pub health: HealthStatus,
     pub stats: Arc<HostStats>,
     pub(crate) pool: HostPool,
+    /// Active-check and outlier state, shared by every `Host` built for this address.
+    pub(crate) hh: Arc<HostHealth>,
 }
 
 impl Host {
-    /// Envoy's `/clusters` `health_flags` for an EDS health status.
-    pub fn health_flags(&self) -> &'static str {
-        match self.health {
-            HealthStatus::Healthy | HealthStatus::Unknown => "healthy",
+    /// Envoy's `/clusters` `health_flags`: `healthy`, or every flag that is set
+    /// (`/failed_active_hc/failed_outlier_check/failed_eds_health/...`).
+    pub fn health_flags(&self) -> String {
+        let mut out = String::new();
+        self.hh.flag_names(&mut out);
+        out.push_str(match self.health {
+            HealthStatus::Healthy | HealthStatus::Unknown => "",
             HealthStatus::Unhealthy | HealthStatus::Timeout => "/failed_eds_health",
             HealthStatus::Degraded => "/degraded_eds_health",
             HealthStatus::Draining => "/eds_status_draining",
+        });
+        if out.is_empty() {
+            out.push_str("healthy");
         }
+        out
+    }
+
+    /// How load balancing counts the host: EDS DRAINING hosts are excluded (Envoy's
+    /// `exclude_host_in_eds_status_draining`), then healthy, degraded or unhealthy.
+    pub fn lb_health(&self) -> LbHealth {
+        if self.health == HealthStatus::Draining {
+            LbHealth::Excluded
+        } else if self.healthy() {
+            LbHealth::Healthy
+        } else if self.degraded() {
+            LbHealth::Degraded
+        } else {
+            LbHealth::Unhealthy
+        }
+    }
+
+    /// Active-check and outlier-ejection state of this host.
+    pub fn health_state(&self) -> &HostHealth {
+        &self.hh
+    }
+
+    /// Envoy's HEALTHY: EDS healthy / unknown, passing active checks, not ejected, not degraded.
+    pub fn healthy(&self) -> bool {
+        self.usable() && !self.hh.has(health::DEGRADED_ACTIVE_HC)
+    }
+
+    /// Envoy's DEGRADED: EDS degraded or `x-envoy-degraded`, and not otherwise unhealthy.
+    pub fn degraded(&self) -> bool {
+        self.hh.passes()
+            && (self.health == HealthStatus::Degraded
+                || (self.hh.has(health::DEGRADED_ACTIVE_HC)
+                    && matches!(self.health, HealthStatus::Healthy | HealthStatus::Unknown)))
     }
 
     fn usable(&self) -> bool {
         matches!(self.health, HealthStatus::Healthy | HealthStatus::Unknown)
+            && self.hh.passes()
+            && !self.hh.has(health::DEGRADED_ACTIVE_HC)
     }
 
     /// The Host header `auto_host_rewrite` sends: the hostname when known, else the address.
@@ -99,121 +140,14 @@ pub struct ClusterInfo {
     pub config: Arc<model::Cluster>,
     pub stats: Arc<ClusterStats>,
     pub breakers: Breakers,
+    /// Request / retry counters of the HIGH routing priority (`circuit_breakers_high`).
+    pub breakers_high: Breakers,
 }
 
 // === LbState ===
 
-/// Hosts and the precomputed picking tables. Rebuilt off the request path on every host or
-/// health change (the seam for priority-load and locality math).
-#[derive(Debug, Default)]
-pub struct LbState {
-    /// Every host, for admin.
-    pub hosts: Vec<Arc<Host>>,
-    /// Hosts that picks choose from.
-    pick: Vec<Arc<Host>>,
-    /// Smooth weighted round-robin order over `pick`; empty when all weights are equal.
-    schedule: Vec<u32>,
-    /// Prefix sums of `pick` weights, for weighted random draws.
-    cumulative: Vec<u64>,
-    weighted: bool,
-    /// Too few healthy hosts: picking ignores health, as Envoy's panic mode does.
-    panic: bool,
-}
-
-impl LbState {
-    pub fn build(hosts: Vec<Arc<Host>>) -> LbState {
-        let mut priorities: Vec<u32> = hosts.iter().map(|h| h.priority).collect();
-        priorities.sort_unstable();
-        priorities.dedup();
-        let in_prio = |p: u32| hosts.iter().filter(move |h| h.priority == p);
-        let chosen = priorities
-            .iter()
-            .copied()
-            .find(|&p| in_prio(p).any(|h| h.usable()))
-            .or_else(|| {
-                priorities
-                    .iter()
-                    .copied()
-                    .find(|&p| in_prio(p).any(|h| h.health == HealthStatus::Degraded))
-            })
-            .or_else(|| priorities.first().copied());
-        let mut pick = Vec::new();
-        let mut panic = false;
-        if let Some(p) = chosen {
-            let total = in_prio(p).count();
-            let healthy = in_prio(p).filter(|h| h.usable()).count();
-            let degraded = in_prio(p)
-                .filter(|h| h.health == HealthStatus::Degraded)
-                .count();
-            if (healthy + degraded) * 100 < PANIC_THRESHOLD_PERCENT * total {
-                panic = true;
-                pick = in_prio(p).cloned().collect();
-            } else if healthy > 0 {
-                pick = in_prio(p).filter(|h| h.usable()).cloned().collect();
-            } else {
-                pick = in_prio(p)
-                    .filter(|h| h.health == HealthStatus::Degraded)
-                    .cloned()
-                    .collect();
-            }
-        }
-        let weighted = pick.windows(2).any(|w| w[0].weight != w[1].weight);
-        let mut cumulative = Vec::with_capacity(pick.len());
-        let mut sum = 0u64;
-        for h in &pick {
-            sum += u64::from(h.weight.max(1));
-            cumulative.push(sum);
-        }
-        let schedule = if weighted {
-            smooth_wrr(&pick.iter().map(|h| h.weight).collect::<Vec<_>>())
-        } else {
-            Vec::new()
-        };
-        LbState {
-            hosts,
-            pick,
-            schedule,
-            cumulative,
-            weighted,
-            panic,
-        }
-    }
-
-    fn weighted_random(&self) -> Option<&Arc<Host>> {
-        let total = *self.cumulative.last()?;
-        let r = fastrand::u64(0..total);
-        let i = self.cumulative.partition_point(|&c| c <= r);
-        self.pick.get(i)
-    }
-}
-
-/// Smooth weighted round robin (nginx's): spreads each host's turns evenly over one cycle.
-fn smooth_wrr(weights: &[u32]) -> Vec<u32> {
-    let total: u64 = weights.iter().map(|&w| u64::from(w.max(1))).sum();
-    let scaled: Vec<i64> = if total > MAX_SCHEDULE {
-        weights
-            .iter()
-            .map(|&w| ((u64::from(w.max(1)) * MAX_SCHEDULE / total).max(1)) as i64)
-            .collect()
-    } else {
-        weights.iter().map(|&w| i64::from(w.max(1))).collect()
-    };
-    let sum: i64 = scaled.iter().sum();
-    let mut current = vec![0i64; scaled.len()];
-    let mut out = Vec::with_capacity(sum as usize);
-    for _ in 0..sum {
-        let mut best = 0;
-        for i in 0..scaled.len() {
-            current[i] += scaled[i];
-            if current[i] > current[best] {
-                best = i;
-            }
-        }
-        current[best] -= sum;
-        out.push(best as u32);
-    }
-    out
-}
+/// Hosts and picking tables; see [`crate::lb`].
+pub use crate::lb::LbState;
 
 // === ClusterState ===
 
@@ -222,8 +156,33 @@ fn smooth_wrr(weights: &[u32]) -> Vec<u32> {
 pub struct ClusterState {
     pub info: Arc<ClusterInfo>,
     lb: ArcSwap<LbState>,
-    rr: AtomicUsize,
+    /// The bootstrap's local cluster, for zone-aware routing (set by [`ClusterManager`]).
+    local: std::sync::Mutex<Weak<ClusterState>>,
+    /// Clusters whose zone-aware routing reads this one as their local cluster.
+    dependents: std::sync::Mutex<Vec<Weak<ClusterState>>>,
+    /// The load assignment's `policy` (overprovisioning factor), replaced by EDS updates.
+    assignment: std::sync::Mutex<model::AssignmentPolicy>,
     host_stats: Arc<std::sync::Mutex<HashMap<SocketAddr, Arc<HostStats>>>>,
+    /// Health and ejection state by address, kept while the address stays in the cluster.
+    host_health: std::sync::Mutex<HashMap<SocketAddr, Arc<HostHealth>>>,
+    /// Active health checking, once started (see [`ClusterState::start_health`]).
+    checker: std::sync::OnceLock<(std::sync::Weak<ClusterState>, health::Checker)>,
+    /// Outlier detection's interval task.
+    outlier_task: std::sync::OnceLock<tokio::task::JoinHandle<()>>,
+    /// The detector's last success-rate average / threshold (external, local origin), for
+    /// `/clusters`.
+    outlier_rates: std::sync::Mutex<[Option<f64>; 4]>,
+    /// Serialises LB rebuilds: a health change rebuilding from the current hosts must not
+    /// overwrite a concurrent host update with the old host list.
+    writer: std::sync::Mutex<()>,
+}
+
+impl Drop for ClusterState {
+    fn drop(&mut self) {
+        if let Some(t) = self.outlier_task.get() {
+            t.abort();
+        }
+    }
 }
 
 impl ClusterState {
@@ -233,12 +192,21 @@ impl ClusterState {
             stats: store.cluster(&config.name),
             config,
             breakers: Breakers::default(),
+            breakers_high: Breakers::default(),
         });
+        let assignment = info.config.load_assignment.policy;
         let cs = Arc::new(ClusterState {
             info,
             lb: ArcSwap::from_pointee(LbState::default()),
-            rr: AtomicUsize::new(fastrand::usize(..)),
+            local: std::sync::Mutex::new(Weak::new()),
+            dependents: Default::default(),
+            assignment: std::sync::Mutex::new(assignment),
             host_stats: Default::default(),
+            host_health: Default::default(),
+            checker: std::sync::OnceLock::new(),
+            outlier_task: std::sync::OnceLock::new(),
+            outlier_rates: Default::default(),
+            writer: Default::default(),
         });
         if cs.info.config.discovery == DiscoveryType::Static {
             let mut hosts = Vec::new();
@@ -278,33 +246,173 @@ impl ClusterState {
             .entry(address)
             .or_default()
             .clone();
+        let hh = self
+            .host_health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(address)
+            .or_insert_with(|| {
+                Arc::new(HostHealth::new(!self.info.config.health_checks.is_empty()))
+            })
+            .clone();
         Arc::new(Host {
             address,
             hostname,
             locality: group.locality.clone(),
             priority: group.priority,
             weight: ep.load_balancing_weight.max(1),
+            locality_weight: group.load_balancing_weight.unwrap_or(0),
             health: ep.health_status,
             stats: stats.clone(),
             pool: HostPool::new(self.info.clone(), address, stats.clone()),
+            hh,
         })
     }
 
     fn set_hosts(&self, hosts: Vec<Arc<Host>>) {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        // A host that leaves forgets its health; one that comes back starts afresh, as in Envoy.
+        let ejections = &self.info.stats.outlier_detection.ejections_active;
+        self.host_health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|a, hh| {
+                let keep = hosts.iter().any(|h| h.address == *a);
+                if !keep && hh.has(health::FAILED_OUTLIER_CHECK) {
+                    ejections.dec();
+                }
+                keep
+            });
+        if let Some((me, checker)) = self.checker.get() {
+            if let Some(me) = me.upgrade() {
+                checker.sync(&me, &hosts);
+            }
+        }
+        self.rebuild(hosts);
+    }
+
+    /// Records the outlier detector's success-rate averages and thresholds (admin only).
+    pub(crate) fn set_outlier_rates(&self, rates: [Option<f64>; 4]) {
+        *self.outlier_rates.lock().unwrap_or_else(|e| e.into_inner()) = rates;
+    }
+
+    /// Rebuilds the picking tables after a host's health or ejection changed (off the request
+    /// path except for an outlier ejection, which is rare).
+    pub fn health_changed(&self) {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let hosts = self.lb.load().hosts.clone();
+        self.rebuild(hosts);
+    }
+
+    /// Starts active health checking and outlier detection, and waits for the first round of
+    /// checks (Envoy's cluster warming), at most the longest check timeout. Idempotent.
+    pub async fn start_health(self: &Arc<Self>) {
+        if self.outlier_task.get().is_none() {
+            if let Some(t) = crate::outlier::spawn(self) {
+                let _ = self.outlier_task.set(t);
+            }
+        }
+        let cfg = &self.info.config.health_checks;
+        if cfg.is_empty() || self.checker.get().is_some() {
+            return;
+        }
+        self.info
+            .stats
+            .health_check
+            .enabled
+            .store(true, Ordering::Relaxed);
+        let _ = self
+            .checker
+            .set((Arc::downgrade(self), health::Checker::new()));
+        let Some((_, checker)) = self.checker.get() else {
+            return;
+        };
+        let firsts = checker.sync(self, &self.hosts());
+        let bound = cfg
+            .iter()
+            .map(|c| c.timeout + c.initial_jitter)
+            .max()
+            .unwrap_or_default()
+            + std::time::Duration::from_millis(100);
+        let _ = tokio::time::timeout(bound, futures_util::future::join_all(firsts)).await;
+    }
+
+    fn rebuild(&self, hosts: Vec<Arc<Host>>) {
         let s = &self.info.stats;
         s.membership_total.set(hosts.len() as i64);
         s.membership_healthy
             .set(hosts.iter().filter(|h| h.usable()).count() as i64);
-        s.membership_degraded.set(
+        s.membership_degraded
+            .set(hosts.iter().filter(|h| h.degraded()).count() as i64);
+        if !self.info.config.health_checks.is_empty() {
+            let hc = &s.health_check;
+            hc.healthy.set(
+                hosts
+                    .iter()
+                    .filter(|h| !h.hh.has(health::FAILED_ACTIVE_HC))
+                    .count() as i64,
+            );
+            hc.degraded.set(
+                hosts
+                    .iter()
+                    .filter(|h| h.hh.has(health::DEGRADED_ACTIVE_HC))
+                    .count() as i64,
+            );
+        }
+        s.membership_excluded.set(
             hosts
                 .iter()
-                .filter(|h| h.health == HealthStatus::Degraded)
+                .filter(|h| h.lb_health() == LbHealth::Excluded)
                 .count() as i64,
         );
-        s.membership_excluded.set(0);
         s.max_host_weight
             .set(hosts.iter().map(|h| i64::from(h.weight)).max().unwrap_or(0));
-        self.lb.store(Arc::new(LbState::build(hosts)));
+        let local = self
+            .local
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .upgrade();
+        let local_hosts = local.as_ref().map(|l| l.hosts());
+        let assignment = *self.assignment.lock().unwrap_or_else(|e| e.into_inner());
+        let cfg = &self.info.config;
+        let input = BuildInput {
+            policy: cfg.lb_policy,
+            lb: &cfg.lb,
+            assignment,
+            local_hosts: local_hosts.as_deref(),
+            stats: s,
+        };
+        self.lb.store(Arc::new(LbState::build(hosts, &input)));
+        // Zone-aware clusters that use this one as their local cluster follow its changes.
+        let deps: Vec<Arc<ClusterState>> = self
+            .dependents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for d in deps {
+            if !std::ptr::eq(Arc::as_ptr(&d), self) {
+                d.health_changed();
+            }
+        }
+    }
+
+    /// Makes `local` this cluster's local cluster (zone-aware routing) and rebuilds.
+    fn set_local(self: &Arc<Self>, local: &Arc<ClusterState>) {
+        *self.local.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(local);
+        if !Arc::ptr_eq(self, local) {
+            let mut deps = local.dependents.lock().unwrap_or_else(|e| e.into_inner());
+            let me = Arc::downgrade(self);
+            deps.retain(|w| w.strong_count() > 0 && !w.ptr_eq(&me));
+            deps.push(me);
+        }
+        self.health_changed();
+    }
+
+    /// The current picking tables (priority plan, hosts).
+    pub fn lb_state(&self) -> arc_swap::Guard<Arc<LbState>> {
+        self.lb.load()
     }
 
     pub fn hosts(&self) -> Vec<Arc<Host>> {
@@ -313,43 +421,36 @@ impl ClusterState {
 
     /// Chooses a host per the cluster's LB policy, or `None` when there is none to choose.
     pub fn pick(&self) -> Option<Arc<Host>> {
+        self.lb.load().pick(&LbContext::default(), &self.info.stats)
+    }
+
+    /// A pick with a route hash, a priority-load override or a host predicate.
+    pub fn pick_with(&self, ctx: &LbContext<'_>) -> Option<Arc<Host>> {
+        self.lb.load().pick(ctx, &self.info.stats)
+    }
+
+    /// A pick that ignores the priorities in `excluded` (a bit per priority), for a retry under
+    /// `previous_priorities`: Envoy's adjusted priority load; when nothing is left, the normal
+    /// load (Envoy resets the attempted priorities then).
+    pub fn pick_excluding(&self, excluded: u64) -> Option<Arc<Host>> {
+        self.pick_hashed(None, excluded)
+    }
+
+    /// [`Self::pick_excluding`] with the route's hash (RING_HASH / MAGLEV).
+    pub fn pick_hashed(&self, hash: Option<u64>, excluded: u64) -> Option<Arc<Host>> {
         let lb = self.lb.load();
-        let n = lb.pick.len();
-        if n == 0 {
-            return None;
-        }
-        if lb.panic {
-            self.info.stats.lb_healthy_panic.inc();
-        }
-        let host = match self.info.config.lb_policy {
-            LbPolicy::RoundRobin => {
-                let i = self.rr.fetch_add(1, Ordering::Relaxed);
-                if lb.schedule.is_empty() {
-                    &lb.pick[i % n]
-                } else {
-                    &lb.pick[lb.schedule[i % lb.schedule.len()] as usize]
-                }
-            }
-            LbPolicy::Random => &lb.pick[fastrand::usize(..n)],
-            LbPolicy::LeastRequest { choice_count } => {
-                // P2C (or N choices) over active requests; with unequal weights the candidates
-                // are drawn by weight, which approximates Envoy's weight / (active + 1).
-                let mut best: Option<&Arc<Host>> = None;
-                for _ in 0..choice_count.max(1) {
-                    let cand = if lb.weighted {
-                        lb.weighted_random().unwrap_or(&lb.pick[0])
-                    } else {
-                        &lb.pick[fastrand::usize(..n)]
-                    };
-                    best = match best {
-                        Some(b) if b.stats.rq_active.get() <= cand.stats.rq_active.get() => Some(b),
-                        _ => Some(cand),
-                    };
-                }
-                best.unwrap_or(&lb.pick[0])
-            }
+        let load = if excluded == 0 {
+            None
+        } else {
+            let plan = lb.plan();
+            crate::lb::priority::loads_excluding(&plan.health, &plan.degraded, excluded)
         };
-        Some(host.clone())
+        let ctx = LbContext {
+            hash,
+            priority_load: load.as_ref(),
+            ..Default::default()
+        };
+        lb.pick(&ctx, &self.info.stats)
     }
 
     /// Resolves every STRICT_DNS endpoint once and installs the result when it changed.
@@ -390,6 +491,7 @@ impl ClusterState {
                             && h.priority == group.priority
                             && h.locality == group.locality
                             && h.weight == ep.load_balancing_weight.max(1)
+                            && h.locality_weight == group.load_balancing_weight.unwrap_or(0)
                             && h.health == ep.health_status
                             && h.hostname == hostname
                     });
@@ -436,10 +538,16 @@ impl ClusterState {
                     locality: h.locality.clone(),
                     priority: h.priority,
                     weight: h.weight,
-                    health_flags: h.health_flags().to_string(),
+                    health_flags: h.health_flags(),
                     stats: h.stats.clone(),
+                    success_rate: h.hh.outlier.success_rate(),
+                    local_origin_success_rate: h.hh.outlier.local_origin_success_rate(),
                 })
                 .collect(),
+            outlier: self.info.config.outlier_detection.as_ref().map(|_| {
+                let r = *self.outlier_rates.lock().unwrap_or_else(|e| e.into_inner());
+                r.map(|v| v.unwrap_or(-1.0))
+            }),
         }
     }
 }
@@ -469,6 +577,48 @@ fn filter_family(addrs: Vec<SocketAddr>, family: DnsLookupFamily) -> Vec<SocketA
     }
 }
 
+// === EDS updates (helper H) ===
+
+impl ClusterState {
+    /// Applies an EDS update: hosts whose address and attributes stay keep their `Host` (pool,
+    /// stats, health and outlier state); the rest are built anew. Off the request path.
+    pub fn update_endpoints(&self, la: &model::LoadAssignment) {
+        *self.assignment.lock().unwrap_or_else(|e| e.into_inner()) = la.policy;
+        let current = self.hosts();
+        let by_addr: HashMap<SocketAddr, &Arc<Host>> =
+            current.iter().map(|h| (h.address, h)).collect();
+        let mut hosts = Vec::new();
+        for group in &la.endpoints {
+            for ep in &group.lb_endpoints {
+                let EndpointAddress::Ip(addr) = ep.address else {
+                    continue;
+                };
+                let hostname = ep.hostname.clone().unwrap_or_default();
+                let same = by_addr.get(&addr).filter(|h| {
+                    h.hostname == hostname
+                        && h.locality == group.locality
+                        && h.priority == group.priority
+                        && h.weight == ep.load_balancing_weight.max(1)
+                        && h.locality_weight == group.load_balancing_weight.unwrap_or(0)
+                        && h.health == ep.health_status
+                });
+                match same {
+                    Some(h) => hosts.push((*h).clone()),
+                    None => hosts.push(self.make_host(addr, hostname, group, ep)),
+                }
+            }
+        }
+        // Stats of hosts EDS removed go with them (as in Envoy), so endpoint churn does not
+        // grow memory.
+        let kept: std::collections::HashSet<SocketAddr> = hosts.iter().map(|h| h.address).collect();
+        self.host_stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|a, _| kept.contains(a));
+        self.set_hosts(hosts);
+    }
+}
+
 // === ClusterManager ===
 
 /// Every cluster of one config snapshot, by name.
@@ -485,7 +635,21 @@ impl ClusterManager {
             cm.by_name.insert(c.name.clone(), cm.clusters.len());
             cm.clusters.push(ClusterState::new(c.clone(), store));
         }
+        cm.wire_local();
         cm
+    }
+
+    /// Points every cluster that names a local cluster (`cluster_manager.local_cluster_name`) at
+    /// it, for zone-aware routing.
+    fn wire_local(&self) {
+        for c in &self.clusters {
+            let Some(name) = &c.info.config.lb.local_cluster_name else {
+                continue;
+            };
+            if let Some(local) = self.get(name) {
+                c.set_local(local);
+            }
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<ClusterState>> {
@@ -495,12 +659,24 @@ impl ClusterManager {
     pub fn all(&self) -> &[Arc<ClusterState>] {
         &self.clusters
     }
+
+    /// A manager over clusters already built (xDS updates keep the ones that stay).
+    pub fn from_states(states: Vec<Arc<ClusterState>>) -> ClusterManager {
+        let mut cm = ClusterManager::default();
+        for c in states {
+            cm.by_name.insert(c.name().to_string(), cm.clusters.len());
+            cm.clusters.push(c);
+        }
+        cm.wire_local();
+        cm
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+    use strait_xds::model::LbPolicy;
 
     fn cluster(policy: LbPolicy, eps: &[(u16, u32, HealthStatus, u32)]) -> Arc<ClusterState> {
         ClusterState::new(Arc::new(config(policy, eps)), &Store::default())
@@ -528,12 +704,19 @@ mod tests {
             discovery: DiscoveryType::Static,
             connect_timeout: Duration::from_secs(1),
             lb_policy: policy,
-            load_assignment: model::LoadAssignment { endpoints: groups },
+            load_assignment: model::LoadAssignment {
+                endpoints: groups,
+                policy: Default::default(),
+            },
             protocol: model::UpstreamProtocol::Http1,
             circuit_breakers: Default::default(),
             idle_timeout: None,
             dns_refresh_rate: Duration::from_secs(5),
             dns_lookup_family: DnsLookupFamily::Auto,
+            health_checks: Vec::new(),
+            outlier_detection: None,
+            circuit_breakers_high: Default::default(),
+            lb: Default::default(),
         }
     }
 
@@ -573,7 +756,10 @@ mod tests {
             LbPolicy::RoundRobin,
             &[(1, 1, Unhealthy, 0), (2, 1, Healthy, 0), (3, 1, Healthy, 1)],
         );
-        assert_eq!(counts(&c, 10), HashMap::from([(2, 10)]));
+        // P0 at 50 % healthy: 1.4 × 50 = 70 % stays, 30 % spills to P1 (Envoy's priority load).
+        let m = counts(&c, 2000);
+        assert_eq!(m.get(&1), None);
+        assert!((1250..1550).contains(&m[&2]), "{m:?}");
         let c = cluster(
             LbPolicy::Random,
             &[(1, 1, Unhealthy, 0), (2, 1, Healthy, 1)],
@@ -612,13 +798,6 @@ mod tests {
         let c = cluster(LbPolicy::Random, &[(1, 1, Healthy, 0), (2, 1, Healthy, 0)]);
         let m = counts(&c, 2000);
         assert!(m[&1] > 800 && m[&2] > 800, "{m:?}");
-    }
-
-    #[test]
-    fn schedule_scales_large_weights() {
-        let s = smooth_wrr(&[1_000_000, 3_000_000]);
-        assert_eq!(s.len(), 4096);
-        assert_eq!(s.iter().filter(|&&i| i == 0).count(), 1024);
     }
 
     #[tokio::test]

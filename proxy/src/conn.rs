@@ -146,12 +146,20 @@ async fn sniff(stream: &mut TcpStream) -> io::Result<(Bytes, bool)> {
 
 /// Serves one accepted connection until it closes, or until the drain deadline after shutdown.
 pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
-    let hcm = cx.listener.config.hcm.clone();
+    // Only the settings: holding the manager would pin its filter chain after a reload.
+    let (codec_type, max_request_headers_kb, request_headers_timeout) = {
+        let hcm = cx.listener.hcm();
+        (
+            hcm.codec_type,
+            hcm.max_request_headers_kb,
+            hcm.request_headers_timeout,
+        )
+    };
     let hs = cx.listener.http_stats.clone();
-    let mut drain = cx.server.drain_rx();
+    let mut drain = cx.listener.drain_rx();
     let _ = stream.set_nodelay(true);
 
-    let (prefix, is_h2) = match hcm.codec_type {
+    let (prefix, is_h2) = match codec_type {
         CodecType::Http1 => (Bytes::new(), false),
         CodecType::Http2 => (Bytes::new(), true),
         CodecType::Auto => {
@@ -185,7 +193,7 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
         b.timer(TokioTimer::new())
             // Envoy's default SETTINGS_MAX_CONCURRENT_STREAMS (hyper's own is 200).
             .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
-            .max_header_list_size(hcm.max_request_headers_kb.saturating_mul(1024));
+            .max_header_list_size(max_request_headers_kb.saturating_mul(1024));
         let conn = b.serve_connection(io, svc);
         tokio::pin!(conn);
         tokio::select! {
@@ -204,8 +212,8 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new())
             // hyper would otherwise default to 30 s; Envoy has no header timeout unless set.
-            .header_read_timeout(hcm.request_headers_timeout)
-            .max_buf_size(MIN_H1_BUF.max(hcm.max_request_headers_kb as usize * 1024));
+            .header_read_timeout(request_headers_timeout)
+            .max_buf_size(MIN_H1_BUF.max(max_request_headers_kb as usize * 1024));
         let conn = b.serve_connection(io, svc).with_upgrades();
         tokio::pin!(conn);
         tokio::select! {

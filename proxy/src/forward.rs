@@ -19,10 +19,14 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use strait_filters::{FilterChain, FilterContext, Hooks, LocalReply};
 use strait_xds::model::{self, ClusterSpecifier, HostRewrite, RetryOn, RetryPolicy, RouteAction};
 
 use crate::access_log::Record;
-use crate::body::{self, Activity, AttemptBody, BoxError, EndSignal, ProxyBody, RequestSource};
+use crate::body::{
+    self, Activity, AttemptBody, BoxError, Downstream, EndSignal, FilteredRequest,
+    FilteredResponse, ProxyBody, ReplySlot, RequestSource, SharedFilterContext,
+};
 use crate::cluster::{Breakers, ClusterState, Host};
 use crate::headers;
 use crate::local_reply::{self, ResetReason};
@@ -74,6 +78,8 @@ struct Finisher {
     bytes_sent: u64,
     rq: Option<RqGuard>,
     lease: Option<Lease>,
+    /// The request's filter chain and context; dropped when the stream ends.
+    filters: Option<FilterRun>,
     done: bool,
 }
 
@@ -140,6 +146,7 @@ impl Finisher {
             bytes_sent: 0,
             rq: None,
             lease: None,
+            filters: None,
             done: false,
         }
     }
@@ -201,9 +208,11 @@ impl Finisher {
                 }
             }
         }
-        // Release the upstream connection and request slot before logging.
+        // Release the upstream connection and request slot before logging; the filter context
+        // ends with the stream (the fault filter's active_faults counts it).
         self.lease.take();
         self.rq.take();
+        self.filters.take();
         let Some(logger) = self.cx.listener.access_log.clone() else {
             return;
         };
@@ -247,13 +256,22 @@ impl Finisher {
 struct RqGuard {
     cluster: Arc<ClusterState>,
     host: Arc<Host>,
+    priority: model::RoutingPriority,
 }
 
 impl RqGuard {
-    fn new(cluster: Arc<ClusterState>, host: Arc<Host>) -> RqGuard {
+    fn new(
+        cluster: Arc<ClusterState>,
+        host: Arc<Host>,
+        priority: model::RoutingPriority,
+    ) -> RqGuard {
         host.stats.rq_active.inc();
         cluster.stats().upstream_rq_active.inc();
-        RqGuard { cluster, host }
+        RqGuard {
+            cluster,
+            host,
+            priority,
+        }
     }
 }
 
@@ -261,8 +279,184 @@ impl Drop for RqGuard {
     fn drop(&mut self) {
         self.host.stats.rq_active.dec();
         self.cluster.stats().upstream_rq_active.dec();
-        Breakers::release(&self.cluster.info.breakers.requests);
+        Breakers::release(&priority_breakers(&self.cluster, self.priority).requests);
     }
+}
+
+// === HTTP filters around the router ===
+
+/// The filter context, owned by the request path, or shared with the bodies when the chain has
+/// body or trailer hooks (the upstream connection polls the request body while the response
+/// side waits). Only the shared form allocates; the owned one lives in the boxed `Finisher`.
+#[allow(clippy::large_enum_variant)]
+enum Fcx {
+    Owned(FilterContext),
+    Shared(SharedFilterContext),
+}
+
+enum FcxGuard<'a> {
+    Owned(&'a mut FilterContext),
+    Locked(tokio::sync::MutexGuard<'a, FilterContext>),
+}
+
+impl std::ops::Deref for FcxGuard<'_> {
+    type Target = FilterContext;
+    fn deref(&self) -> &FilterContext {
+        match self {
+            FcxGuard::Owned(c) => c,
+            FcxGuard::Locked(g) => g,
+        }
+    }
+}
+
+impl std::ops::DerefMut for FcxGuard<'_> {
+    fn deref_mut(&mut self) -> &mut FilterContext {
+        match self {
+            FcxGuard::Owned(c) => c,
+            FcxGuard::Locked(g) => g,
+        }
+    }
+}
+
+impl Fcx {
+    async fn lock(&mut self) -> FcxGuard<'_> {
+        match self {
+            Fcx::Owned(c) => FcxGuard::Owned(c),
+            Fcx::Shared(m) => FcxGuard::Locked(m.lock().await),
+        }
+    }
+}
+
+/// One request's run through the chain: the chain it started with (pinned across reloads) and
+/// its context, alive until the stream ends.
+struct FilterRun {
+    chain: Arc<FilterChain>,
+    fcx: Fcx,
+}
+
+const BODY_HOOKS: Hooks = Hooks::REQUEST_BODY
+    .union(Hooks::REQUEST_TRAILERS)
+    .union(Hooks::RESPONSE_BODY)
+    .union(Hooks::RESPONSE_TRAILERS);
+
+impl FilterRun {
+    fn new(chain: Arc<FilterChain>, fcx: FilterContext) -> FilterRun {
+        let fcx = if chain.has_hook(BODY_HOOKS) {
+            Fcx::Shared(Arc::new(tokio::sync::Mutex::new(fcx)))
+        } else {
+            Fcx::Owned(fcx)
+        };
+        FilterRun { chain, fcx }
+    }
+
+    /// The request body as the router forwards it: through the body/trailer hooks when the
+    /// chain has them and the request has a body. Runs the hooks up to the first data to forward
+    /// first (bounded by `bound`), so a filter that buffers or rejects the body answers before
+    /// any upstream request exists. The slot receives a reply a later hook produces.
+    async fn request_body(
+        &mut self,
+        body: Incoming,
+        bound: Option<Duration>,
+    ) -> Result<(Downstream, Option<Arc<ReplySlot>>), LocalReply> {
+        let Fcx::Shared(fcx) = &self.fcx else {
+            return Ok((body.into(), None));
+        };
+        if body.is_end_stream()
+            || !self
+                .chain
+                .has_hook(Hooks::REQUEST_BODY.union(Hooks::REQUEST_TRAILERS))
+        {
+            return Ok((body.into(), None));
+        }
+        let slot = Arc::new(ReplySlot::default());
+        let mut filtered =
+            FilteredRequest::new(body, self.chain.clone(), fcx.clone(), slot.clone());
+        let primed = match bound {
+            Some(t) => tokio::time::timeout(t, filtered.prime()).await,
+            None => Ok(filtered.prime().await),
+        };
+        match primed {
+            Ok(r) => r?,
+            // The body did not arrive within the request (else stream idle) timeout: 408.
+            Err(_) => {
+                return Err(LocalReply::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request timeout",
+                    "request_overall_timeout",
+                ))
+            }
+        }
+        Ok((Downstream::Filtered(Box::new(filtered)), Some(slot)))
+    }
+
+    /// Runs the response-header hooks (reverse order) on the response about to be sent, and
+    /// puts the body behind the body/trailer hooks when there are any. `Some(reply)`: a hook
+    /// answered instead. Flags set by filters go to the access log.
+    async fn response(
+        &mut self,
+        head: &mut http::response::Parts,
+        body: &mut ProxyBody,
+        tunnel: bool,
+        fin: &mut Finisher,
+    ) -> Option<LocalReply> {
+        let result = {
+            let mut g = self.fcx.lock().await;
+            let r = self.chain.run_response_headers(&mut g, head).await;
+            for code in g.response_flags.drain(..) {
+                fin.flags.set(ResponseFlags::from_code(code));
+            }
+            r
+        };
+        if let Err(reply) = result {
+            return Some(reply);
+        }
+        if let Fcx::Shared(fcx) = &self.fcx {
+            if !tunnel
+                && self
+                    .chain
+                    .has_hook(Hooks::RESPONSE_BODY.union(Hooks::RESPONSE_TRAILERS))
+            {
+                let inner = std::mem::replace(body, body::empty());
+                *body =
+                    FilteredResponse::new(inner, self.chain.clone(), fcx.clone()).boxed_unsync();
+            }
+        }
+        None
+    }
+}
+
+/// A filter's local reply as the response: its status, body and headers (Envoy's
+/// `content-type: text/plain` for a non-empty body), its flag and details for the access log.
+fn filter_reply(fin: &mut Finisher, reply: LocalReply) -> Response<ProxyBody> {
+    let LocalReply {
+        status,
+        body,
+        headers,
+        response_flag,
+        details,
+    } = reply;
+    if let Some(code) = response_flag {
+        fin.flags.set(ResponseFlags::from_code(code));
+    }
+    fin.details = Cow::Owned(details);
+    let mut resp = local_reply::build(status, body);
+    let h = resp.headers_mut();
+    let mut last: Option<HeaderName> = None;
+    for (name, value) in headers {
+        match name {
+            // The first value of a name replaces the default; later ones add to it.
+            Some(n) => {
+                h.insert(n.clone(), value);
+                last = Some(n);
+            }
+            None => {
+                if let Some(n) = &last {
+                    h.append(n.clone(), value);
+                }
+            }
+        }
+    }
+    resp
 }
 
 // === Response body ===
@@ -389,7 +583,21 @@ pub async fn handle(
     let (parts, body) = req.into_parts();
     let mut fin = Box::new(Finisher::new(cx.clone(), &parts));
     let (resp, timers, tunnel) = route(parts, body, upgrade, &cx, &mut fin).await;
-    let (mut head, inner) = resp.into_parts();
+    let (mut head, mut inner) = resp.into_parts();
+    let mut tunnel = tunnel;
+    if let Some(mut run) = fin.filters.take() {
+        if let Some(reply) = run
+            .response(&mut head, &mut inner, tunnel.is_some(), &mut fin)
+            .await
+        {
+            // A response hook answered instead of the upstream: its body is dropped unread.
+            let (h, b) = filter_reply(&mut fin, reply).into_parts();
+            head = h;
+            inner = b;
+            tunnel = None;
+        }
+        fin.filters = Some(run);
+    }
     fin.status = head.status.as_u16();
     hs.count_response(fin.status);
     if fin.logging() {
@@ -605,7 +813,7 @@ async fn route(
     cx: &Arc<ConnCtx>,
     fin: &mut Finisher,
 ) -> Routed {
-    let hcm = cx.listener.config.hcm.clone();
+    let hcm = cx.listener.hcm();
     let hs = &cx.listener.http_stats;
 
     headers::remove_hop_by_hop(&mut parts.headers, upgrade.is_some());
@@ -628,26 +836,14 @@ async fn route(
     headers::request_id(&mut parts.headers, hcm.generate_request_id, edge_external);
 
     let rc = hcm.route_config.clone();
-    let (vhost, route) = match router::select(&rc, &parts) {
-        Selected::Route { vhost, route } => (vhost, route),
-        Selected::NoVirtualHost | Selected::NoRoute => {
-            hs.rq_total.inc();
-            hs.no_route.inc();
-            return (
-                local(
-                    fin,
-                    StatusCode::NOT_FOUND,
-                    "",
-                    ResponseFlags::NO_ROUTE_FOUND,
-                    "route_not_found",
-                ),
-                None,
-                None,
-            );
-        }
+    let selected = match router::select(&rc, &parts) {
+        Selected::Route { vhost, route } => Some((vhost, route)),
+        Selected::NoVirtualHost | Selected::NoRoute => None,
     };
-    fin.route_name = route.name.clone();
-    if let Some(t) = &upgrade {
+    if let Some((_, route)) = selected {
+        fin.route_name = route.name.clone();
+    }
+    if let (Some(t), Some((_, route))) = (&upgrade, selected) {
         // Envoy: the connection manager must know the upgrade type; a route may override it.
         let hcm_cfg = hcm.upgrade_types.iter().find(|u| &u.upgrade_type == t);
         let overrides: &[model::UpgradeConfig] = match &route.action {
@@ -669,6 +865,48 @@ async fn route(
             return (resp, None, None);
         }
     }
+    // The HTTP filters run before the router, on the route the connection manager picked.
+    if !hcm.filter_chain.is_empty() {
+        let mut fcx = FilterContext::new(fin.client, cx.local);
+        fcx.direct_remote_address = cx.peer;
+        fcx.request_id = parts
+            .headers
+            .get(headers::X_REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        if let Some((_, route)) = selected {
+            fcx.set_route(route.name.clone(), route.filter_configs.clone());
+        }
+        let run = fin
+            .filters
+            .insert(FilterRun::new(hcm.filter_chain.clone(), fcx));
+        let result = {
+            let mut g = run.fcx.lock().await;
+            let r = run.chain.run_request_headers(&mut g, &mut parts).await;
+            for code in g.response_flags.drain(..) {
+                fin.flags.set(ResponseFlags::from_code(code));
+            }
+            r
+        };
+        if let Err(reply) = result {
+            return (filter_reply(fin, reply), None, None);
+        }
+    }
+    let Some((vhost, route)) = selected else {
+        hs.rq_total.inc();
+        hs.no_route.inc();
+        return (
+            local(
+                fin,
+                StatusCode::NOT_FOUND,
+                "",
+                ResponseFlags::NO_ROUTE_FOUND,
+                "route_not_found",
+            ),
+            None,
+            None,
+        );
+    };
     // The router sees the request from here on (Envoy's `rq_total`).
     hs.rq_total.inc();
     let action = match &route.action {
@@ -745,6 +983,9 @@ async fn route(
         );
     };
     fin.cluster = Some(cluster.clone());
+    if let Some(run) = fin.filters.as_mut() {
+        run.fcx.lock().await.cluster_name = Some(cluster.name().to_string());
+    }
 
     // Request changes the route asks for.
     let original_pq = parts
@@ -770,7 +1011,13 @@ async fn route(
     levels.extend([&route.headers, &vhost.headers, &rc.headers]);
     router::apply_request_headers(&mut parts.headers, &levels);
 
-    let policy = action.retry_policy.as_ref();
+    // The route's retry policy with the request's x-envoy-retry-* headers applied; an external
+    // client at the edge may not steer retries (Envoy strips these internal headers there).
+    if edge_external {
+        crate::retry::strip_internal(&mut parts.headers);
+    }
+    let policy_cow = crate::retry::effective_policy(action.retry_policy.as_ref(), &parts.headers);
+    let policy = policy_cow.as_deref();
     let expected_timeout = policy.and_then(|p| p.per_try_timeout).or(action.timeout);
     if let Some(t) = expected_timeout {
         parts.headers.insert(
@@ -785,6 +1032,13 @@ async fn route(
     let activity = Activity::new();
     let request_start = fin.start;
     let idle = action.idle_timeout.or(hcm.stream_idle_timeout);
+    let (body, filter_slot) = match fin.filters.as_mut() {
+        Some(run) => match run.request_body(body, hcm.request_timeout.or(idle)).await {
+            Ok(b) => b,
+            Err(reply) => return (filter_reply(fin, reply), None, None),
+        },
+        None => (body.into(), None),
+    };
     let source = RequestSource::new(
         body,
         if policy.is_some() {
@@ -817,8 +1071,16 @@ async fn route(
         last_host: None,
         retried: false,
         transport_failure: None,
-        flags: ResponseFlags::default(),
+        // Flags set before the router (a filter's `DI`) stay first.
+        flags: fin.flags,
         pending_retry_guard: None,
+        priority: action.priority,
+        attempted: Vec::new(),
+        hash: if cluster.info.config.lb_policy.is_hashing() {
+            crate::router::hash_key(&action.hash_policy, &parts, fin.client.ip())
+        } else {
+            None
+        },
     };
     let result = {
         let global = async {
@@ -858,6 +1120,10 @@ async fn route(
     fin.upstream_host = st.last_host.clone();
     fin.transport_failure = st.transport_failure.take();
     let retried = st.retried;
+    if let Some(reply) = filter_slot.as_ref().and_then(|s| s.take()) {
+        drop(result);
+        return (filter_reply(fin, reply), None, None);
+    }
     match result {
         AttemptResult::RequestTimeout => {
             hs.downstream_rq_timeout.inc();
@@ -922,6 +1188,9 @@ async fn route(
                 cluster.stats().upstream_rq_timeout.inc();
                 if let Some(h) = &fin.upstream_host {
                     h.stats.rq_timeout.inc();
+                    // Envoy reports a route timeout to outlier detection as a local-origin
+                    // timeout (504); per-try timeouts were reported by the attempt.
+                    crate::outlier::report(&cluster, h, crate::outlier::Outcome::LocalTimeout);
                 }
             }
             (
@@ -1015,15 +1284,16 @@ struct Attempts<'a> {
     flags: ResponseFlags,
     /// The retry breaker slot taken for the next attempt.
     pending_retry_guard: Option<RetryGuard>,
+    /// The route's `priority`: which circuit breakers the attempts count against.
+    priority: model::RoutingPriority,
+    /// Hosts tried so far, in order (for previous_hosts / previous_priorities).
+    attempted: Vec<Arc<Host>>,
+    /// The route `hash_policy` value, for RING_HASH / MAGLEV clusters (helper J1).
+    hash: Option<u64>,
 }
 
-fn retriable_status(p: &RetryPolicy, status: StatusCode) -> bool {
-    let s = status.as_u16();
-    let on = p.retry_on;
-    (on.has(RetryOn::FIVE_XX) && status.is_server_error())
-        || (on.has(RetryOn::GATEWAY_ERROR) && matches!(s, 502..=504))
-        || (on.has(RetryOn::RETRIABLE_STATUS_CODES) && p.retriable_status_codes.contains(&s))
-        || (on.has(RetryOn::RETRIABLE_4XX) && s == 409)
+fn retriable_status(p: &RetryPolicy, resp: &Response<Incoming>) -> bool {
+    crate::retry::retriable_response(p, resp.status(), resp.headers())
 }
 
 /// Envoy's `RetryStateImpl::wouldRetryFromReset`: overflow is never retried.
@@ -1086,7 +1356,7 @@ impl Attempts<'_> {
                 return result;
             };
             let wants_retry = match &result {
-                AttemptResult::Response(d) => retriable_status(p, d.resp.status()),
+                AttemptResult::Response(d) => retriable_status(p, &d.resp),
                 AttemptResult::Reset(r) => retriable_reset(p, *r),
                 AttemptResult::PerTryTimeout => retriable_timeout(p),
                 AttemptResult::NoHealthyUpstream
@@ -1109,14 +1379,17 @@ impl Attempts<'_> {
                 return result;
             }
             let stats = self.cluster.stats();
-            if !Breakers::try_acquire(
-                &self.cluster.info.breakers.retries,
-                self.cluster.info.config.circuit_breakers.max_retries,
-            ) {
+            let (breakers, thresholds) = self.breakers();
+            let max_retries = crate::retry::max_active_retries(
+                thresholds,
+                stats.upstream_rq_active.get(),
+                stats.upstream_rq_pending_active.get(),
+            );
+            if !Breakers::try_acquire(&breakers.retries, max_retries) {
                 stats.upstream_rq_retry_overflow.inc();
                 return result;
             }
-            let guard = RetryGuard(self.cluster.clone());
+            let guard = RetryGuard(self.cluster.clone(), self.priority);
             // The body already sent must be replayable, or this attempt stands.
             if !self.source_replayable() {
                 drop(guard);
@@ -1136,24 +1409,63 @@ impl Attempts<'_> {
         self.source.can_replay()
     }
 
+    /// The circuit breakers and thresholds of the route's priority.
+    fn breakers(&self) -> (&Breakers, &model::Thresholds) {
+        let info = &self.cluster.info;
+        match self.priority {
+            model::RoutingPriority::Default => (&info.breakers, &info.config.circuit_breakers),
+            model::RoutingPriority::High => {
+                (&info.breakers_high, &info.config.circuit_breakers_high)
+            }
+        }
+    }
+
+    /// Chooses the attempt's host: `previous_priorities` excludes the priorities of earlier
+    /// attempts (refreshed every `update_frequency` attempts), and `previous_hosts` re-picks a
+    /// host already tried, up to `host_selection_retry_max_attempts` times.
+    fn select_host(&self) -> Option<Arc<Host>> {
+        let Some(p) = self.policy else {
+            return self.cluster.pick_hashed(self.hash, 0);
+        };
+        let mut excluded = 0u64;
+        if let Some(freq) = p.previous_priorities {
+            let freq = freq.max(1) as usize;
+            let counted = self.attempted.len() / freq * freq;
+            for h in &self.attempted[..counted] {
+                if h.priority < 64 {
+                    excluded |= 1 << h.priority;
+                }
+            }
+        }
+        let mut host = self.cluster.pick_hashed(self.hash, excluded)?;
+        if p.previous_hosts {
+            for _ in 0..p.host_selection_retry_max_attempts {
+                if !self.attempted.iter().any(|a| a.address == host.address) {
+                    break;
+                }
+                host = self.cluster.pick_hashed(self.hash, excluded)?;
+            }
+        }
+        Some(host)
+    }
+
     /// One attempt: pick a host, take a connection, send, wait for the response headers (within
     /// the per-try timeout).
     async fn one(&mut self, _retry: u32) -> (AttemptResult, Option<RetryGuard>) {
         let retry_guard = self.pending_retry_guard.take();
-        let Some(host) = self.cluster.pick() else {
+        let Some(host) = self.select_host() else {
             return (AttemptResult::NoHealthyUpstream, retry_guard);
         };
         self.last_host = Some(host.clone());
+        self.attempted.push(host.clone());
         let cluster = self.cluster;
         let info = &cluster.info;
-        if !Breakers::try_acquire(
-            &info.breakers.requests,
-            info.config.circuit_breakers.max_requests,
-        ) {
+        let (breakers, thresholds) = self.breakers();
+        if !Breakers::try_acquire(&breakers.requests, thresholds.max_requests) {
             info.stats.upstream_rq_pending_overflow.inc();
             return (AttemptResult::Reset(ResetReason::Overflow), retry_guard);
         }
-        let rq = RqGuard::new(self.cluster.clone(), host.clone());
+        let rq = RqGuard::new(self.cluster.clone(), host.clone(), self.priority);
         let Some(body) = self.source.attempt() else {
             return (
                 AttemptResult::Reset(ResetReason::ConnectionTermination),
@@ -1171,6 +1483,7 @@ impl Attempts<'_> {
                     return Err(ResetReason::ConnectionFailure);
                 }
             };
+            crate::outlier::report(cluster, &host, crate::outlier::Outcome::LocalSuccess);
             // Envoy counts a request upstream once it has a connection to go on.
             host.stats.rq_total.inc();
             info.stats.upstream_rq_total.inc();
@@ -1216,6 +1529,20 @@ impl Attempts<'_> {
                 AttemptResult::PerTryTimeout
             }
         };
+        // Passive health: every upstream answer and local-origin failure counts for the host.
+        use crate::outlier::Outcome;
+        let outcome = match &result {
+            AttemptResult::Response(d) => Some(Outcome::Http(d.resp.status().as_u16())),
+            AttemptResult::Reset(ResetReason::Overflow) => None,
+            AttemptResult::Reset(ResetReason::ConnectionTimeout) | AttemptResult::PerTryTimeout => {
+                Some(Outcome::LocalTimeout)
+            }
+            AttemptResult::Reset(_) => Some(Outcome::LocalConnectFailed),
+            _ => None,
+        };
+        if let Some(o) = outcome {
+            crate::outlier::report(cluster, &host, o);
+        }
         (result, retry_guard)
     }
 
@@ -1255,10 +1582,17 @@ impl Attempts<'_> {
     }
 }
 
-struct RetryGuard(Arc<ClusterState>);
+struct RetryGuard(Arc<ClusterState>, model::RoutingPriority);
 
 impl Drop for RetryGuard {
     fn drop(&mut self) {
-        Breakers::release(&self.0.info.breakers.retries);
+        Breakers::release(&priority_breakers(&self.0, self.1).retries);
+    }
+}
+
+fn priority_breakers(c: &ClusterState, p: model::RoutingPriority) -> &Breakers {
+    match p {
+        model::RoutingPriority::Default => &c.info.breakers,
+        model::RoutingPriority::High => &c.info.breakers_high,
     }
 }

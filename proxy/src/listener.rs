@@ -1,29 +1,37 @@
-//! Listeners: binds each configured address and accepts connections until the server drains,
-//! handing every connection to its own task (`conn::serve`).
+//! Listeners: accepts connections on a bound address until the listener or the server drains,
+//! handing every connection to its own task (`conn::serve`) with the listener generation
+//! current at accept time.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 
 use crate::conn;
 use crate::forward::ConnCtx;
 use crate::server::{ListenerRuntime, ServerShared};
 
-/// Accepts until drain starts; the listening socket closes when this returns.
-pub async fn accept_loop(tcp: TcpListener, rt: Arc<ListenerRuntime>, server: Arc<ServerShared>) {
-    let mut drain = server.drain_rx();
+/// Accepts until drain starts; the listening socket closes when this returns (or is aborted,
+/// which is how a listener removed by LDS stops accepting).
+pub async fn accept_loop(
+    tcp: TcpListener,
+    slot: Arc<ArcSwap<ListenerRuntime>>,
+    server: Arc<ServerShared>,
+) {
+    let mut drain = slot.load().drain_rx();
     loop {
         let accepted = tokio::select! {
             r = tcp.accept() => r,
             _ = crate::server::drained(&mut drain) => return,
         };
+        let rt = slot.load_full();
         let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 // Out of file descriptors and the like: back off briefly instead of spinning.
-                tracing::warn!(listener = %rt.config.name, error = %e, "accept failed");
+                tracing::warn!(listener = %rt.name, error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
@@ -35,7 +43,7 @@ pub async fn accept_loop(tcp: TcpListener, rt: Arc<ListenerRuntime>, server: Arc
         ls.downstream_cx_total.inc();
         ls.downstream_cx_active.inc();
         let cx = Arc::new(ConnCtx {
-            listener: rt.clone(),
+            listener: rt,
             server: server.clone(),
             peer,
             local,

@@ -92,6 +92,15 @@ impl ResponseFlags {
     pub fn is_empty(self) -> bool {
         self.0 == 0
     }
+
+    /// The flag bit of an Envoy short code (`"RL"` → `RATE_LIMITED`); 0 when unknown. Filters
+    /// name their flags by code.
+    pub fn from_code(code: &str) -> u32 {
+        Self::CODES
+            .iter()
+            .find(|(_, c)| *c == code)
+            .map_or(0, |(bit, _)| *bit)
+    }
 }
 
 impl std::fmt::Display for ResponseFlags {

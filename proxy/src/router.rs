@@ -52,6 +52,118 @@ fn request_host(req: &Parts) -> Option<&[u8]> {
     }
 }
 
+// === Hash policy ===
+
+/// The request's hash for RING_HASH / MAGLEV clusters, as Envoy's `HashPolicyImpl::generateHash`:
+/// each policy that yields a value is xxHash64'd and folded in (rotate left 1, XOR); a terminal
+/// policy that produced a hash ends the walk. `None` when no policy applies (the LB then picks
+/// at random). Allocates only to sort a header that appears more than once.
+pub fn hash_key(
+    policies: &[strait_xds::model::HashPolicy],
+    req: &Parts,
+    client: std::net::IpAddr,
+) -> Option<u64> {
+    use crate::lb::hash::{combine, xxhash64};
+    use strait_xds::model::HashSource;
+    let mut acc = None;
+    for p in policies {
+        let h = match &p.source {
+            HashSource::Header(name) => header_hash(req, name),
+            HashSource::Cookie(name) => {
+                cookie_value(&req.headers, name).map(|v| xxhash64(v.as_bytes()))
+            }
+            HashSource::SourceIp => {
+                let mut buf = [0u8; 64];
+                let ip = format_ip(client, &mut buf);
+                Some(xxhash64(ip))
+            }
+            HashSource::QueryParameter(name) => {
+                query_value(req.uri.query().unwrap_or(""), name).map(|v| xxhash64(v.as_bytes()))
+            }
+        };
+        if let Some(h) = h {
+            acc = Some(combine(acc, h));
+        }
+        if p.terminal && acc.is_some() {
+            break;
+        }
+    }
+    acc
+}
+
+fn header_hash(req: &Parts, name: &str) -> Option<u64> {
+    use crate::lb::hash::xxhash64;
+    let pseudo: Option<&[u8]> = match name {
+        ":authority" => request_host(req),
+        ":path" => Some(
+            req.uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .as_bytes(),
+        ),
+        ":method" => Some(req.method.as_str().as_bytes()),
+        ":scheme" => req.uri.scheme_str().map(str::as_bytes),
+        _ => None,
+    };
+    if name.starts_with(':') {
+        return pseudo.map(xxhash64);
+    }
+    let mut values = req.headers.get_all(name).iter();
+    let first = values.next()?;
+    let Some(second) = values.next() else {
+        return Some(xxhash64(first.as_bytes()));
+    };
+    // Envoy sorts the values so that their order does not change the hash.
+    let mut all: Vec<&[u8]> = vec![first.as_bytes(), second.as_bytes()];
+    all.extend(values.map(HeaderValue::as_bytes));
+    all.sort_unstable();
+    let mut h = xxhash_rust::xxh64::Xxh64::new(0);
+    for v in all {
+        h.update(v);
+    }
+    Some(h.digest())
+}
+
+/// The value of cookie `name` in the `cookie` headers (Envoy's `parseCookieValue`: first match,
+/// surrounding double quotes removed).
+fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    for v in headers.get_all(http::header::COOKIE) {
+        let Ok(v) = v.to_str() else { continue };
+        for pair in v.split(';') {
+            let pair = pair.trim_start_matches(' ');
+            if let Some((k, val)) = pair.split_once('=') {
+                if k == name {
+                    let val = val
+                        .strip_prefix('"')
+                        .and_then(|x| x.strip_suffix('"'))
+                        .unwrap_or(val);
+                    return Some(val);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The first value of query parameter `name` (not percent-decoded, as Envoy's
+/// `parseQueryString`); a bare `name` has the empty value.
+fn query_value<'q>(query: &'q str, name: &str) -> Option<&'q str> {
+    query.split('&').find_map(|kv| match kv.split_once('=') {
+        Some((k, v)) if k == name => Some(v),
+        None if kv == name => Some(""),
+        _ => None,
+    })
+}
+
+/// Envoy's `addressAsString` (no brackets, no port) into a stack buffer.
+fn format_ip(ip: std::net::IpAddr, buf: &mut [u8; 64]) -> &[u8] {
+    use std::io::Write as _;
+    let mut cur = std::io::Cursor::new(&mut buf[..]);
+    let _ = write!(cur, "{ip}");
+    let n = cur.position() as usize;
+    &buf[..n]
+}
+
 /// Envoy's search order: exact, longest suffix wildcard, longest prefix wildcard, then `*`.
 /// Like Envoy without `ignore_port_in_host_matching`, a port in the host is part of the match.
 fn find_virtual_host<'a>(rc: &'a RouteConfig, host: Option<&[u8]>) -> Option<&'a VirtualHost> {
@@ -452,6 +564,8 @@ mod tests {
             idle_timeout: None,
             retry_policy: None,
             upgrade_overrides: vec![],
+            priority: Default::default(),
+            hash_policy: vec![],
         })
     }
 
@@ -466,6 +580,7 @@ mod tests {
             },
             action: forward(name),
             headers: HeaderMutations::default(),
+            filter_configs: None,
         }
     }
 
@@ -709,8 +824,49 @@ mod tests {
             idle_timeout: None,
             retry_policy: None,
             upgrade_overrides: vec![],
+            priority: Default::default(),
+            hash_policy: vec![],
         };
         (action, r)
+    }
+
+    #[test]
+    fn hash_policy_keys() {
+        use crate::lb::hash::{combine, xxhash64};
+        use strait_xds::model::{HashPolicy, HashSource};
+        let ip: std::net::IpAddr = [10, 0, 0, 7].into();
+        let pol = |source, terminal| HashPolicy { source, terminal };
+        let req = parts(
+            "GET",
+            "http://h/p?a=1&user=bob&user=eve",
+            &[("x-id", "b"), ("x-id", "a"), ("cookie", "k=v; sid=\"s1\"")],
+        );
+        let header = [pol(HashSource::Header("x-id".into()), false)];
+        // Multiple values hash sorted: "a" then "b".
+        assert_eq!(hash_key(&header, &req, ip), Some(xxhash64(b"ab")));
+        let q = [pol(HashSource::QueryParameter("user".into()), false)];
+        assert_eq!(hash_key(&q, &req, ip), Some(xxhash64(b"bob")));
+        let c = [pol(HashSource::Cookie("sid".into()), false)];
+        assert_eq!(hash_key(&c, &req, ip), Some(xxhash64(b"s1")));
+        let s = [pol(HashSource::SourceIp, false)];
+        assert_eq!(hash_key(&s, &req, ip), Some(xxhash64(b"10.0.0.7")));
+        // Policies fold in order; a terminal one that produced a hash stops the walk; a
+        // missing input contributes nothing.
+        let two = [
+            pol(HashSource::Cookie("none".into()), true),
+            pol(HashSource::SourceIp, true),
+            pol(HashSource::QueryParameter("user".into()), false),
+        ];
+        assert_eq!(hash_key(&two, &req, ip), Some(xxhash64(b"10.0.0.7")));
+        let both = [
+            pol(HashSource::SourceIp, false),
+            pol(HashSource::QueryParameter("user".into()), false),
+        ];
+        let want = combine(Some(xxhash64(b"10.0.0.7")), xxhash64(b"bob"));
+        assert_eq!(hash_key(&both, &req, ip), Some(want));
+        assert_eq!(hash_key(&[], &req, ip), None);
+        let auth = [pol(HashSource::Header(":authority".into()), false)];
+        assert_eq!(hash_key(&auth, &req, ip), Some(xxhash64(b"h")));
     }
 
     /// route path match, prefix_rewrite, regex_rewrite, input, expected output.

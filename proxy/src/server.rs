@@ -2,6 +2,7 @@
 //! whole through `ArcSwap`, read once per request), runs DNS refresh, and drains gracefully.
 //! It is also the [`AdminSource`] the admin server reads.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::access_log::AccessLogger;
 use crate::admin::{self, AdminSource, ClusterView, ServerState};
-use crate::cluster::ClusterManager;
+use crate::cluster::{ClusterManager, ClusterState};
 use crate::listener;
 use crate::stats::{HttpStats, ListenerStats, Store};
 
@@ -53,14 +54,44 @@ pub async fn drained(rx: &mut watch::Receiver<bool>) {
     }
 }
 
-/// One listener's built state: config, stats blocks, access logger.
+/// One listener's built state: config, stats blocks, access logger. A listener updated in
+/// place (same name and address) gets a new generation; connections keep the generation they
+/// were accepted with but read routes from [`ListenerRuntime::hcm`], shared by all generations.
 #[derive(Debug)]
 pub struct ListenerRuntime {
-    pub config: Arc<model::Listener>,
+    pub name: String,
+    /// The bound address.
     pub address: SocketAddr,
     pub http_stats: Arc<HttpStats>,
     pub listener_stats: Arc<ListenerStats>,
     pub access_log: Option<Arc<AccessLogger>>,
+    live: Arc<ListenerLive>,
+}
+
+/// What every generation of one listener shares. Old generations (held by open connections)
+/// do not pin the configuration they were built from: only the latest one is referenced.
+#[derive(Debug)]
+struct ListenerLive {
+    config: ArcSwap<model::Listener>,
+    drain: watch::Sender<bool>,
+}
+
+impl ListenerRuntime {
+    /// The connection manager (routes, filters, timeouts) a new request uses: the latest one,
+    /// so an RDS update reaches connections that are already open.
+    pub fn hcm(&self) -> Arc<model::HttpConnectionManager> {
+        self.live.config.load().hcm.clone()
+    }
+
+    /// The listener's latest configuration.
+    pub fn config(&self) -> Arc<model::Listener> {
+        self.live.config.load_full()
+    }
+
+    /// Becomes `true` when this listener drains (removed by LDS, or server shutdown).
+    pub fn drain_rx(&self) -> watch::Receiver<bool> {
+        self.live.drain.subscribe()
+    }
 }
 
 /// Everything a request reads, from one configuration.
@@ -69,6 +100,24 @@ pub struct Snapshot {
     pub config: Arc<model::Bootstrap>,
     pub clusters: ClusterManager,
     pub listeners: Vec<Arc<ListenerRuntime>>,
+}
+
+/// A bound listener, as the config path sees it.
+#[derive(Debug)]
+struct ListenerHandle {
+    /// The generation new connections get.
+    slot: Arc<ArcSwap<ListenerRuntime>>,
+    accept: JoinHandle<()>,
+}
+
+/// Config-path state: what `update` diffs against. Never touched by requests.
+#[derive(Debug, Default)]
+struct Control {
+    listeners: HashMap<String, ListenerHandle>,
+    /// DNS refresh tasks of STRICT_DNS clusters, by cluster name.
+    dns: HashMap<String, JoinHandle<()>>,
+    /// The EDS assignment last applied to each cluster.
+    eds: HashMap<String, Arc<model::LoadAssignment>>,
 }
 
 const STATE_INIT: u8 = 0;
@@ -87,6 +136,9 @@ pub struct ServerShared {
     drain_time: Duration,
     active: AtomicUsize,
     idle: Notify,
+    control: std::sync::Mutex<Control>,
+    /// Serialises config updates.
+    updating: tokio::sync::Mutex<()>,
 }
 
 /// Keeps [`Server::wait`] waiting while a connection or tunnel is open.
@@ -124,6 +176,25 @@ impl ServerShared {
         self.state.store(STATE_DRAINING, Ordering::Release);
         self.stats.server.live.set(0);
         self.drain_tx.send_replace(true);
+        for l in self.control().listeners.values() {
+            l.slot.load().live.drain.send_replace(true);
+        }
+    }
+
+    fn control(&self) -> std::sync::MutexGuard<'_, Control> {
+        // Updates commit each map entry in one step, so a poisoned lock is still consistent.
+        self.control.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks the server LIVE (`/ready` 200) unless it is draining: after the initial xDS fetch.
+    pub fn set_live(&self) {
+        if self
+            .state
+            .compare_exchange(STATE_INIT, STATE_LIVE, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.stats.server.live.set(1);
+        }
     }
 
     async fn wait_idle(&self) {
@@ -161,7 +232,7 @@ impl AdminSource for ServerShared {
             .load()
             .listeners
             .iter()
-            .map(|l| (l.config.name.clone(), l.address))
+            .map(|l| (l.name.clone(), l.address))
             .collect()
     }
 
@@ -193,9 +264,8 @@ impl AdminSource for ServerShared {
 pub struct Server {
     shared: Arc<ServerShared>,
     admin_address: Option<SocketAddr>,
-    /// Admin server and DNS refresh: stopped by `wait`.
+    /// The admin server: stopped by `wait`.
     background: Vec<JoinHandle<()>>,
-    accept_loops: Vec<JoinHandle<()>>,
 }
 
 async fn bind(what: String, address: SocketAddr) -> Result<TcpListener, StartError> {
@@ -209,47 +279,41 @@ async fn bind(what: String, address: SocketAddr) -> Result<TcpListener, StartErr
 }
 
 impl Server {
-    /// Binds the admin and every listener (errors name the address), resolves STRICT_DNS
-    /// clusters once (Envoy's cluster warming), then starts accepting, the admin server and DNS
-    /// refresh. Call inside a tokio runtime.
+    /// Binds the admin and every listener (errors name the address), warms clusters (STRICT_DNS
+    /// resolved once, first health checks), then starts accepting, the admin server and DNS
+    /// refresh, and goes LIVE. Call inside a tokio runtime.
     pub async fn start(config: model::Bootstrap, opts: Options) -> Result<Server, StartError> {
+        let server = Server::start_initializing(config, opts).await?;
+        server.shared.set_live();
+        Ok(server)
+    }
+
+    /// As [`Server::start`], but stays INITIALIZING (`/ready` 503) until
+    /// [`ServerShared::set_live`]: for configurations that wait for xDS.
+    pub async fn start_initializing(
+        config: model::Bootstrap,
+        opts: Options,
+    ) -> Result<Server, StartError> {
         let stats = Store::new();
         stats.server.concurrency.set(opts.concurrency as i64);
-        let config = Arc::new(config);
-        let clusters = ClusterManager::new(&config.clusters, &stats);
         let admin_tcp = match &config.admin {
             Some(a) => Some(bind("admin".into(), a.address).await?),
             None => None,
         };
         let admin_address = admin_tcp.as_ref().and_then(|t| t.local_addr().ok());
-        let mut bound = Vec::new();
-        let mut runtimes = Vec::new();
-        for l in &config.listeners {
-            let tcp = bind(format!("listener {}", l.name), l.address).await?;
-            let address = tcp.local_addr().unwrap_or(l.address);
-            let access_log =
-                AccessLogger::new(&l.hcm.access_logs).map_err(|source| StartError::AccessLog {
-                    listener: l.name.clone(),
-                    source,
-                })?;
-            // Envoy names listener stats by address, with `:` made `_`.
-            let stat_name = format!("{}_{}", address.ip(), address.port());
-            let rt = Arc::new(ListenerRuntime {
-                config: l.clone(),
-                address,
-                http_stats: stats.http(&l.hcm.stat_prefix),
-                listener_stats: stats.listener(&stat_name),
-                access_log,
-            });
-            runtimes.push(rt.clone());
-            bound.push((tcp, rt));
-        }
         let (drain_tx, _) = watch::channel(false);
+        let empty = model::Bootstrap {
+            node: config.node.clone(),
+            admin: config.admin.clone(),
+            dump: config.dump.clone(),
+            dynamic: config.dynamic.clone(),
+            ..Default::default()
+        };
         let shared = Arc::new(ServerShared {
             snapshot: ArcSwap::from_pointee(Snapshot {
-                config: config.clone(),
-                clusters,
-                listeners: runtimes,
+                config: Arc::new(empty),
+                clusters: ClusterManager::default(),
+                listeners: Vec::new(),
             }),
             stats,
             state: AtomicU8::new(STATE_INIT),
@@ -259,6 +323,8 @@ impl Server {
             drain_time: opts.drain_time,
             active: AtomicUsize::new(0),
             idle: Notify::new(),
+            control: Default::default(),
+            updating: tokio::sync::Mutex::new(()),
         });
         let mut background = Vec::new();
         // Admin answers during initialization (`/ready`: 503 until LIVE), as Envoy's does.
@@ -266,29 +332,18 @@ impl Server {
             let source: Arc<dyn AdminSource> = shared.clone();
             background.push(tokio::spawn(admin::serve(tcp, source)));
         }
-        // Cluster warming: STRICT_DNS clusters resolve once before listeners accept.
-        let snapshot = shared.snapshot();
-        let dns: Vec<_> = snapshot
-            .clusters
-            .all()
-            .iter()
-            .filter(|c| c.info.config.discovery == model::DiscoveryType::StrictDns)
-            .cloned()
-            .collect();
-        futures_util::future::join_all(dns.iter().map(|c| c.resolve())).await;
-        background.extend(dns.into_iter().map(|c| tokio::spawn(c.run_dns())));
-        let accept_loops = bound
-            .into_iter()
-            .map(|(tcp, rt)| tokio::spawn(listener::accept_loop(tcp, rt, shared.clone())))
-            .collect();
-        shared.state.store(STATE_LIVE, Ordering::Release);
-        shared.stats.server.live.set(1);
+        shared.apply(config, true).await?;
         Ok(Server {
             shared,
             admin_address,
             background,
-            accept_loops,
         })
+    }
+
+    /// Applies a new configuration (an xDS update) without dropping traffic: clusters and
+    /// listeners that did not change are kept as they are; see [`ServerShared::update`].
+    pub async fn update(&self, config: model::Bootstrap) {
+        self.shared.update(config).await
     }
 
     pub fn admin_address(&self) -> Option<SocketAddr> {
@@ -316,7 +371,14 @@ impl Server {
     pub async fn wait(self) {
         let mut drain = self.shared.drain_rx();
         crate::server::drained(&mut drain).await;
-        for h in &self.accept_loops {
+        let (accepts, dns): (Vec<_>, Vec<_>) = {
+            let mut c = self.shared.control();
+            (
+                c.listeners.drain().map(|(_, l)| l.accept).collect(),
+                c.dns.drain().map(|(_, t)| t).collect(),
+            )
+        };
+        for h in &accepts {
             h.abort();
         }
         // Every connection bounds itself by drain_time; the margin covers the last writes.
@@ -327,8 +389,217 @@ impl Server {
                 a.flush();
             }
         }
-        for h in &self.background {
+        for h in self.background.iter().chain(&dns) {
             h.abort();
         }
+    }
+}
+
+// === Updates ===
+
+impl ServerShared {
+    /// Applies a new configuration off the request path and swaps it in:
+    /// - clusters whose config is the same `Arc` keep their state (hosts, pools, stats, health);
+    ///   EDS assignments go through `update_endpoints`, keeping hosts that stay;
+    /// - listeners that are the same `Arc` are untouched; one with the same name and address gets
+    ///   a new generation (open connections use its routes on their next request); a new one is
+    ///   bound; a removed one stops accepting and drains its connections.
+    ///
+    /// Requests in flight finish on the snapshot they started with.
+    pub async fn update(self: &Arc<Self>, config: model::Bootstrap) {
+        if let Err(e) = self.apply(config, false).await {
+            tracing::error!("config update: {e}");
+        }
+    }
+
+    async fn apply(
+        self: &Arc<Self>,
+        config: model::Bootstrap,
+        strict: bool,
+    ) -> Result<(), StartError> {
+        let _serial = self.updating.lock().await;
+        let old = self.snapshot();
+        let config = Arc::new(config);
+
+        // Clusters.
+        let mut states = Vec::with_capacity(config.clusters.len());
+        let mut fresh = Vec::new();
+        for c in &config.clusters {
+            match old.clusters.get(&c.name) {
+                Some(cs) if Arc::ptr_eq(&cs.info.config, c) => states.push(cs.clone()),
+                _ => {
+                    let cs = ClusterState::new(c.clone(), &self.stats);
+                    fresh.push(cs.clone());
+                    states.push(cs);
+                }
+            }
+        }
+        {
+            let mut control = self.control();
+            control.eds.retain(|n, _| config.eds.contains_key(n));
+            for cs in &states {
+                let Some(la) = config.eds.get(cs.name()) else {
+                    continue;
+                };
+                let is_fresh = fresh.iter().any(|f| Arc::ptr_eq(f, cs));
+                let applied = control.eds.get(cs.name());
+                if is_fresh || applied.is_none_or(|a| !Arc::ptr_eq(a, la)) {
+                    cs.update_endpoints(la);
+                    control.eds.insert(cs.name().to_string(), la.clone());
+                }
+            }
+        }
+        // Warming: new STRICT_DNS clusters resolve once, new clusters run their first checks.
+        let dns: Vec<_> = fresh
+            .iter()
+            .filter(|c| c.info.config.discovery == model::DiscoveryType::StrictDns)
+            .cloned()
+            .collect();
+        futures_util::future::join_all(dns.iter().map(|c| c.resolve())).await;
+        futures_util::future::join_all(fresh.iter().map(|c| c.start_health())).await;
+        {
+            let mut control = self.control();
+            for c in &dns {
+                if let Some(t) = control.dns.remove(c.name()) {
+                    t.abort();
+                }
+                control
+                    .dns
+                    .insert(c.name().to_string(), tokio::spawn(c.clone().run_dns()));
+            }
+            // DNS tasks of clusters that left or were replaced by a non-DNS cluster.
+            control.dns.retain(|name, task| {
+                let keep = states.iter().any(|s| {
+                    s.name() == name && s.info.config.discovery == model::DiscoveryType::StrictDns
+                });
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+        }
+
+        // Listeners.
+        let mut runtimes = Vec::with_capacity(config.listeners.len());
+        let mut to_bind = Vec::new();
+        let mut to_drain = Vec::new();
+        {
+            let mut control = self.control();
+            let mut keep = HashMap::new();
+            for l in &config.listeners {
+                match control.listeners.remove(&l.name) {
+                    Some(h) => {
+                        let cur = h.slot.load_full();
+                        let cur_config = cur.config();
+                        if Arc::ptr_eq(&cur_config, l) {
+                            runtimes.push(cur);
+                            keep.insert(l.name.clone(), h);
+                        } else if cur_config.address == l.address || cur.address == l.address {
+                            // Same socket (a port-0 listener also matches its bound port):
+                            // a new generation, no rebind, no drain.
+                            match self.runtime(l, cur.address, Some(cur.live.clone())) {
+                                Ok(rt) => {
+                                    rt.live.config.store(l.clone());
+                                    h.slot.store(rt.clone());
+                                    runtimes.push(rt);
+                                }
+                                Err(e) => {
+                                    tracing::error!("{e}; keeping the previous listener");
+                                    runtimes.push(cur);
+                                }
+                            }
+                            keep.insert(l.name.clone(), h);
+                        } else {
+                            to_drain.push(h);
+                            to_bind.push(l.clone());
+                        }
+                    }
+                    None => to_bind.push(l.clone()),
+                }
+            }
+            to_drain.extend(control.listeners.drain().map(|(_, h)| h));
+            control.listeners = keep;
+        }
+        for h in to_drain {
+            let rt = h.slot.load_full();
+            tracing::info!(listener = %rt.name, "listener removed: draining");
+            h.accept.abort();
+            rt.live.drain.send_replace(true);
+        }
+        for l in to_bind {
+            let tcp = match bind(format!("listener {}", l.name), l.address).await {
+                Ok(t) => t,
+                Err(e) if !strict => {
+                    tracing::error!("{e}");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let address = tcp.local_addr().unwrap_or(l.address);
+            let rt = match self.runtime(&l, address, None) {
+                Ok(rt) => rt,
+                Err(e) if !strict => {
+                    tracing::error!("{e}");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let slot = Arc::new(ArcSwap::new(rt.clone()));
+            let accept = tokio::spawn(listener::accept_loop(tcp, slot.clone(), self.clone()));
+            if !strict {
+                tracing::info!(listener = %l.name, %address, "listener added");
+            }
+            runtimes.push(rt);
+            self.control()
+                .listeners
+                .insert(l.name.clone(), ListenerHandle { slot, accept });
+        }
+        if *self.drain_tx.borrow() {
+            // Added while shutting down: drain at once.
+            for l in self.control().listeners.values() {
+                l.slot.load().live.drain.send_replace(true);
+            }
+        }
+
+        self.stats.xds.active_clusters.set(states.len() as i64);
+        self.stats
+            .xds
+            .total_listeners_active
+            .set(runtimes.len() as i64);
+        self.snapshot.store(Arc::new(Snapshot {
+            config,
+            clusters: ClusterManager::from_states(states),
+            listeners: runtimes,
+        }));
+        Ok(())
+    }
+
+    fn runtime(
+        &self,
+        l: &Arc<model::Listener>,
+        address: SocketAddr,
+        live: Option<Arc<ListenerLive>>,
+    ) -> Result<Arc<ListenerRuntime>, StartError> {
+        let access_log =
+            AccessLogger::new(&l.hcm.access_logs).map_err(|source| StartError::AccessLog {
+                listener: l.name.clone(),
+                source,
+            })?;
+        // Envoy names listener stats by address, with `:` made `_`.
+        let stat_name = format!("{}_{}", address.ip(), address.port());
+        let live = live.unwrap_or_else(|| {
+            Arc::new(ListenerLive {
+                config: ArcSwap::new(l.clone()),
+                drain: watch::channel(false).0,
+            })
+        });
+        Ok(Arc::new(ListenerRuntime {
+            name: l.name.clone(),
+            address,
+            http_stats: self.stats.http(&l.hcm.stat_prefix),
+            listener_stats: self.stats.listener(&stat_name),
+            access_log,
+            live,
+        }))
     }
 }

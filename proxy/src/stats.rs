@@ -126,13 +126,46 @@ stat_block! {
             upstream_rq_retry, upstream_rq_retry_success, upstream_rq_retry_overflow,
             upstream_rq_retry_limit_exceeded,
             upstream_rq_retry_backoff_exponential,
-            lb_healthy_panic, update_attempt, update_success, update_failure, update_empty,
+            lb_healthy_panic, lb_local_cluster_not_ok, lb_recalculate_zone_structures,
+            lb_zone_cluster_too_small, lb_zone_no_capacity_left, lb_zone_routing_all_directly,
+            lb_zone_routing_sampled, lb_zone_routing_cross_zone, update_attempt, update_success, update_failure, update_empty,
             upstream_flow_control_paused_reading_total, upstream_flow_control_resumed_reading_total,
         ],
         gauges: [upstream_cx_active, upstream_rq_active, upstream_rq_pending_active,
                  membership_total, membership_healthy, membership_degraded, membership_excluded,
                  max_host_weight],
-        extra: [upstream_rq_by_code: CodeCounters],
+        extra: [upstream_rq_by_code: CodeCounters, health_check: HealthCheckStats,
+                outlier_detection: OutlierStats],
+    }
+}
+
+stat_block! {
+    /// `cluster.<name>.health_check.*` — active health checking.
+    HealthCheckStats {
+        counters: [attempt, success, failure, passive_failure, network_failure, verify_cluster],
+        gauges: [healthy, degraded],
+        extra: [enabled: std::sync::atomic::AtomicBool],
+    }
+}
+
+stat_block! {
+    /// `cluster.<name>.outlier_detection.*` — Envoy's ejection stats.
+    OutlierStats {
+        counters: [
+            ejections_enforced_total, ejections_overflow,
+            ejections_enforced_consecutive_5xx, ejections_detected_consecutive_5xx,
+            ejections_enforced_success_rate, ejections_detected_success_rate,
+            ejections_enforced_consecutive_gateway_failure,
+            ejections_detected_consecutive_gateway_failure,
+            ejections_enforced_consecutive_local_origin_failure,
+            ejections_detected_consecutive_local_origin_failure,
+            ejections_enforced_local_origin_success_rate,
+            ejections_detected_local_origin_success_rate,
+            ejections_enforced_failure_percentage, ejections_detected_failure_percentage,
+            ejections_enforced_failure_percentage_local_origin,
+            ejections_detected_failure_percentage_local_origin,
+        ],
+        gauges: [ejections_active],
     }
 }
 
@@ -212,11 +245,83 @@ stat_block! {
     }
 }
 
+/// Stats created by name at config time (HTTP filters' `http.<prefix>.fault.*`, `lrl.*`, ...),
+/// as [`strait_filters::StatsSink`]. Process-wide, because filters are built while translating
+/// config, before and apart from any [`Store`]; every `Store` lists them. The same name always
+/// returns the same `Arc`, so counts survive reloads.
+#[derive(Debug, Default)]
+pub struct NamedStats {
+    counters: Mutex<BTreeMap<String, Arc<strait_filters::Counter>>>,
+    gauges: Mutex<BTreeMap<String, Arc<strait_filters::Gauge>>>,
+}
+
+impl NamedStats {
+    /// The process's named stats.
+    pub fn process() -> Arc<NamedStats> {
+        static PROCESS: std::sync::OnceLock<Arc<NamedStats>> = std::sync::OnceLock::new();
+        PROCESS.get_or_init(Arc::default).clone()
+    }
+
+    fn visit(&self, f: &mut dyn FnMut(&str, StatValue)) {
+        // Config-time only maps; a poisoned lock still holds whole entries.
+        let c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, v) in c.iter() {
+            f(k, StatValue::Counter(v.get()));
+        }
+        drop(c);
+        let g = self.gauges.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, v) in g.iter() {
+            f(k, StatValue::Gauge(v.get()));
+        }
+    }
+}
+
+impl strait_filters::StatsSink for NamedStats {
+    fn counter(&self, name: &str) -> Arc<strait_filters::Counter> {
+        let mut c = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        c.entry(name.to_string()).or_default().clone()
+    }
+
+    fn gauge(&self, name: &str) -> Arc<strait_filters::Gauge> {
+        let mut g = self.gauges.lock().unwrap_or_else(|e| e.into_inner());
+        g.entry(name.to_string()).or_default().clone()
+    }
+}
+
 /// All stat blocks of the process, by name. Only touched at config time and by the admin server.
 #[derive(Debug, Default)]
 pub struct Store {
     inner: Mutex<StoreInner>,
     pub server: ServerStats,
+    /// Config-plane gauges (helper H).
+    pub xds: XdsGauges,
+}
+
+stat_block! {
+    /// `control_plane.connected_state`, `cluster_manager.active_clusters`,
+    /// `listener_manager.total_listeners_active` (see [`XdsGauges::visit_named`]).
+    XdsGauges {
+        counters: [],
+        gauges: [connected_state, active_clusters, total_listeners_active],
+    }
+}
+
+impl XdsGauges {
+    /// Each gauge with its full Envoy name.
+    pub fn visit_named(&self, f: &mut dyn FnMut(&'static str, StatValue)) {
+        f(
+            "control_plane.connected_state",
+            StatValue::Gauge(self.connected_state.get()),
+        );
+        f(
+            "cluster_manager.active_clusters",
+            StatValue::Gauge(self.active_clusters.get()),
+        );
+        f(
+            "listener_manager.total_listeners_active",
+            StatValue::Gauge(self.total_listeners_active.get()),
+        );
+    }
 }
 
 #[derive(Debug, Default)]
@@ -274,6 +379,16 @@ impl Store {
             }
             for (n, s) in &inner.cluster {
                 s.visit(&mut |k, v| out.push((format!("cluster.{n}.{k}"), v)));
+                // Only clusters with health checks have these, as in Envoy.
+                if s.health_check
+                    .enabled
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    s.health_check
+                        .visit(&mut |k, v| out.push((format!("cluster.{n}.health_check.{k}"), v)));
+                }
+                s.outlier_detection
+                    .visit(&mut |k, v| out.push((format!("cluster.{n}.outlier_detection.{k}"), v)));
                 s.upstream_rq_by_code.visit(&mut |code, v| {
                     out.push((
                         format!("cluster.{n}.upstream_rq_{code}"),
@@ -287,6 +402,15 @@ impl Store {
         }
         self.server
             .visit(&mut |k, v| out.push((format!("server.{k}"), v)));
+        self.xds
+            .visit_named(&mut |k, v| out.push((k.to_string(), v)));
+        NamedStats::process().visit(&mut |k, v| out.push((k.to_string(), v)));
+        // Strait-only: live tasks of the runtime serving the admin request (the proxy's), so a
+        // reload test can see that replaced config leaves no tasks behind.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let n = i64::try_from(rt.metrics().num_alive_tasks()).unwrap_or(i64::MAX);
+            out.push(("server.tokio_alive_tasks".to_string(), StatValue::Gauge(n)));
+        }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }

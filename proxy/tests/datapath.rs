@@ -30,6 +30,7 @@ fn route(prefix: &str, action: RouteAction) -> Route {
         },
         action,
         headers: HeaderMutations::default(),
+        filter_configs: None,
     }
 }
 
@@ -43,6 +44,8 @@ fn forward(cluster: &str) -> ForwardAction {
         idle_timeout: None,
         retry_policy: None,
         upgrade_overrides: vec![],
+        priority: Default::default(),
+        hash_policy: Vec::new(),
     }
 }
 
@@ -54,6 +57,10 @@ fn retry(on: &str, n: u32, per_try: Option<Duration>) -> RetryPolicy {
         retriable_status_codes: vec![],
         back_off_base: Duration::from_millis(5),
         back_off_max: Duration::from_millis(50),
+        retriable_headers: vec![],
+        previous_hosts: false,
+        host_selection_retry_max_attempts: 1,
+        previous_priorities: None,
     }
 }
 
@@ -63,7 +70,9 @@ fn cluster(name: &str, addrs: &[SocketAddr], protocol: UpstreamProtocol) -> Arc<
         discovery: DiscoveryType::Static,
         connect_timeout: Duration::from_secs(2),
         lb_policy: LbPolicy::RoundRobin,
+        lb: Default::default(),
         load_assignment: LoadAssignment {
+            policy: Default::default(),
             endpoints: vec![LocalityLbEndpoints {
                 locality: Locality::default(),
                 priority: 0,
@@ -84,6 +93,9 @@ fn cluster(name: &str, addrs: &[SocketAddr], protocol: UpstreamProtocol) -> Arc<
         idle_timeout: Some(Duration::from_secs(3600)),
         dns_refresh_rate: Duration::from_secs(5),
         dns_lookup_family: DnsLookupFamily::Auto,
+        health_checks: Vec::new(),
+        outlier_detection: None,
+        circuit_breakers_high: Thresholds::default(),
     })
 }
 
@@ -113,6 +125,7 @@ fn bootstrap_with(
         codec_type: codec,
         route_config: Arc::new(rc),
         http_filters: vec![],
+        filter_chain: Default::default(),
         stream_idle_timeout: Some(Duration::from_secs(300)),
         request_timeout: None,
         request_headers_timeout: None,
@@ -811,6 +824,7 @@ async fn circuit_breakers_overflow_as_503_uo() {
         max_pending_requests: 1,
         max_requests: 1024,
         max_retries: 3,
+        retry_budget: None,
     };
     let cfg = bootstrap(
         vec![route("/", RouteAction::Forward(forward("backend")))],

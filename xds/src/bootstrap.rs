@@ -38,6 +38,14 @@ pub struct Overrides {
 /// Loads, decodes and translates. `config_yaml` (Envoy's `--config-yaml`) is merged over the file
 /// (proto MergeFrom semantics: repeated fields append, messages merge, scalars overwrite).
 pub fn load(source: &Source, overrides: &Overrides) -> Result<model::Bootstrap, ConfigErrors> {
+    load_full(source, overrides).map(|l| l.model)
+}
+
+/// As [`load`], keeping what the dynamic configuration ([`crate::dynamic::Dynamic`]) needs.
+pub fn load_full(
+    source: &Source,
+    overrides: &Overrides,
+) -> Result<crate::dynamic::Loaded, ConfigErrors> {
     let mut bytes = match source {
         Source::Path(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| {
@@ -61,13 +69,20 @@ pub fn load(source: &Source, overrides: &Overrides) -> Result<model::Bootstrap, 
     apply_overrides(&mut proto, overrides);
     let dump = config_dump(&proto);
 
+    let statics = match &proto.static_resources {
+        Some(sr) => crate::dynamic::Statics {
+            listeners: sr.listeners.clone(),
+            clusters: sr.clusters.clone(),
+        },
+        None => Default::default(),
+    };
     let mut cx = translate::Ctx::default();
     let mut model = translate::bootstrap::translate(&mut cx, proto);
     if !cx.errors.is_empty() {
         return Err(ConfigErrors(cx.errors));
     }
     model.dump = dump;
-    Ok(model)
+    Ok(crate::dynamic::Loaded { model, statics })
 }
 
 fn syntax_of(p: &Path) -> Syntax {

@@ -24,6 +24,13 @@ pub struct Bootstrap {
     pub clusters: Vec<Arc<Cluster>>,
     /// The source configuration as canonical proto3 JSON, for `/config_dump`.
     pub dump: ConfigDump,
+    /// `dynamic_resources`: where listeners and clusters come from over xDS (helper H).
+    pub dynamic: Option<DynamicResources>,
+    /// EDS clusters' endpoints by cluster name (helper H): the data plane applies them with
+    /// `ClusterState::update_endpoints`, keeping hosts that stay.
+    pub eds: std::collections::HashMap<String, Arc<LoadAssignment>>,
+    /// xDS-delivered resources for `/config_dump` (helper H).
+    pub dynamic_dump: Arc<DynamicDump>,
 }
 
 /// Source documents kept for `/config_dump` (canonical proto3 JSON, `@type` on `Any`s).
@@ -87,6 +94,9 @@ pub struct HttpConnectionManager {
     pub route_config: Arc<RouteConfig>,
     /// The HTTP filters before the router (the router is implicit and always last).
     pub http_filters: Vec<HttpFilter>,
+    /// The same filters, built. A request clones the `Arc` when it starts and keeps it to its
+    /// end, which pins it to this chain across reloads.
+    pub filter_chain: Arc<strait_filters::FilterChain>,
     /// Default 5 minutes; `None` when configured as 0 (disabled).
     pub stream_idle_timeout: Option<Duration>,
     /// Default disabled.
@@ -284,6 +294,9 @@ pub struct Route {
     pub matcher: RouteMatch,
     pub action: RouteAction,
     pub headers: HeaderMutations,
+    /// `typed_per_filter_config` resolved over route config, virtual host and route (most
+    /// specific wins); `None` when no level names a filter.
+    pub filter_configs: Option<Arc<strait_filters::PerFilterConfigs>>,
 }
 
 #[derive(Debug)]
@@ -305,7 +318,7 @@ pub enum PathMatch {
     PathSeparatedPrefix(String),
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct HeaderMatcher {
     /// Lower-cased; may be a pseudo-header such as `:method` or `:authority`.
     pub name: String,
@@ -313,7 +326,7 @@ pub struct HeaderMatcher {
     pub invert: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum HeaderMatchSpec {
     /// `present_match`: true matches when present, false when absent.
     Present(bool),
@@ -333,13 +346,13 @@ pub enum QueryParameterSpec {
 }
 
 /// `envoy.type.matcher.v3.StringMatcher`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct StringMatcher {
     pub pattern: StringPattern,
     pub ignore_case: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum StringPattern {
     Exact(String),
     Prefix(String),
@@ -389,6 +402,9 @@ impl StringMatcher {
     }
 }
 
+// Route actions are built once per config and read per request: keeping the forward action
+// inline saves a pointer chase on the request path; the size only costs config memory.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum RouteAction {
     Forward(ForwardAction),
@@ -414,6 +430,39 @@ pub struct ForwardAction {
     pub retry_policy: Option<RetryPolicy>,
     /// Route-level `upgrade_configs` overrides (lower-cased type, enabled).
     pub upgrade_overrides: Vec<UpgradeConfig>,
+    /// `priority`: which circuit-breaker set the route's requests count against.
+    pub priority: RoutingPriority,
+    /// `hash_policy`: how RING_HASH / MAGLEV clusters hash the request (helper J1).
+    pub hash_policy: Vec<HashPolicy>,
+}
+
+/// One `RouteAction.hash_policy` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HashPolicy {
+    pub source: HashSource,
+    /// Stop at this policy when it produced a hash.
+    pub terminal: bool,
+}
+
+/// What a hash policy hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashSource {
+    /// A request header (lower-cased; `:authority`, `:path`, `:method`, `:scheme` allowed).
+    Header(String),
+    /// A cookie's value (no cookie generation: `ttl` is rejected).
+    Cookie(String),
+    /// `connection_properties.source_ip`: the downstream peer's IP.
+    SourceIp,
+    /// The first value of a query parameter.
+    QueryParameter(String),
+}
+
+/// `envoy.config.core.v3.RoutingPriority`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RoutingPriority {
+    #[default]
+    Default,
+    High,
 }
 
 #[derive(Debug)]
@@ -477,6 +526,14 @@ pub struct RetryPolicy {
     /// Default base 25 ms, max 10 × base.
     pub back_off_base: Duration,
     pub back_off_max: Duration,
+    /// `retriable_headers`: a response matching any of these is retried (`retriable-headers`).
+    pub retriable_headers: Vec<HeaderMatcher>,
+    /// `retry_host_predicate` `envoy.retry_host_predicates.previous_hosts`.
+    pub previous_hosts: bool,
+    /// Default 1: how many times host selection may be redone to satisfy the predicate.
+    pub host_selection_retry_max_attempts: u32,
+    /// `retry_priority` `envoy.retry_priorities.previous_priorities`: its `update_frequency`.
+    pub previous_priorities: Option<u32>,
 }
 
 /// Retry conditions as a bit set.
@@ -491,6 +548,13 @@ impl RetryOn {
     pub const RETRIABLE_STATUS_CODES: u32 = 1 << 4;
     pub const REFUSED_STREAM: u32 = 1 << 5;
     pub const RETRIABLE_4XX: u32 = 1 << 6;
+    pub const RETRIABLE_HEADERS: u32 = 1 << 7;
+    /// gRPC conditions, matched on `grpc-status` in response headers (trailers-only replies).
+    pub const GRPC_CANCELLED: u32 = 1 << 8;
+    pub const GRPC_DEADLINE_EXCEEDED: u32 = 1 << 9;
+    pub const GRPC_INTERNAL: u32 = 1 << 10;
+    pub const GRPC_RESOURCE_EXHAUSTED: u32 = 1 << 11;
+    pub const GRPC_UNAVAILABLE: u32 = 1 << 12;
 
     pub fn has(self, flag: u32) -> bool {
         self.0 & flag != 0
@@ -508,6 +572,12 @@ impl RetryOn {
                 "retriable-status-codes" => Self::RETRIABLE_STATUS_CODES,
                 "refused-stream" => Self::REFUSED_STREAM,
                 "retriable-4xx" => Self::RETRIABLE_4XX,
+                "retriable-headers" => Self::RETRIABLE_HEADERS,
+                "cancelled" => Self::GRPC_CANCELLED,
+                "deadline-exceeded" => Self::GRPC_DEADLINE_EXCEEDED,
+                "internal" => Self::GRPC_INTERNAL,
+                "resource-exhausted" => Self::GRPC_RESOURCE_EXHAUSTED,
+                "unavailable" => Self::GRPC_UNAVAILABLE,
                 other => return Err(other.to_string()),
             };
         }
@@ -532,12 +602,22 @@ pub struct Cluster {
     /// STRICT_DNS refresh; default 5 s.
     pub dns_refresh_rate: Duration,
     pub dns_lookup_family: DnsLookupFamily,
+    /// Load-balancer settings beyond the policy (helper J1).
+    pub lb: LbConfig,
+    /// Active health checks (`health_checks`); empty when none.
+    pub health_checks: Vec<HealthCheck>,
+    /// `outlier_detection`; `None` when not configured (no passive ejection).
+    pub outlier_detection: Option<OutlierDetection>,
+    /// Circuit-breaker thresholds for the HIGH routing priority.
+    pub circuit_breakers_high: Thresholds,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DiscoveryType {
     Static,
     StrictDns,
+    /// Endpoints come from EDS (`Bootstrap::eds`), not from `load_assignment`.
+    Eds,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -558,6 +638,84 @@ pub enum LbPolicy {
         choice_count: u32,
     },
     Random,
+    /// `RING_HASH`: ring of `minimum_ring_size` (default 1024) to `maximum_ring_size` (default
+    /// 8M) entries, xxHash64.
+    RingHash {
+        min_ring_size: u64,
+        max_ring_size: u64,
+    },
+    /// `MAGLEV`: a lookup table of `table_size` slots (prime; default 65537).
+    Maglev {
+        table_size: u64,
+    },
+}
+
+impl LbPolicy {
+    /// Whether the policy picks by the request's hash (route `hash_policy`).
+    pub fn is_hashing(&self) -> bool {
+        matches!(self, LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. })
+    }
+}
+
+/// `common_lb_config` and policy-specific settings, Envoy's defaults applied, plus what
+/// zone-aware routing needs from the bootstrap.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LbConfig {
+    /// `healthy_panic_threshold`, rounded to an integer percent; default 50, 0 disables panic.
+    pub healthy_panic_threshold: u32,
+    /// `locality_weighted_lb_config` is set.
+    pub locality_weighted: bool,
+    /// `zone_aware_lb_config` (only used when the bootstrap names a local cluster).
+    pub zone_aware: ZoneAware,
+    /// In panic, send no traffic instead of spreading it over all hosts. Envoy's
+    /// `zone_aware_lb_config.fail_traffic_on_panic`; for locality-weighted clusters (where Envoy
+    /// cannot express it, envoyproxy/envoy#33926) Strait reads it from cluster metadata
+    /// `filter_metadata["strait.lb"].fail_traffic_on_panic`.
+    pub fail_traffic_on_panic: bool,
+    /// `least_request_lb_config.active_request_bias`; default 1.0.
+    pub active_request_bias: f64,
+    /// `consistent_hashing_lb_config.hash_balance_factor` (>= 100) for bounded loads.
+    pub hash_balance_factor: Option<u32>,
+    /// `cluster_manager.local_cluster_name` of the bootstrap, for zone-aware routing.
+    pub local_cluster_name: Option<String>,
+    /// `node.locality` of the bootstrap: the locality Strait runs in.
+    pub local_locality: Locality,
+}
+
+impl Default for LbConfig {
+    fn default() -> Self {
+        LbConfig {
+            healthy_panic_threshold: 50,
+            locality_weighted: false,
+            zone_aware: ZoneAware::default(),
+            fail_traffic_on_panic: false,
+            active_request_bias: 1.0,
+            hash_balance_factor: None,
+            local_cluster_name: None,
+            local_locality: Locality::default(),
+        }
+    }
+}
+
+/// `common_lb_config.zone_aware_lb_config`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZoneAware {
+    /// `routing_enabled` percent; default 100.
+    pub routing_enabled: u32,
+    /// `min_cluster_size`; default 6.
+    pub min_cluster_size: u64,
+    /// `force_locality_direct_routing`; default false.
+    pub force_locality_direct_routing: bool,
+}
+
+impl Default for ZoneAware {
+    fn default() -> Self {
+        ZoneAware {
+            routing_enabled: 100,
+            min_cluster_size: 6,
+            force_locality_direct_routing: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -576,6 +734,8 @@ pub struct Thresholds {
     pub max_pending_requests: u32,
     pub max_requests: u32,
     pub max_retries: u32,
+    /// `retry_budget`: when set, it replaces `max_retries`.
+    pub retry_budget: Option<RetryBudget>,
 }
 
 impl Default for Thresholds {
@@ -585,6 +745,170 @@ impl Default for Thresholds {
             max_pending_requests: 1024,
             max_requests: 1024,
             max_retries: 3,
+            retry_budget: None,
+        }
+    }
+}
+
+/// `circuit_breakers.thresholds[].retry_budget`: active retries may be at most `budget_percent`
+/// of active requests plus pending requests, but always at least `min_retry_concurrency`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryBudget {
+    /// Default 20.0 (percent).
+    pub budget_percent: f64,
+    /// Default 3.
+    pub min_retry_concurrency: u32,
+}
+
+// Translation rejects NaN, so equality is total here.
+impl Eq for RetryBudget {}
+
+// === Health checking and outlier detection ===
+
+/// `envoy.config.core.v3.HealthCheck` (one entry of `cluster.health_checks`).
+#[derive(Debug, Clone)]
+pub struct HealthCheck {
+    pub timeout: Duration,
+    pub interval: Duration,
+    /// Default 0: a random wait before the first check of a host, up to this.
+    pub initial_jitter: Duration,
+    /// Added to each interval: uniform in [0, interval_jitter).
+    pub interval_jitter: Duration,
+    /// Added to each interval: uniform in [0, interval × percent / 100).
+    pub interval_jitter_percent: u32,
+    pub unhealthy_threshold: u32,
+    pub healthy_threshold: u32,
+    /// Default 60 s: the interval while the cluster has seen no traffic.
+    pub no_traffic_interval: Duration,
+    /// Default `no_traffic_interval`: the no-traffic interval for a healthy host.
+    pub no_traffic_healthy_interval: Duration,
+    /// Default `interval`: the interval while a host is unhealthy.
+    pub unhealthy_interval: Duration,
+    /// Default `unhealthy_interval`: the wait after a host turns unhealthy.
+    pub unhealthy_edge_interval: Duration,
+    /// Default `interval`: the wait after a host turns healthy.
+    pub healthy_edge_interval: Duration,
+    /// Default true: keep the checking connection between checks.
+    pub reuse_connection: bool,
+    pub kind: HealthCheckKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum HealthCheckKind {
+    Http(HttpHealthCheck),
+    Tcp(TcpHealthCheck),
+    Grpc(GrpcHealthCheck),
+}
+
+/// `HealthCheck.HttpHealthCheck`.
+#[derive(Debug, Clone)]
+pub struct HttpHealthCheck {
+    /// Default: the cluster name.
+    pub host: Option<String>,
+    pub path: String,
+    /// Half-open ranges [start, end); default [200, 201).
+    pub expected_statuses: Vec<(u16, u16)>,
+    /// Statuses that count as failures without immediately marking the host unhealthy.
+    pub retriable_statuses: Vec<(u16, u16)>,
+    /// `codec_client_type: HTTP2`.
+    pub http2: bool,
+    pub request_headers_to_add: Vec<(HeaderName, HeaderValue)>,
+    pub request_headers_to_remove: Vec<HeaderName>,
+}
+
+/// `HealthCheck.TcpHealthCheck`: connect, optionally send a payload and expect every `receive`
+/// block in the reply (in any order, as Envoy's fuzzy matching does).
+#[derive(Debug, Clone, Default)]
+pub struct TcpHealthCheck {
+    pub send: Option<bytes::Bytes>,
+    pub receive: Vec<bytes::Bytes>,
+}
+
+/// `HealthCheck.GrpcHealthCheck`: `grpc.health.v1.Health/Check`.
+#[derive(Debug, Clone, Default)]
+pub struct GrpcHealthCheck {
+    pub service_name: String,
+    /// Default: the cluster name.
+    pub authority: Option<String>,
+}
+
+/// `envoy.config.cluster.v3.OutlierDetection`, Envoy's defaults applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutlierDetection {
+    /// Default 5.
+    pub consecutive_5xx: u32,
+    /// Default 10 s.
+    pub interval: Duration,
+    /// Default 30 s.
+    pub base_ejection_time: Duration,
+    /// Default 300 s.
+    pub max_ejection_time: Duration,
+    /// Default 0.
+    pub max_ejection_time_jitter: Duration,
+    /// Default 10.
+    pub max_ejection_percent: u32,
+    /// Default 100.
+    pub enforcing_consecutive_5xx: u32,
+    /// Default 100.
+    pub enforcing_success_rate: u32,
+    /// Default 5.
+    pub success_rate_minimum_hosts: u32,
+    /// Default 100.
+    pub success_rate_request_volume: u32,
+    /// Default 1900 (1.9 standard deviations).
+    pub success_rate_stdev_factor: u32,
+    /// Default 5.
+    pub consecutive_gateway_failure: u32,
+    /// Default 0.
+    pub enforcing_consecutive_gateway_failure: u32,
+    /// Default false.
+    pub split_external_local_origin_errors: bool,
+    /// Default 5.
+    pub consecutive_local_origin_failure: u32,
+    /// Default 100.
+    pub enforcing_consecutive_local_origin_failure: u32,
+    /// Default 100.
+    pub enforcing_local_origin_success_rate: u32,
+    /// Default 85.
+    pub failure_percentage_threshold: u32,
+    /// Default 0.
+    pub enforcing_failure_percentage: u32,
+    /// Default 0.
+    pub enforcing_failure_percentage_local_origin: u32,
+    /// Default 5.
+    pub failure_percentage_minimum_hosts: u32,
+    /// Default 50.
+    pub failure_percentage_request_volume: u32,
+    /// Default true.
+    pub successful_active_health_check_uneject_host: bool,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            consecutive_5xx: 5,
+            interval: Duration::from_secs(10),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_time_jitter: Duration::ZERO,
+            max_ejection_percent: 10,
+            enforcing_consecutive_5xx: 100,
+            enforcing_success_rate: 100,
+            success_rate_minimum_hosts: 5,
+            success_rate_request_volume: 100,
+            success_rate_stdev_factor: 1900,
+            consecutive_gateway_failure: 5,
+            enforcing_consecutive_gateway_failure: 0,
+            split_external_local_origin_errors: false,
+            consecutive_local_origin_failure: 5,
+            enforcing_consecutive_local_origin_failure: 100,
+            enforcing_local_origin_success_rate: 100,
+            failure_percentage_threshold: 85,
+            enforcing_failure_percentage: 0,
+            enforcing_failure_percentage_local_origin: 0,
+            failure_percentage_minimum_hosts: 5,
+            failure_percentage_request_volume: 50,
+            successful_active_health_check_uneject_host: true,
         }
     }
 }
@@ -592,6 +916,26 @@ impl Default for Thresholds {
 #[derive(Debug, Clone, Default)]
 pub struct LoadAssignment {
     pub endpoints: Vec<LocalityLbEndpoints>,
+    /// `policy` of the ClusterLoadAssignment (helper J1).
+    pub policy: AssignmentPolicy,
+}
+
+/// `ClusterLoadAssignment.Policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AssignmentPolicy {
+    /// `overprovisioning_factor` in percent; default 140.
+    pub overprovisioning_factor: u32,
+    /// `weighted_priority_health`: priority health counts host weights, not hosts.
+    pub weighted_priority_health: bool,
+}
+
+impl Default for AssignmentPolicy {
+    fn default() -> Self {
+        AssignmentPolicy {
+            overprovisioning_factor: 140,
+            weighted_priority_health: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -632,4 +976,93 @@ pub enum HealthStatus {
     Draining,
     Timeout,
     Degraded,
+}
+
+// === Dynamic resources (xDS) ===
+
+/// `dynamic_resources` of the bootstrap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DynamicResources {
+    /// `ads_config`, when any source says `ads: {}`.
+    pub ads: Option<AdsSource>,
+    pub lds: Option<ConfigSource>,
+    pub cds: Option<ConfigSource>,
+}
+
+/// `ads_config`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdsSource {
+    /// `api_type: DELTA_GRPC` (else GRPC, state of the world).
+    pub delta: bool,
+    /// `grpc_services[].envoy_grpc.cluster_name`, in failover order; each a static cluster.
+    pub clusters: Vec<String>,
+}
+
+/// An `envoy.config.core.v3.ConfigSource`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigSource {
+    pub kind: ConfigSourceKind,
+    /// Default 15 s; `None` when configured as 0 (wait forever).
+    pub initial_fetch_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ConfigSourceKind {
+    /// `ads: {}`.
+    Ads,
+    /// `path_config_source`: a file holding a DiscoveryResponse, replaced by atomic rename.
+    Path {
+        path: PathBuf,
+        watched_directory: Option<PathBuf>,
+    },
+}
+
+/// Renders a resource as canonical proto3 JSON on demand, so `/config_dump` costs nothing
+/// until asked for (the model does not know protobuf; `strait-xds` implements this).
+pub trait Render: std::fmt::Debug + Send + Sync {
+    fn render(&self) -> serde_json::Value;
+}
+
+/// Where a dynamic resource came from (Strait-specific `strait_source` in `/config_dump`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResourceSource {
+    ControlPlane,
+    /// The last-known-good store (`--xds-state-dir`), not yet confirmed by a control plane.
+    Store,
+    /// A `path_config_source` file.
+    File,
+}
+
+impl ResourceSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResourceSource::ControlPlane => "control_plane",
+            ResourceSource::Store => "store",
+            ResourceSource::File => "file",
+        }
+    }
+}
+
+/// One dynamic resource as `/config_dump` shows it.
+#[derive(Debug, Clone)]
+pub struct DynamicEntry {
+    pub name: String,
+    pub version_info: String,
+    pub last_updated: std::time::SystemTime,
+    pub source: ResourceSource,
+    /// Accepted but waiting for its routes / endpoints (make-before-break).
+    pub warming: bool,
+    pub body: Arc<dyn Render>,
+}
+
+/// The dynamic part of `/config_dump`.
+#[derive(Debug, Clone, Default)]
+pub struct DynamicDump {
+    pub listeners: Vec<DynamicEntry>,
+    pub clusters: Vec<DynamicEntry>,
+    pub route_configs: Vec<DynamicEntry>,
+    pub endpoint_configs: Vec<DynamicEntry>,
+    /// Last accepted `version_info` of LDS and CDS.
+    pub lds_version: String,
+    pub cds_version: String,
 }

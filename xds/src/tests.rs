@@ -369,15 +369,18 @@ fn unsupported_bootstrap_fields_are_all_listed() {
             json!({"layers": [{"name": "x", "static_layer": {}}]}),
         ),
         ("/stats_flush_interval", json!("1s")),
-        ("/static_resources/clusters/0/outlier_detection", json!({})),
+        (
+            "/static_resources/clusters/0/outlier_detection",
+            json!({"always_eject_one_host": true}),
+        ),
     ]);
     assert_eq!(
         errors(&v),
         [
-            "dynamic_resources: not supported yet",
+            "dynamic_resources.lds_config.path: deprecated: use path_config_source (not supported)",
             "stats_flush_interval: not supported yet",
             "layered_runtime: not supported yet",
-            "static_resources.clusters[0].outlier_detection: not supported yet",
+            "static_resources.clusters[0].outlier_detection.always_eject_one_host: not supported yet",
         ]
     );
     // An empty cluster_manager changes nothing and is accepted.
@@ -487,7 +490,13 @@ fn hcm_rules() {
         &format!("{P_HCM}/rds"),
         json!({"route_config_name": "x", "config_source": {"ads": {}}}),
     );
-    assert_eq!(errors(&v), [format!("{HCM}.rds: not supported yet")]);
+    // RDS over ADS needs an ADS stream (helper H).
+    assert_eq!(
+        errors(&v),
+        [format!(
+            "{HCM}.rds.config_source.ads: requires dynamic_resources.ads_config in the bootstrap"
+        )]
+    );
     let b = ok(&with(&[
         (&format!("{P_HCM}/codec_type"), json!("HTTP2")),
         (&format!("{P_HCM}/use_remote_address"), json!(true)),
@@ -536,23 +545,81 @@ fn hcm_rules() {
 #[test]
 fn http_filter_rules() {
     let router = json!({"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}});
-    let cors = json!({"name": "envoy.filters.http.cors", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"}});
-    let mut optional = cors.clone();
+    let lua_type = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua";
+    let lua = json!({"name": "envoy.filters.http.lua", "typed_config": {"@type": lua_type}});
+    let mut optional = lua.clone();
     optional["is_optional"] = json!(true);
     let fp = format!("{P_HCM}/http_filters");
     assert_eq!(
-        errors(&with(&[(&fp, json!([cors.clone(), router.clone()]))])),
+        errors(&with(&[(&fp, json!([lua.clone(), router.clone()]))])),
         [format!(
-            "{HCM}.http_filters[0]: unknown filter 'envoy.filters.http.cors'"
+            "{HCM}.http_filters[0].typed_config: unknown filter 'envoy.filters.http.lua' ({lua_type})"
         )]
     );
     ok(&with(&[(&fp, json!([optional, router.clone()]))]));
     assert_eq!(
-        errors(&with(&[(&fp, json!([router.clone(), cors]))])),
+        errors(&with(&[(&fp, json!([router.clone(), lua]))])),
         [
             format!("{HCM}.http_filters[0]: terminal filter 'envoy.filters.http.router' must be the last filter in the chain"),
-            format!("{HCM}.http_filters[1]: unknown filter 'envoy.filters.http.cors'"),
+            format!("{HCM}.http_filters[1].typed_config: unknown filter 'envoy.filters.http.lua' ({lua_type})"),
         ]
+    );
+    // A built-in filter is built into the chain, in order, before the router.
+    let cors = json!({"name": "envoy.filters.http.cors", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"}});
+    let b = ok(&with(&[(&fp, json!([cors, router.clone()]))]));
+    let chain = &b.listeners[0].hcm.filter_chain;
+    assert_eq!(chain.entries().len(), 1);
+    assert_eq!(&*chain.entries()[0].name, "envoy.filters.http.cors");
+    // Per-route configs are parsed by the registry at each level, errors at their path, and
+    // resolved per route (most specific level wins).
+    let rc = format!("{P_HCM}/route_config");
+    let lrl_type =
+        "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
+    assert_eq!(
+        errors(&with(&[(
+            &format!("{rc}/virtual_hosts/0/routes/0/typed_per_filter_config"),
+            json!({"envoy.filters.http.lua": {"@type": lua_type}})
+        )])),
+        [format!(
+            "{RC}.virtual_hosts[0].routes[0].typed_per_filter_config[\"envoy.filters.http.lua\"]: unsupported per-route filter config type {lua_type}"
+        )]
+    );
+    let b = ok(&with(&[
+        (
+            &format!("{rc}/typed_per_filter_config"),
+            json!({"envoy.filters.http.buffer": {
+                "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": true}}),
+        ),
+        (
+            &format!("{rc}/virtual_hosts/0/routes/0/typed_per_filter_config"),
+            json!({"envoy.filters.http.local_ratelimit": {"@type": lrl_type, "stat_prefix": "r"},
+                   "envoy.filters.http.lua": {
+                "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+                "is_optional": true, "config": {"@type": lua_type}}}),
+        ),
+    ]));
+    let fc = route0(&b)
+        .filter_configs
+        .clone()
+        .unwrap_or_else(|| panic!("per-route configs expected"));
+    assert_eq!(
+        fc.get("envoy.filters.http.buffer").and_then(|p| p.disabled),
+        Some(true)
+    );
+    assert!(fc.get("envoy.filters.http.local_ratelimit").is_some());
+    assert!(
+        fc.get("envoy.filters.http.lua").is_none(),
+        "optional unknown: ignored"
+    );
+    // Its config is validated, with the field path.
+    let fault = json!({"name": "envoy.filters.http.fault", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+        "abort": {"grpc_status": 14, "percentage": {"numerator": 100}}}});
+    assert_eq!(
+        errors(&with(&[(&fp, json!([fault, router.clone()]))])),
+        [format!(
+            "{HCM}.http_filters[0].typed_config.abort.grpc_status: not supported yet"
+        )]
     );
     assert_eq!(
         errors(&with(&[(&fp, json!([]))])),
@@ -802,11 +869,11 @@ fn route_action_rules() {
     assert_eq!(
         errors(&route_with(
             json!({"match": {"prefix": "/"}, "route": {"cluster": "c0", "prefix_rewrite": "/x",
-            "regex_rewrite": {"pattern": {"regex": "a"}, "substitution": "b"}, "hash_policy": [{"header": {"header_name": "x"}}]}})
+            "regex_rewrite": {"pattern": {"regex": "a"}, "substitution": "b"}, "hash_policy": [{"filter_state": {"key": "x"}}]}})
         )),
         [
             format!("{r}.route: Cannot specify both prefix_rewrite and regex_rewrite"),
-            format!("{r}.route.hash_policy: not supported yet"),
+            format!("{r}.route.hash_policy[0].filter_state: not supported yet"),
         ]
     );
 }
@@ -838,6 +905,31 @@ fn retry_policy_rules() {
             format!("{r}.retry_on: unsupported retry_on condition 'bogus'"),
             format!("{r}.retry_back_off.max_interval: max_interval must be greater than or equal to the base_interval"),
         ]
+    );
+    // Retry extensions: previous_hosts, previous_priorities, retriable headers, gRPC codes.
+    let b = ok(&retry(json!({
+        "retry_on": "retriable-headers,unavailable,cancelled",
+        "retriable_headers": [{"name": "x-retry", "present_match": true}],
+        "host_selection_retry_max_attempts": 3,
+        "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
+        "retry_priority": {"name": "envoy.retry_priorities.previous_priorities",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig", "update_frequency": 2}},
+    })));
+    let p = forward0(&b).retry_policy.clone().unwrap();
+    assert!(
+        p.retry_on.has(RetryOn::RETRIABLE_HEADERS) && p.retry_on.has(RetryOn::GRPC_UNAVAILABLE)
+    );
+    assert!(p.previous_hosts);
+    assert_eq!(p.host_selection_retry_max_attempts, 3);
+    assert_eq!(p.previous_priorities, Some(2));
+    assert_eq!(p.retriable_headers.len(), 1);
+    assert_eq!(
+        errors(&retry(json!({"retry_priority": {"name": "p",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig", "update_frequency": 0}}}))),
+        [format!(
+            "{r}.retry_priority.typed_config.update_frequency: must be greater than 0"
+        )]
     );
     // A route's own policy wins over the virtual host's.
     let mut v = retry(json!({"retry_on": "reset", "num_retries": 5}));
@@ -1008,17 +1100,18 @@ fn cluster_rules() {
     let c = "static_resources.clusters[0]";
     assert_eq!(
         errors(&cluster_with(&[
-            ("type", json!("EDS")),
-            ("lb_policy", json!("MAGLEV")),
+            ("type", json!("ORIGINAL_DST")),
+            ("lb_policy", json!("CLUSTER_PROVIDED")),
             (
                 "health_checks",
-                json!([{"timeout": "1s", "interval": "1s", "tcp_health_check": {}}])
+                json!([{"timeout": "1s", "interval": "1s", "unhealthy_threshold": 1,
+                        "healthy_threshold": 1, "custom_health_check": {"name": "x"}}])
             )
         ])),
         [
             format!("{c}.type: not supported yet"),
             format!("{c}.lb_policy: not supported yet"),
-            format!("{c}.health_checks: not supported yet"),
+            format!("{c}.health_checks[0].custom_health_check: not supported yet"),
         ]
     );
     assert_eq!(
@@ -1072,12 +1165,14 @@ fn cluster_rules() {
             ("lb_policy", json!("LEAST_REQUEST")),
             (
                 "least_request_lb_config",
-                json!({"choice_count": 1, "active_request_bias": {"default_value": 2.0, "runtime_key": "k"}})
+                json!({"choice_count": 1, "active_request_bias": {"default_value": -1.0, "runtime_key": "k"}})
             )
         ])),
         [
             format!("{c}.least_request_lb_config.choice_count: must be at least 2"),
-            format!("{c}.least_request_lb_config.active_request_bias: not supported yet"),
+            format!(
+                "{c}.least_request_lb_config.active_request_bias: must be a finite number >= 0"
+            ),
         ]
     );
     assert_eq!(
@@ -1162,14 +1257,99 @@ fn cluster_protocol_and_breakers() {
             max_connections: 10,
             max_pending_requests: 1024,
             max_requests: 1024,
-            max_retries: 0
+            max_retries: 0,
+            retry_budget: None,
         }
     );
+    // HIGH-priority thresholds and retry budgets (Envoy's defaults 20 % / 3).
+    let b = ok(&cluster_with(&[(
+        "circuit_breakers",
+        json!({"thresholds": [{"priority": "HIGH", "max_requests": 5}, {"retry_budget": {}}]}),
+    )]));
+    assert_eq!(b.clusters[0].circuit_breakers_high.max_requests, 5);
     assert_eq!(
-        errors(&cluster_with(&[("circuit_breakers", json!({"thresholds": [{"priority": "HIGH"}, {"retry_budget": {}}]}))])),
+        b.clusters[0].circuit_breakers.retry_budget,
+        Some(model::RetryBudget {
+            budget_percent: 20.0,
+            min_retry_concurrency: 3
+        })
+    );
+    assert_eq!(
+        errors(&cluster_with(&[(
+            "circuit_breakers",
+            json!({"thresholds": [{"retry_budget": {"budget_interval": "1s"}}]})
+        )])),
+        ["static_resources.clusters[0].circuit_breakers.thresholds[0].retry_budget.budget_interval: not supported yet"]
+    );
+}
+
+#[test]
+fn health_checks_outlier_detection_and_retry_extensions() {
+    let c = "static_resources.clusters[0]";
+    let b = ok(&cluster_with(&[
+        (
+            "health_checks",
+            json!([{"timeout": "1s", "interval": "2s", "unhealthy_threshold": 3,
+                    "healthy_threshold": 2, "interval_jitter_percent": 10,
+                    "http_health_check": {"path": "/healthz",
+                        "expected_statuses": [{"start": 200, "end": 300}],
+                        "retriable_statuses": [{"start": 429, "end": 430}]}},
+                   {"timeout": "1s", "interval": "2s", "unhealthy_threshold": 1,
+                    "healthy_threshold": 1, "no_traffic_interval": "5s", "reuse_connection": false,
+                    "tcp_health_check": {"send": {"text": "50494E47"}, "receive": [{"text": "504F4E47"}]}},
+                   {"timeout": "1s", "interval": "2s", "unhealthy_threshold": 1,
+                    "healthy_threshold": 1, "grpc_health_check": {"service_name": "svc"}}]),
+        ),
+        (
+            "outlier_detection",
+            json!({"consecutive_5xx": 3, "max_ejection_percent": 100}),
+        ),
+    ]));
+    let hc = &b.clusters[0].health_checks;
+    assert_eq!(hc.len(), 3);
+    // Envoy's interval defaults: unhealthy / edges from interval, no traffic 60 s.
+    assert_eq!(hc[0].unhealthy_interval, Duration::from_secs(2));
+    assert_eq!(hc[0].unhealthy_edge_interval, Duration::from_secs(2));
+    assert_eq!(hc[0].healthy_edge_interval, Duration::from_secs(2));
+    assert_eq!(hc[0].no_traffic_interval, Duration::from_secs(60));
+    assert!(hc[0].reuse_connection && !hc[1].reuse_connection);
+    assert_eq!(hc[1].no_traffic_healthy_interval, Duration::from_secs(5));
+    match (&hc[0].kind, &hc[1].kind, &hc[2].kind) {
+        (HealthCheckKind::Http(h), HealthCheckKind::Tcp(t), HealthCheckKind::Grpc(g)) => {
+            assert_eq!(h.expected_statuses, [(200, 300)]);
+            assert_eq!(h.retriable_statuses, [(429, 430)]);
+            assert_eq!(t.send.as_deref(), Some(&b"PING"[..]));
+            assert_eq!(t.receive[0].as_ref(), b"PONG");
+            assert_eq!(g.service_name, "svc");
+        }
+        other => panic!("{other:?}"),
+    }
+    let od = b.clusters[0].outlier_detection.as_ref().unwrap();
+    assert_eq!(od.consecutive_5xx, 3);
+    assert_eq!(od.max_ejection_percent, 100);
+    assert_eq!(od.base_ejection_time, Duration::from_secs(30));
+    assert_eq!(od.enforcing_consecutive_gateway_failure, 0);
+    assert_eq!(
+        errors(&cluster_with(&[(
+            "health_checks",
+            json!([{"interval": "1s", "http_health_check": {"path": "/",
+                "expected_statuses": [{"start": 99, "end": 200}]}}])
+        )])),
         [
-            "static_resources.clusters[0].circuit_breakers.thresholds[0].priority: not supported yet",
-            "static_resources.clusters[0].circuit_breakers.thresholds[1].retry_budget: not supported yet",
+            format!("{c}.health_checks[0].timeout: required"),
+            format!("{c}.health_checks[0].unhealthy_threshold: required"),
+            format!("{c}.health_checks[0].healthy_threshold: required"),
+            format!("{c}.health_checks[0].http_health_check.expected_statuses[0]: invalid status range [99, 200): must lie within [100, 600) and not be empty"),
+        ]
+    );
+    assert_eq!(
+        errors(&cluster_with(&[(
+            "outlier_detection",
+            json!({"base_ejection_time": "60s", "max_ejection_time": "10s", "enforcing_success_rate": 101})
+        )])),
+        [
+            format!("{c}.outlier_detection.max_ejection_time: must be greater than or equal to base_ejection_time"),
+            format!("{c}.outlier_detection.enforcing_success_rate: must be at most 100"),
         ]
     );
 }

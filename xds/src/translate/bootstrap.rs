@@ -57,9 +57,28 @@ pub(crate) fn translate(cx: &mut Ctx, b: bs::Bootstrap) -> model::Bootstrap {
     } = b;
     let node = translate_node(cx, node);
     // An empty `cluster_manager: {}` changes nothing.
-    let cluster_manager = cluster_manager.unwrap_or_default();
+    let bs::ClusterManager {
+        local_cluster_name,
+        outlier_detection,
+        upstream_bind_config,
+        load_stats_config,
+        enable_deferred_cluster_creation,
+    } = cluster_manager.unwrap_or_default();
+    reject_set!(cx, "cluster_manager"; outlier_detection, upstream_bind_config,
+        load_stats_config, enable_deferred_cluster_creation);
+    // Zone-aware routing (helper J1): every cluster's LB config learns where Strait runs.
+    cx.local_cluster_name = (!local_cluster_name.is_empty()).then(|| local_cluster_name.clone());
+    cx.local_locality = node.locality.clone();
+    reject_set!(cx, ""; node_context_params);
+    // Before the static resources, which may use `ads: {}` sources; ads_config names static
+    // clusters wherever they appear in the file (helper H).
+    if let Some(sr) = &static_resources {
+        cx.cluster_names = sr.clusters.iter().map(|c| c.name.clone()).collect();
+    }
+    let dynamic = dynamic_resources
+        .and_then(|d| super::config_source::dynamic_resources(cx, "dynamic_resources", d));
     reject_set!(cx, "";
-        node_context_params, dynamic_resources, cluster_manager, hds_config, flags_path,
+        hds_config, flags_path,
         stats_sinks, deferred_stat_options, stats_config, stats_flush_interval, watchdog,
         watchdogs, tracing, layered_runtime);
     let admin = admin.and_then(|a| translate_admin(cx, a));
@@ -82,6 +101,12 @@ pub(crate) fn translate(cx: &mut Ctx, b: bs::Bootstrap) -> model::Bootstrap {
     reject_set!(cx, base; secrets);
     // Routes are checked against every static cluster, wherever it appears in the file.
     cx.cluster_names = clusters.iter().map(|c| c.name.clone()).collect();
+    if let Some(local) = &cx.local_cluster_name {
+        if !cx.cluster_names.contains(local) {
+            let msg = format!("local cluster '{local}' must be defined as a static cluster");
+            cx.err("cluster_manager.local_cluster_name", msg);
+        }
+    }
 
     let mut out_listeners = Vec::new();
     let mut listener_names = HashSet::new();
@@ -120,6 +145,8 @@ pub(crate) fn translate(cx: &mut Ctx, b: bs::Bootstrap) -> model::Bootstrap {
         listeners: out_listeners,
         clusters: out_clusters,
         dump: model::ConfigDump::default(),
+        dynamic,
+        ..Default::default()
     }
 }
 

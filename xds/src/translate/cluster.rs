@@ -54,7 +54,7 @@ pub(crate) fn translate(cx: &mut Ctx, path: &str, c: cl::Cluster) -> Option<mode
         lb_subset_config,
         common_lb_config,
         transport_socket,
-        metadata: _,
+        metadata,
         protocol_selection,
         upstream_connection_options,
         close_connections_on_host_health_failure,
@@ -82,6 +82,7 @@ pub(crate) fn translate(cx: &mut Ctx, path: &str, c: cl::Cluster) -> Option<mode
             match cl::cluster::DiscoveryType::try_from(t) {
                 Ok(cl::cluster::DiscoveryType::Static) => Some(model::DiscoveryType::Static),
                 Ok(cl::cluster::DiscoveryType::StrictDns) => Some(model::DiscoveryType::StrictDns),
+                Ok(cl::cluster::DiscoveryType::Eds) => Some(model::DiscoveryType::Eds),
                 _ => {
                     cx.unsupported(at(path, "type"));
                     None
@@ -94,8 +95,10 @@ pub(crate) fn translate(cx: &mut Ctx, path: &str, c: cl::Cluster) -> Option<mode
         }
     };
     reject_set!(cx, path;
-        transport_socket_matches, transport_socket_matcher, alt_stat_name, stats_matcher,
-        eds_cluster_config);
+            transport_socket_matches, transport_socket_matcher, alt_stat_name, stats_matcher,
+    );
+    // EDS (helper H): where the endpoints come from, and under which service name.
+    super::config_source::eds_cluster(cx, path, &name, discovery, eds_cluster_config);
     let connect_timeout = match duration(cx, &at(path, "connect_timeout"), connect_timeout) {
         None => Duration::from_secs(5),
         Some(d) if d.is_zero() => {
@@ -106,15 +109,24 @@ pub(crate) fn translate(cx: &mut Ctx, path: &str, c: cl::Cluster) -> Option<mode
     };
     reject_set!(cx, path;
         per_connection_buffer_limit_bytes, per_connection_buffer_high_watermark_timeout);
-    let lb_policy = lb(cx, path, lb_policy, lb_config);
+    let (lb_policy, lb) =
+        super::lb::translate(cx, path, lb_policy, lb_config, common_lb_config, metadata);
     let load_assignment = match load_assignment {
+        Some(_) if discovery == Some(model::DiscoveryType::Eds) => {
+            cx.err(
+                at(path, "load_assignment"),
+                "not supported with type EDS (endpoints come from EDS)",
+            );
+            None
+        }
         Some(la) => assignment(cx, &at(path, "load_assignment"), la, discovery),
         None => Some(model::LoadAssignment::default()),
     };
-    reject_set!(cx, path; health_checks, max_requests_per_connection);
-    let circuit_breakers = match circuit_breakers {
+    let health_checks = super::health::health_checks(cx, path, health_checks);
+    reject_set!(cx, path; max_requests_per_connection);
+    let (circuit_breakers, circuit_breakers_high) = match circuit_breakers {
         Some(cb) => breakers(cx, &at(path, "circuit_breakers"), cb),
-        None => model::Thresholds::default(),
+        None => Default::default(),
     };
     reject_set!(cx, path; upstream_http_protocol_options, common_http_protocol_options,
         http_protocol_options);
@@ -150,12 +162,14 @@ pub(crate) fn translate(cx: &mut Ctx, path: &str, c: cl::Cluster) -> Option<mode
     };
     reject_set!(cx, path;
         dns_resolvers, use_tcp_for_dns_lookups, dns_resolution_config, typed_dns_resolver_config,
-        wait_for_warm_on_init, outlier_detection, cleanup_interval, upstream_bind_config,
-        lb_subset_config, common_lb_config, transport_socket, protocol_selection,
+        wait_for_warm_on_init, cleanup_interval, upstream_bind_config,
+        lb_subset_config, transport_socket, protocol_selection,
         upstream_connection_options, close_connections_on_host_health_failure,
         ignore_health_on_host_removal, filters, load_balancing_policy, lrs_server,
         lrs_report_endpoint_metrics, track_timeout_budgets, upstream_config, track_cluster_stats,
         preconnect_policy, connection_pool_per_downstream_connection, queuing_policies);
+    let outlier_detection = outlier_detection
+        .and_then(|o| super::health::outlier(cx, &at(path, "outlier_detection"), o));
     if cx.errors.len() > start {
         return None;
     }
@@ -170,67 +184,14 @@ pub(crate) fn translate(cx: &mut Ctx, path: &str, c: cl::Cluster) -> Option<mode
         idle_timeout,
         dns_refresh_rate,
         dns_lookup_family,
+        health_checks,
+        outlier_detection,
+        circuit_breakers_high,
+        lb,
     })
 }
 
-fn lb(
-    cx: &mut Ctx,
-    path: &str,
-    policy: i32,
-    config: Option<cl::cluster::LbConfig>,
-) -> Option<model::LbPolicy> {
-    use cl::cluster::{LbConfig as C, LbPolicy as P};
-    let mut choice_count = 2;
-    match config {
-        None => {}
-        Some(C::LeastRequestLbConfig(c)) if policy == P::LeastRequest as i32 => {
-            let lpath = at(path, "least_request_lb_config");
-            let cl::cluster::LeastRequestLbConfig {
-                choice_count: cc,
-                active_request_bias,
-                slow_start_config,
-            } = c;
-            if let Some(n) = u32_value(cc) {
-                if n < 2 {
-                    cx.err(at(&lpath, "choice_count"), "must be at least 2");
-                }
-                choice_count = n;
-            }
-            // Envoy's default bias is 1.0; anything else changes host selection.
-            let default_bias = active_request_bias.as_ref().is_none_or(|b| {
-                let core::RuntimeDouble {
-                    default_value,
-                    runtime_key,
-                } = b;
-                *default_value == 1.0 && runtime_key.is_empty()
-            });
-            if !default_bias {
-                cx.unsupported(at(&lpath, "active_request_bias"));
-            }
-            reject_set!(cx, &lpath; slow_start_config);
-        }
-        Some(C::RoundRobinLbConfig(c)) if policy == P::RoundRobin as i32 => {
-            let cl::cluster::RoundRobinLbConfig { slow_start_config } = c;
-            reject_set!(cx, &at(path, "round_robin_lb_config"); slow_start_config);
-        }
-        Some(C::LeastRequestLbConfig(_)) => cx.unsupported(at(path, "least_request_lb_config")),
-        Some(C::RoundRobinLbConfig(_)) => cx.unsupported(at(path, "round_robin_lb_config")),
-        Some(C::RingHashLbConfig(_)) => cx.unsupported(at(path, "ring_hash_lb_config")),
-        Some(C::MaglevLbConfig(_)) => cx.unsupported(at(path, "maglev_lb_config")),
-        Some(C::OriginalDstLbConfig(_)) => cx.unsupported(at(path, "original_dst_lb_config")),
-    }
-    match P::try_from(policy) {
-        Ok(P::RoundRobin) => Some(model::LbPolicy::RoundRobin),
-        Ok(P::LeastRequest) => Some(model::LbPolicy::LeastRequest { choice_count }),
-        Ok(P::Random) => Some(model::LbPolicy::Random),
-        _ => {
-            cx.unsupported(at(path, "lb_policy"));
-            None
-        }
-    }
-}
-
-fn assignment(
+pub(crate) fn assignment(
     cx: &mut Ctx,
     path: &str,
     la: ep::ClusterLoadAssignment,
@@ -243,7 +204,10 @@ fn assignment(
         policy,
     } = la;
     let start = cx.errors.len();
-    reject_set!(cx, path; named_endpoints, policy);
+    reject_set!(cx, path; named_endpoints);
+    let policy = policy
+        .map(|p| super::lb::assignment_policy(cx, &at(path, "policy"), p))
+        .unwrap_or_default();
     let mut out = Vec::new();
     let mut priorities = BTreeSet::new();
     for (i, lle) in endpoints.into_iter().enumerate() {
@@ -292,7 +256,10 @@ fn assignment(
     if cx.errors.len() > start {
         return None;
     }
-    Some(model::LoadAssignment { endpoints: out })
+    Some(model::LoadAssignment {
+        endpoints: out,
+        policy,
+    })
 }
 
 fn lb_endpoint(
@@ -367,13 +334,19 @@ fn lb_endpoint(
     })
 }
 
-fn breakers(cx: &mut Ctx, path: &str, cb: cl::CircuitBreakers) -> model::Thresholds {
+/// The DEFAULT and HIGH routing-priority thresholds.
+fn breakers(
+    cx: &mut Ctx,
+    path: &str,
+    cb: cl::CircuitBreakers,
+) -> (model::Thresholds, model::Thresholds) {
     let cl::CircuitBreakers {
         thresholds,
         per_host_thresholds,
     } = cb;
     reject_set!(cx, path; per_host_thresholds);
     let mut out = model::Thresholds::default();
+    let mut high = model::Thresholds::default();
     for (i, t) in thresholds.into_iter().enumerate() {
         let tpath = ix(path, "thresholds", i);
         let cl::circuit_breakers::Thresholds {
@@ -386,20 +359,43 @@ fn breakers(cx: &mut Ctx, path: &str, cb: cl::CircuitBreakers) -> model::Thresho
             track_remaining,
             max_connection_pools,
         } = t;
-        if priority != core::RoutingPriority::Default as i32 {
-            cx.unsupported(at(&tpath, "priority"));
-            continue;
-        }
-        reject_set!(cx, &tpath; retry_budget, track_remaining, max_connection_pools);
+        let target = match core::RoutingPriority::try_from(priority) {
+            Ok(core::RoutingPriority::Default) => &mut out,
+            Ok(core::RoutingPriority::High) => &mut high,
+            Err(_) => {
+                cx.err(at(&tpath, "priority"), format!("unknown value {priority}"));
+                continue;
+            }
+        };
+        reject_set!(cx, &tpath; track_remaining, max_connection_pools);
+        let retry_budget = retry_budget.and_then(|b| {
+            let bpath = at(&tpath, "retry_budget");
+            let cl::circuit_breakers::thresholds::RetryBudget {
+                budget_percent,
+                budget_interval,
+                min_retry_concurrency,
+            } = b;
+            reject_set!(cx, &bpath; budget_interval);
+            let pct = budget_percent.map_or(20.0, |p| p.value);
+            if !(0.0..=100.0).contains(&pct) {
+                cx.err(at(&bpath, "budget_percent"), "must be within 0..=100");
+                return None;
+            }
+            Some(model::RetryBudget {
+                budget_percent: pct,
+                min_retry_concurrency: u32_value(min_retry_concurrency).unwrap_or(3),
+            })
+        });
         let d = model::Thresholds::default();
-        out = model::Thresholds {
+        *target = model::Thresholds {
             max_connections: u32_value(max_connections).unwrap_or(d.max_connections),
             max_pending_requests: u32_value(max_pending_requests).unwrap_or(d.max_pending_requests),
             max_requests: u32_value(max_requests).unwrap_or(d.max_requests),
             max_retries: u32_value(max_retries).unwrap_or(d.max_retries),
+            retry_budget,
         };
     }
-    out
+    (out, high)
 }
 
 /// The upstream HTTP protocol and connection idle timeout, from the typed

@@ -248,6 +248,7 @@ fn http_connection_manager(
     if stat_prefix.is_empty() {
         cx.err(at(path, "stat_prefix"), "required");
     }
+    cx.stat_prefix = stat_prefix.clone();
     let filters = http_filter_chain(cx, &at(path, "http_filters"), http_filters);
     reject_set!(cx, path;
         add_user_agent, tracing, common_http_protocol_options, http1_safe_max_connection_duration,
@@ -298,12 +299,9 @@ fn http_connection_manager(
     use hcm::http_connection_manager::RouteSpecifier;
     let route_config = match route_specifier {
         Some(RouteSpecifier::RouteConfig(rc)) => {
-            route::translate(cx, &at(path, "route_config"), rc)
+            route::translate(cx, &at(path, "route_config"), rc).map(Arc::new)
         }
-        Some(RouteSpecifier::Rds(_)) => {
-            cx.unsupported(at(path, "rds"));
-            None
-        }
+        Some(RouteSpecifier::Rds(r)) => super::config_source::rds(cx, &at(path, "rds"), r),
         Some(RouteSpecifier::ScopedRoutes(_)) => {
             cx.unsupported(at(path, "scoped_routes"));
             None
@@ -316,11 +314,13 @@ fn http_connection_manager(
     if cx.errors.len() > start {
         return None;
     }
+    let (http_filters, filter_chain) = filters?;
     Some(model::HttpConnectionManager {
         stat_prefix,
         codec_type: codec,
-        route_config: Arc::new(route_config?),
-        http_filters: filters?,
+        route_config: route_config?,
+        http_filters,
+        filter_chain,
         stream_idle_timeout,
         request_timeout,
         request_headers_timeout,
@@ -333,16 +333,31 @@ fn http_connection_manager(
     })
 }
 
-/// The HTTP filters: everything before the router, which must come last.
+/// The HTTP filters: everything before the router, which must come last. Each is built by the
+/// filter registry from its `typed_config` (validated here, so a config that translates never
+/// fails on the request path); unknown filters are errors unless `is_optional`.
 fn http_filter_chain(
     cx: &mut Ctx,
     path: &str,
     filters: Vec<hcm::HttpFilter>,
-) -> Option<Vec<model::HttpFilter>> {
+) -> Option<(Vec<model::HttpFilter>, Arc<strait_filters::FilterChain>)> {
     let start = cx.errors.len();
     let n = filters.len();
-    // Strait has no HTTP filters besides the router yet: every other one is unknown.
-    let out = Vec::new();
+    let env = cx.filter_env.0.clone();
+    let stat_prefix = cx.stat_prefix.clone();
+    // Owned, so that building filters does not hold a borrow of the context.
+    let names = cx.cluster_names.clone();
+    let clusters = NamedClusters {
+        names: &names,
+        inner: env.clusters.as_ref(),
+    };
+    let bcx = strait_filters::BuildContext {
+        stat_prefix: &stat_prefix,
+        stats: env.stats.as_ref(),
+        clusters: &clusters,
+    };
+    let mut out = Vec::new();
+    let mut entries = Vec::new();
     let mut saw_router = false;
     for (i, f) in filters.into_iter().enumerate() {
         let fpath = format!("{path}[{i}]");
@@ -383,11 +398,38 @@ fn http_filter_chain(
             saw_router = true;
             continue;
         }
-        if is_optional {
+        let Some(any) = any else {
+            if is_optional {
+                continue;
+            }
+            cx.err(&fpath, format!("filter '{name}': typed_config is required"));
+            continue;
+        };
+        let tpath = at(&fpath, "typed_config");
+        if !env.registry.knows(&any.type_url) {
             // Envoy skips optional filters it does not know.
+            if !is_optional {
+                cx.err(tpath, format!("unknown filter '{name}' ({})", any.type_url));
+            }
             continue;
         }
-        cx.err(&fpath, format!("unknown filter '{name}'"));
+        match env
+            .registry
+            .build(&name, &any.type_url, &any.value, &tpath, &bcx)
+        {
+            Ok(filter) => {
+                out.push(model::HttpFilter {
+                    name: name.clone(),
+                    type_url: any.type_url.clone(),
+                });
+                entries.push(strait_filters::ChainEntry {
+                    name: name.as_str().into(),
+                    filter,
+                    disabled_by_default: disabled,
+                });
+            }
+            Err(e) => cx.err(e.path, e.message),
+        }
     }
     if !saw_router && cx.errors.len() == start {
         cx.err(
@@ -398,7 +440,23 @@ fn http_filter_chain(
     if cx.errors.len() > start {
         return None;
     }
-    Some(out)
+    Some((out, Arc::new(strait_filters::FilterChain::new(entries))))
+}
+
+/// Checks a filter's cluster against the clusters this configuration knows before asking the
+/// data plane for a channel, so an unknown cluster is a config error at the filter's field.
+struct NamedClusters<'a> {
+    names: &'a HashSet<String>,
+    inner: &'a dyn strait_filters::ClusterConnector,
+}
+
+impl strait_filters::ClusterConnector for NamedClusters<'_> {
+    fn grpc_channel(&self, cluster: &str) -> Result<tonic::transport::Channel, String> {
+        if !self.names.contains(cluster) {
+            return Err(format!("unknown cluster '{cluster}'"));
+        }
+        self.inner.grpc_channel(cluster)
+    }
 }
 
 /// Router options are accepted only at values that keep Envoy's default behaviour.

@@ -21,7 +21,10 @@ use crate::error::ConfigError;
 pub(crate) mod access_log;
 pub(crate) mod bootstrap;
 pub(crate) mod cluster;
+pub(crate) mod config_source;
 pub(crate) mod format;
+pub(crate) mod health;
+pub(crate) mod lb;
 pub(crate) mod listener;
 pub(crate) mod route;
 
@@ -31,6 +34,27 @@ pub(crate) struct Ctx {
     pub errors: Vec<ConfigError>,
     /// Names of all static clusters (routes must name one of them).
     pub cluster_names: HashSet<String>,
+    /// Where HTTP filters are built (registry, stats, cluster channels).
+    pub filter_env: crate::filter_env::EnvRef,
+    /// Per-filter configs of the route configuration and virtual host being translated, for
+    /// resolving each route's overrides (Envoy's precedence: route > vhost > route config).
+    pub per_filter_rc: Vec<(String, strait_filters::PerRoute)>,
+    pub per_filter_vh: Vec<(String, strait_filters::PerRoute)>,
+    /// The `stat_prefix` of the connection manager being translated (filter stats use it).
+    pub stat_prefix: String,
+    /// `dynamic_resources.ads_config` is configured, so `ads: {}` sources are valid (helper H).
+    pub ads_configured: bool,
+    /// Route configurations for listeners using RDS, by name; a name missing here gets an empty
+    /// placeholder (the listener is still warming).
+    pub rds_routes: std::collections::HashMap<String, std::sync::Arc<crate::model::RouteConfig>>,
+    /// RDS names the translated listeners use, with their source.
+    pub rds_refs: Vec<(String, crate::model::ConfigSourceKind)>,
+    /// EDS service names the translated clusters use, with their source.
+    pub eds_refs: Vec<(String, crate::model::ConfigSourceKind)>,
+    /// `cluster_manager.local_cluster_name` and `node.locality` of the bootstrap, copied into
+    /// each cluster's LB config for zone-aware routing (helper J1).
+    pub local_cluster_name: Option<String>,
+    pub local_locality: crate::model::Locality,
 }
 
 impl Ctx {

@@ -2,6 +2,7 @@
 //! direct-response actions, retry policies and header mutations.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3 as core;
@@ -10,7 +11,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
 use http::{HeaderName, HeaderValue, StatusCode};
 use regex::Regex;
 
-use super::{at, bool_value, duration, format, ix, reject_set, timeout_or, u32_value, Ctx};
+use super::{at, bool_value, duration, format, ix, reject_set, timeout_or, u32_value, unpack, Ctx};
 use crate::model::{self, FormatToken};
 
 pub(crate) fn translate(
@@ -44,7 +45,8 @@ pub(crate) fn translate(
         vhds, internal_only_headers, most_specific_header_mutations_wins,
         max_direct_response_body_size_bytes, cluster_specifier_plugins, request_mirror_policies,
         ignore_port_in_host_matching, vhost_header, ignore_path_parameters_in_path_matching,
-        typed_per_filter_config, route_specifiers);
+        route_specifiers);
+    cx.per_filter_rc = per_filter_level(cx, path, typed_per_filter_config);
     let headers = header_mutations(
         cx,
         path,
@@ -148,7 +150,7 @@ fn virtual_host(
         .filter_map(|(i, d)| domain(cx, &ix(path, "domains", i), d))
         .collect();
     reject_set!(cx, path;
-        matcher, require_tls, virtual_clusters, rate_limits, cors, typed_per_filter_config,
+        matcher, require_tls, virtual_clusters, rate_limits, cors,
         include_request_attempt_count, include_attempt_count_in_response,
         retry_policy_typed_config, hedge_policy, include_is_timeout_retry_header,
         per_request_buffer_limit_bytes, request_body_buffer_limit, request_mirror_policies,
@@ -161,6 +163,7 @@ fn virtual_host(
         response_headers_to_add,
         response_headers_to_remove,
     );
+    cx.per_filter_vh = per_filter_level(cx, path, typed_per_filter_config);
     let retry_policy = retry_policy.and_then(|r| retry(cx, &at(path, "retry_policy"), r));
     let mut out_routes = Vec::new();
     for (i, r) in routes.into_iter().enumerate() {
@@ -230,7 +233,14 @@ fn route(
             None
         }
     };
-    reject_set!(cx, path; decorator, typed_per_filter_config);
+    reject_set!(cx, path; decorator);
+    let route_level = per_filter_level(cx, path, typed_per_filter_config);
+    let filter_configs = strait_filters::PerFilterConfigs::resolve([
+        &cx.per_filter_rc[..],
+        &cx.per_filter_vh[..],
+        &route_level[..],
+    ]);
+    let filter_configs = (!filter_configs.is_empty()).then(|| Arc::new(filter_configs));
     let headers = header_mutations(
         cx,
         path,
@@ -272,7 +282,43 @@ fn route(
         matcher: matcher?,
         action: action?,
         headers,
+        filter_configs,
     })
+}
+
+/// One level's `typed_per_filter_config`, parsed by the filter registry. Unknown optional
+/// configs (`FilterConfig { is_optional: true }`) are left out, as Envoy ignores them.
+fn per_filter_level(
+    cx: &mut Ctx,
+    path: &str,
+    configs: std::collections::HashMap<String, envoy_types::pb::google::protobuf::Any>,
+) -> Vec<(String, strait_filters::PerRoute)> {
+    if configs.is_empty() {
+        return Vec::new();
+    }
+    let env = cx.filter_env.0.clone();
+    let stat_prefix = cx.stat_prefix.clone();
+    let bcx = strait_filters::BuildContext {
+        stat_prefix: &stat_prefix,
+        stats: env.stats.as_ref(),
+        clusters: env.clusters.as_ref(),
+    };
+    // Sorted, so errors come out in a stable order.
+    let mut configs: Vec<_> = configs.into_iter().collect();
+    configs.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut level = Vec::new();
+    for (name, any) in configs {
+        let p = format!("{}[\"{name}\"]", at(path, "typed_per_filter_config"));
+        match env
+            .registry
+            .build_per_route(&any.type_url, &any.value, &p, &bcx)
+        {
+            Ok(Some(pr)) => level.push((name, pr)),
+            Ok(None) => {}
+            Err(e) => cx.err(e.path, e.message),
+        }
+    }
+    level
 }
 
 fn route_match(cx: &mut Ctx, path: &str, m: rt::RouteMatch) -> Option<model::RouteMatch> {
@@ -610,9 +656,18 @@ fn forward(
     let idle_timeout = timeout_or(cx, &at(path, "idle_timeout"), idle_timeout, None);
     reject_set!(cx, path; flush_timeout, early_data_policy);
     let own_retry = retry_policy.and_then(|r| retry(cx, &at(path, "retry_policy"), r));
+    let priority = match core::RoutingPriority::try_from(priority) {
+        Ok(core::RoutingPriority::High) => model::RoutingPriority::High,
+        Ok(_) => model::RoutingPriority::Default,
+        Err(_) => {
+            cx.err(at(path, "priority"), format!("unknown value {priority}"));
+            model::RoutingPriority::Default
+        }
+    };
     reject_set!(cx, path;
-        retry_policy_typed_config, request_mirror_policies, priority, rate_limits,
-        include_vh_rate_limits, hash_policy, cors, max_grpc_timeout, grpc_timeout_offset);
+        retry_policy_typed_config, request_mirror_policies, rate_limits,
+        include_vh_rate_limits, cors, max_grpc_timeout, grpc_timeout_offset);
+    let hash_policy = super::lb::hash_policies(cx, path, hash_policy);
     let mut upgrade_overrides = Vec::new();
     let mut seen = HashSet::new();
     for (i, u) in upgrade_configs.into_iter().enumerate() {
@@ -672,6 +727,8 @@ fn forward(
         idle_timeout,
         retry_policy: own_retry.or_else(|| vhost_retry.clone()),
         upgrade_overrides,
+        priority,
+        hash_policy,
     })
 }
 
@@ -801,9 +858,20 @@ fn retry(cx: &mut Ctx, path: &str, r: rt::RetryPolicy) -> Option<model::RetryPol
     };
     let per_try_timeout =
         duration(cx, &at(path, "per_try_timeout"), per_try_timeout).filter(|d| !d.is_zero());
-    reject_set!(cx, path;
-        per_try_idle_timeout, retry_priority, retry_host_predicate, retry_options_predicates,
-        host_selection_retry_max_attempts);
+    reject_set!(cx, path; per_try_idle_timeout, retry_options_predicates);
+    let (previous_hosts, previous_priorities) =
+        retry_extensions(cx, path, retry_host_predicate, retry_priority);
+    // Envoy's default is 1 (proto default 0 means unset).
+    let host_selection_retry_max_attempts = match host_selection_retry_max_attempts {
+        0 => 1,
+        n => u32::try_from(n).unwrap_or(u32::MAX),
+    };
+    let mut retriable_header_matchers = Vec::new();
+    for (i, h) in retriable_headers.into_iter().enumerate() {
+        if let Some(m) = header_matcher(cx, &ix(path, "retriable_headers", i), h) {
+            retriable_header_matchers.push(m);
+        }
+    }
     let mut codes = Vec::new();
     for (i, c) in retriable_status_codes.into_iter().enumerate() {
         match u16::try_from(c) {
@@ -846,8 +914,7 @@ fn retry(cx: &mut Ctx, path: &str, r: rt::RetryPolicy) -> Option<model::RetryPol
         }
     };
     reject_set!(cx, path;
-        rate_limited_retry_back_off, retriable_headers, retriable_request_headers,
-        refresh_cluster_on_retry);
+        rate_limited_retry_back_off, retriable_request_headers, refresh_cluster_on_retry);
     if cx.errors.len() > start {
         return None;
     }
@@ -858,7 +925,71 @@ fn retry(cx: &mut Ctx, path: &str, r: rt::RetryPolicy) -> Option<model::RetryPol
         retriable_status_codes: codes,
         back_off_base,
         back_off_max,
+        retriable_headers: retriable_header_matchers,
+        previous_hosts,
+        host_selection_retry_max_attempts,
+        previous_priorities,
     })
+}
+
+const PREVIOUS_HOSTS: &str = "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate";
+const PREVIOUS_PRIORITIES: &str =
+    "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig";
+
+/// `retry_host_predicate` (only previous_hosts) and `retry_priority` (only previous_priorities,
+/// whose `update_frequency` must be positive).
+fn retry_extensions(
+    cx: &mut Ctx,
+    path: &str,
+    hosts: Vec<rt::retry_policy::RetryHostPredicate>,
+    priority: Option<rt::retry_policy::RetryPriority>,
+) -> (bool, Option<u32>) {
+    use envoy_types::pb::envoy::extensions::retry::priority::previous_priorities::v3 as pp;
+    let mut previous_hosts = false;
+    for (i, p) in hosts.into_iter().enumerate() {
+        let ppath = ix(path, "retry_host_predicate", i);
+        let rt::retry_policy::RetryHostPredicate {
+            name: _,
+            config_type,
+        } = p;
+        match config_type {
+            Some(rt::retry_policy::retry_host_predicate::ConfigType::TypedConfig(any))
+                if any.type_url == format!("type.googleapis.com/{PREVIOUS_HOSTS}") =>
+            {
+                previous_hosts = true
+            }
+            Some(rt::retry_policy::retry_host_predicate::ConfigType::TypedConfig(any)) => cx.err(
+                at(&ppath, "typed_config"),
+                format!("unsupported retry host predicate '{}'", any.type_url),
+            ),
+            None => cx.err(at(&ppath, "typed_config"), "required"),
+        }
+    }
+    let mut previous_priorities = None;
+    if let Some(p) = priority {
+        let ppath = at(path, "retry_priority");
+        let rt::retry_policy::RetryPriority {
+            name: _,
+            config_type,
+        } = p;
+        match config_type {
+            Some(rt::retry_policy::retry_priority::ConfigType::TypedConfig(any)) => {
+                let tpath = at(&ppath, "typed_config");
+                if let Some(c) =
+                    unpack::<pp::PreviousPrioritiesConfig>(cx, &tpath, &any, PREVIOUS_PRIORITIES)
+                {
+                    let pp::PreviousPrioritiesConfig { update_frequency } = c;
+                    if update_frequency <= 0 {
+                        cx.err(at(&tpath, "update_frequency"), "must be greater than 0");
+                    } else {
+                        previous_priorities = Some(update_frequency as u32);
+                    }
+                }
+            }
+            None => cx.err(at(&ppath, "typed_config"), "required"),
+        }
+    }
+    (previous_hosts, previous_priorities)
 }
 
 fn redirect(cx: &mut Ctx, path: &str, r: rt::RedirectAction) -> Option<model::RouteAction> {

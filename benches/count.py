@@ -1,0 +1,168 @@
+#!/usr/bin/env python3
+"""Per-request instruction and syscall counts, one request in flight: user-space instructions from
+callgrind on the running proxy (instrumentation off during startup and warm-up, counters zeroed,
+N sequential requests, dump) and syscalls from perf's raw_syscalls:sys_enter tracepoint."""
+
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402  (shared peer definitions and process helpers)
+
+WARMUP = 200
+
+
+def client(proto, peer, n):
+    """One connection, one request at a time."""
+    port = peer.h1_port if proto == "h1" else peer.h2_port
+    argv = ["h2load", "-t1", "-c1", "-m1", "-n", str(n), f"http://127.0.0.1:{port}/"]
+    if proto == "h1":
+        argv.insert(1, "--h1")
+    return ["taskset", "-c", bench.LOAD_CPU] + argv
+
+
+def run_client(argv):
+    out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600).stdout
+    m = re.search(r"(\d+) succeeded", out)
+    ok = int(m.group(1)) if m else 0
+    if ok != int(argv[argv.index("-n") + 1]):
+        raise RuntimeError(f"client did not complete all requests:\n{out[-1500:]}")
+
+
+def callgrind_total(path):
+    with open(path, errors="replace") as f:
+        for line in f:
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+    raise RuntimeError(f"no totals in {path}")
+
+
+def control(*args):
+    subprocess.run(["callgrind_control", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   check=True, timeout=120)
+
+
+def instructions(peer, work, n, keep_dir):
+    """Ir per request for h1 and h2c, from one callgrind run of the proxy."""
+    cg_out = os.path.join(work, f"callgrind.{peer.name}.%p")
+    vg = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={cg_out}",
+          "--dump-line=no"]
+    peer.argv = vg + peer.argv
+    peer.ready_timeout = 300.0
+    peer.start(work)
+    pid = str(peer.pid)
+    res = {}
+    try:
+        for proto in ("h1", "h2c"):
+            run_client(client(proto, peer, WARMUP))
+            control("-i", "on", pid)
+            control("-z", pid)
+            run_client(client(proto, peer, n))
+            control("-d", proto, pid)
+            control("-i", "off", pid)
+            dumps = sorted(glob.glob(os.path.join(work, f"callgrind.{peer.name}.{pid}.*")),
+                           key=os.path.getmtime)
+            if not dumps:
+                raise RuntimeError("callgrind wrote no dump")
+            res[proto] = callgrind_total(dumps[-1]) / n
+            if keep_dir:
+                shutil.copy(dumps[-1], os.path.join(keep_dir, f"callgrind.{peer.name}.{proto}.out"))
+    finally:
+        peer.stop()
+    return res
+
+
+def syscalls(peer, work, n):
+    peer.start(work)
+    res = {}
+    try:
+        for proto in ("h1", "h2c"):
+            run_client(client(proto, peer, WARMUP))
+            out = os.path.join(work, "perf.csv")
+            subprocess.run(["perf", "stat", "-e", "raw_syscalls:sys_enter", "-x", ",", "-o", out,
+                            "-p", str(peer.pid), "--"] + client(proto, peer, n),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=600)
+            with open(out) as f:
+                for line in f:
+                    parts = line.strip().split(",")
+                    if len(parts) > 2 and parts[2] == "raw_syscalls:sys_enter":
+                        res[proto] = int(parts[0]) / n
+            if proto not in res:
+                raise RuntimeError("perf printed no raw_syscalls:sys_enter count")
+    finally:
+        peer.stop()
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--peers", default="strait,envoy,haproxy,nginx")
+    ap.add_argument("-n", type=int, default=1000, help="sequential requests counted per protocol")
+    ap.add_argument("--no-instructions", action="store_true")
+    ap.add_argument("--keep", help="copy callgrind dumps here")
+    ap.add_argument("--json", help="write the counts here")
+    ap.add_argument("--strait-bin", default=os.environ.get("STRAIT_BIN", "/work/target/release/strait"))
+    ap.add_argument("--strait-config", default=os.environ.get("STRAIT_CONFIG"),
+                    help="bootstrap for the strait rows (default peers/strait-envoy.yaml)")
+    ap.add_argument("--envoy-bin", default=os.environ.get("ENVOY_BIN", shutil.which("envoy") or "envoy"))
+    ap.add_argument("--haproxy-bin", default=os.environ.get("HAPROXY_BIN", shutil.which("haproxy") or "haproxy"))
+    ap.add_argument("--nginx-bin", default=os.environ.get("NGINX_BIN", shutil.which("nginx") or "/usr/sbin/nginx"))
+    args = ap.parse_args()
+    args.peers = [p for p in args.peers.split(",") if p]
+    if args.keep:
+        os.makedirs(args.keep, exist_ok=True)
+
+    for port in (bench.UPSTREAM_H1, bench.UPSTREAM_H2, bench.PROXY_PORT, bench.PROXY_ADMIN, bench.NGINX_H2_PORT):
+        if not bench.port_free(port):
+            sys.exit(f"port {port} is in use")
+    work = tempfile.mkdtemp(prefix="strait-count.")
+    os.makedirs(os.path.join(work, "tmp"), exist_ok=True)
+    up_log = open(os.path.join(work, "upstream.log"), "ab")
+    upstream = subprocess.Popen(["taskset", "-c", bench.LOAD_CPU, args.nginx_bin, "-p", work + "/", "-c",
+                                 os.path.join(bench.PEERS_DIR, "upstream-nginx.conf")],
+                                cwd=work, stdout=up_log, stderr=up_log, stdin=subprocess.DEVNULL)
+    counts = {}
+    try:
+        bench.wait_ok(bench.UPSTREAM_H1, proc=upstream)
+        for name in args.peers:
+            counts[name] = {}
+            try:
+                peer = bench.make_peers(argparse.Namespace(**{**vars(args), "peers": [name]}), work)[0]
+                sc = syscalls(peer, work, args.n)
+                counts[name].update({f"syscalls_{k}": v for k, v in sc.items()})
+                if not args.no_instructions:
+                    peer = bench.make_peers(argparse.Namespace(**{**vars(args), "peers": [name]}), work)[0]
+                    ins = instructions(peer, work, args.n, args.keep)
+                    counts[name].update({f"instructions_{k}": v for k, v in ins.items()})
+            except (RuntimeError, subprocess.SubprocessError, OSError) as e:
+                bench.log(f"{name}: {e}\n{bench.tail(os.path.join(work, name + '.log'))}")
+            bench.log(f"{name}: {counts[name]}")
+            time.sleep(0.2)
+    finally:
+        bench.stop(upstream)
+    print("\n| target | instructions/request h1 | h2c | syscalls/request h1 | h2c |")
+    print("|---|---:|---:|---:|---:|")
+    for name, c in counts.items():
+        def f(k, nd):
+            v = c.get(k)
+            return "–" if v is None else f"{v:,.{nd}f}"
+        print(f"| {name} | {f('instructions_h1', 0)} | {f('instructions_h2c', 0)} "
+              f"| {f('syscalls_h1', 2)} | {f('syscalls_h2c', 2)} |")
+    print(f"\n{args.n} sequential requests on one connection after {WARMUP} unmeasured ones; "
+          "instructions: callgrind Ir, all threads, user space; syscalls: perf raw_syscalls:sys_enter.")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(counts, f, indent=1, sort_keys=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+//! Runs the config plane for a running [`Server`]: the ADS client (servers taken from the
+//! static clusters `ads_config` names), the `path_config_source` file watchers, and the task
+//! that applies each accepted configuration. Marks the server LIVE once the initial fetch (or
+//! the last-known-good store, after `initial_fetch_timeout`) gave a warm configuration.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use strait_xds::ads::{AdsClient, AdsConfig, AdsHandle, Handler, Protocol};
+use strait_xds::dynamic::{files, Dynamic};
+use strait_xds::model;
+use tokio::task::JoinHandle;
+
+use crate::admin::AdminSource;
+use crate::server::ServerShared;
+
+/// The running config plane; dropping it stops the ADS client and the watchers.
+pub struct XdsRuntime {
+    tasks: Vec<JoinHandle<()>>,
+    ads: Option<AdsHandle>,
+}
+
+impl std::fmt::Debug for XdsRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XdsRuntime")
+            .field("ads", &self.ads.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for XdsRuntime {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.ads.take();
+    }
+}
+
+/// The control-plane addresses: every endpoint of each named static cluster, in order (the
+/// order of `grpc_services` is the failover order). STRICT_DNS names are resolved once here.
+pub async fn ads_servers(
+    ads: &model::AdsSource,
+    clusters: &[Arc<model::Cluster>],
+) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for name in &ads.clusters {
+        let Some(c) = clusters.iter().find(|c| &c.name == name) else {
+            continue;
+        };
+        for group in &c.load_assignment.endpoints {
+            for ep in &group.lb_endpoints {
+                match &ep.address {
+                    model::EndpointAddress::Ip(a) => out.push(*a),
+                    model::EndpointAddress::Dns { host, port } => {
+                        match tokio::net::lookup_host((host.as_str(), *port)).await {
+                            Ok(addrs) => out.extend(addrs.take(1)),
+                            Err(e) => {
+                                tracing::error!(cluster = %name, %host, "xDS: cannot resolve control plane: {e}")
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Starts the config plane for `server` on the current runtime.
+pub async fn start(server: &Arc<ServerShared>, dynamic: Dynamic) -> XdsRuntime {
+    let mut tasks = Vec::new();
+    // Apply every published configuration, latest first: intermediate ones superseded while
+    // an update ran are skipped. LIVE once a warm one is applied (`ready` is set before the
+    // configuration that completes warming is published).
+    let mut configs = dynamic.config();
+    let ready = dynamic.ready();
+    let s = server.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            let next = configs.borrow_and_update().clone();
+            if let Some(cfg) = next {
+                let started = std::time::Instant::now();
+                s.update(model::Bootstrap::clone(&cfg)).await;
+                tracing::debug!(elapsed = ?started.elapsed(), "xDS: configuration applied");
+                if *ready.borrow() {
+                    s.set_live();
+                }
+            }
+            if configs.changed().await.is_err() {
+                return;
+            }
+        }
+    }));
+    tasks.push(files::spawn_watchers(dynamic.clone()));
+
+    let ads = match dynamic.ads().cloned() {
+        None => None,
+        Some(a) => {
+            let servers = ads_servers(&a, &dynamic.initial().clusters).await;
+            let protocol = if a.delta {
+                Protocol::Delta
+            } else {
+                Protocol::Sotw
+            };
+            tracing::info!(?servers, ?protocol, "xDS: ADS client starting");
+            let cfg = AdsConfig::new(servers, protocol, dynamic.base().node.clone());
+            let handler: Arc<dyn Handler> = Arc::new(dynamic.clone());
+            let handle = AdsClient::spawn(cfg, handler);
+            let mut state = handle.state();
+            let s = server.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let connected = state.borrow_and_update().connected;
+                    s.stats().xds.connected_state.set(i64::from(connected));
+                    if state.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }));
+            Some(handle)
+        }
+    };
+    XdsRuntime { tasks, ads }
+}

@@ -1,0 +1,96 @@
+//! Route `hash_policy` with RING_HASH and MAGLEV end to end: a key always reaches the same
+//! upstream, keys spread over all upstreams, and — because Strait builds the ring and the Maglev
+//! table with xxHash64 over `ip:port` exactly as Envoy does — each key reaches the same upstream
+//! through Strait as through Envoy (when Envoy is installed: `ENVOY_BIN`, else
+//! /work/venv-envoy/bin/envoy).
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use common::{Client, Config, Upstream};
+use serde_json::json;
+
+const KEYS: usize = 60;
+
+fn envoy_bin() -> Option<String> {
+    let bin =
+        std::env::var("ENVOY_BIN").unwrap_or_else(|_| "/work/venv-envoy/bin/envoy".to_string());
+    Path::new(&bin).exists().then_some(bin)
+}
+
+/// Key -> upstream name, asking each key three times (it must not move).
+async fn placements(yaml: &str) -> BTreeMap<String, String> {
+    let proxy = common::Strait::start(yaml).await;
+    let client = Client::http1();
+    let url = proxy.url("/h");
+    let mut out = BTreeMap::new();
+    for k in 0..KEYS {
+        let key = format!("user-{k}");
+        let mut seen = HashSet::new();
+        for _ in 0..3 {
+            let r = client.get_with(&url, &[("x-user", &key)]).await;
+            assert_eq!(r.status, 200, "{}", r.text());
+            seen.insert(r.upstream().unwrap_or_default().to_string());
+        }
+        assert_eq!(seen.len(), 1, "{key} moved between {seen:?}");
+        out.insert(key, seen.into_iter().next().unwrap_or_default());
+    }
+    out
+}
+
+async fn check(policy: serde_json::Value) {
+    let mut ups = Vec::new();
+    for i in 0..4 {
+        ups.push(Upstream::start(&format!("u{i}")).await);
+    }
+    let eps: Vec<_> = ups
+        .iter()
+        .map(|u| {
+            json!({"endpoint": {"address": {"socket_address": {
+            "address": "127.0.0.1", "port_value": u.addr.port()}}}})
+        })
+        .collect();
+    let mut cluster = json!({"name": "c", "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "c", "endpoints": [{"lb_endpoints": eps}]}});
+    for (k, v) in policy.as_object().cloned().unwrap_or_default() {
+        cluster[k] = v;
+    }
+    let yaml = Config::new()
+        .routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "c",
+            "hash_policy": [{"header": {"header_name": "x-user"}}]}}]))
+        .cluster_json(cluster)
+        .access_logs(vec![])
+        .yaml();
+    let strait = placements(&yaml).await;
+    let used: HashSet<&String> = strait.values().collect();
+    assert_eq!(
+        used.len(),
+        4,
+        "60 keys should reach all 4 upstreams: {strait:?}"
+    );
+    if let Some(bin) = envoy_bin() {
+        // This test binary holds this one test, so switching
+        // the launcher's binary through its environment variable affects nothing else.
+        std::env::set_var("STRAIT_TEST_BIN", bin);
+        let envoy = placements(&yaml).await;
+        std::env::remove_var("STRAIT_TEST_BIN");
+        let differ: Vec<_> = strait
+            .iter()
+            .filter(|(k, v)| envoy.get(*k) != Some(*v))
+            .collect();
+        assert!(
+            differ.is_empty(),
+            "placement differs from Envoy's: {differ:?}"
+        );
+    } else {
+        eprintln!("envoy not found (ENVOY_BIN): skipping the placement comparison");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_hash_and_maglev_place_keys_as_envoy() {
+    check(json!({"lb_policy": "RING_HASH"})).await;
+    check(json!({"lb_policy": "MAGLEV"})).await;
+}
