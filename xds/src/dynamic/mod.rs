@@ -253,10 +253,25 @@ impl Dynamic {
         Ok(d)
     }
 
+    /// The bootstrap's local cluster (translation copies it into every static cluster's LB
+    /// config, so any static cluster carries it) and the node's locality.
+    fn local_env(&self) -> Env {
+        let base = &self.inner.base;
+        Env {
+            local_cluster_name: base
+                .clusters
+                .iter()
+                .find_map(|c| c.lb.local_cluster_name.clone()),
+            local_locality: base.node.locality.clone(),
+            ..Env::default()
+        }
+    }
+
     fn env(&self, st: &State) -> Env {
         Env {
             ads_configured: self.inner.env_ads,
             cluster_names: st.clusters.keys().cloned().collect(),
+            ..self.local_env()
         }
     }
 
@@ -781,6 +796,7 @@ impl Dynamic {
                         let env = Env {
                             ads_configured: self.inner.env_ads,
                             cluster_names: HashSet::new(),
+                            ..self.local_env()
                         };
                         match resources::listener(&env, &v.path, v.index, v.proto.clone(), &routes)
                         {

@@ -36,6 +36,10 @@ pub struct Env {
     pub ads_configured: bool,
     /// Every cluster name known, for route configurations that set `validate_clusters`.
     pub cluster_names: HashSet<String>,
+    /// The bootstrap's `cluster_manager.local_cluster_name` and `node.locality`, so clusters
+    /// from CDS get zone-aware routing like static ones.
+    pub local_cluster_name: Option<String>,
+    pub local_locality: crate::model::Locality,
 }
 
 fn fail(kind: &str, name: &str, cx: Ctx) -> String {
@@ -47,6 +51,8 @@ fn ctx(env: &Env) -> Ctx {
     Ctx {
         ads_configured: env.ads_configured,
         cluster_names: env.cluster_names.clone(),
+        local_cluster_name: env.local_cluster_name.clone(),
+        local_locality: env.local_locality.clone(),
         ..Default::default()
     }
 }

@@ -327,3 +327,43 @@ async fn a_changed_listener_keeps_serving_its_previous_version_while_it_warms() 
     assert!(!Arc::ptr_eq(&p.listeners[0], &before));
     assert_eq!(p.listeners[0].hcm.route_config.name, "r2");
 }
+
+#[tokio::test]
+async fn clusters_from_cds_get_the_bootstraps_local_cluster_for_zone_aware_routing() {
+    let yaml = "
+node: {id: n, locality: {region: a, zone: z1}}
+cluster_manager: {local_cluster_name: local}
+dynamic_resources:
+  ads_config: {api_type: GRPC, transport_api_version: V3, grpc_services: [{envoy_grpc: {cluster_name: xds}}]}
+  cds_config: {ads: {}, resource_api_version: V3}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        '@type': type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+    load_assignment: {cluster_name: xds, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 1}}}}]}]}
+  - name: local
+    type: STATIC
+    load_assignment: {cluster_name: local, endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 2}}}}]}]}
+";
+    let loaded = crate::bootstrap::load_full(
+        &crate::bootstrap::Source::Yaml(yaml.into()),
+        &crate::bootstrap::Overrides::default(),
+    )
+    .unwrap();
+    let d = Dynamic::new(loaded, None, Arc::new(MemoryStats::default())).unwrap();
+    d.apply(CLUSTER_TYPE, "1", state(vec![cluster("remote")]))
+        .unwrap();
+    d.apply(ENDPOINT_TYPE, "1", state(vec![cla("remote", 9)]))
+        .unwrap();
+    let p = published(&d).unwrap();
+    let remote = p
+        .clusters
+        .iter()
+        .find(|c| c.name == "remote")
+        .expect("the CDS cluster is published once warm");
+    assert_eq!(remote.lb.local_cluster_name.as_deref(), Some("local"));
+}
