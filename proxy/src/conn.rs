@@ -6,6 +6,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::service::service_fn;
@@ -199,11 +200,21 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
         tokio::select! {
             r = conn.as_mut() => log_conn_end(&hs, r.err()),
             _ = crate::server::drained(&mut drain) => {
-                hs.downstream_cx_drain_close.inc();
-                conn.as_mut().graceful_shutdown();
-                tokio::select! {
-                    r = conn.as_mut() => log_conn_end(&hs, r.err()),
-                    _ = tokio::time::sleep(drain_time) => {}
+                let started = tokio::time::Instant::now();
+                let delay = gradual_drain_delay(&cx.server, drain_time);
+                let mut server_drain = cx.server.drain_rx();
+                let finished = tokio::select! {
+                    r = conn.as_mut() => { log_conn_end(&hs, r.err()); true }
+                    _ = tokio::time::sleep(delay) => false,
+                    _ = crate::server::drained(&mut server_drain) => false,
+                };
+                if !finished {
+                    hs.downstream_cx_drain_close.inc();
+                    conn.as_mut().graceful_shutdown();
+                    tokio::select! {
+                        r = conn.as_mut() => log_conn_end(&hs, r.err()),
+                        _ = tokio::time::sleep(drain_time.saturating_sub(started.elapsed())) => {}
+                    }
                 }
             }
         }
@@ -219,11 +230,21 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
         tokio::select! {
             r = conn.as_mut() => log_conn_end(&hs, r.err()),
             _ = crate::server::drained(&mut drain) => {
-                hs.downstream_cx_drain_close.inc();
-                conn.as_mut().graceful_shutdown();
-                tokio::select! {
-                    r = conn.as_mut() => log_conn_end(&hs, r.err()),
-                    _ = tokio::time::sleep(drain_time) => {}
+                let started = tokio::time::Instant::now();
+                let delay = gradual_drain_delay(&cx.server, drain_time);
+                let mut server_drain = cx.server.drain_rx();
+                let finished = tokio::select! {
+                    r = conn.as_mut() => { log_conn_end(&hs, r.err()); true }
+                    _ = tokio::time::sleep(delay) => false,
+                    _ = crate::server::drained(&mut server_drain) => false,
+                };
+                if !finished {
+                    hs.downstream_cx_drain_close.inc();
+                    conn.as_mut().graceful_shutdown();
+                    tokio::select! {
+                        r = conn.as_mut() => log_conn_end(&hs, r.err()),
+                        _ = tokio::time::sleep(drain_time.saturating_sub(started.elapsed())) => {}
+                    }
                 }
             }
         }
@@ -231,6 +252,19 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
     }
     hs.downstream_cx_active.dec();
     hs.downstream_cx_destroy.inc();
+}
+
+/// When only this listener drains (removed or replaced by LDS while the server keeps running),
+/// each connection gets its `Connection: close` / GOAWAY at a uniformly random point of the drain
+/// window, so clients reconnect spread over it rather than all at once (the reconnect storm of
+/// envoyproxy/envoy#35085). On server shutdown every connection is told at once: the process is
+/// going away and the drain time is the deadline for in-flight requests.
+fn gradual_drain_delay(server: &crate::server::ServerShared, drain_time: Duration) -> Duration {
+    if *server.drain_rx().borrow() {
+        Duration::ZERO
+    } else {
+        drain_time.mul_f64(fastrand::f64())
+    }
 }
 
 fn log_conn_end(hs: &HttpStats, err: Option<hyper::Error>) {
