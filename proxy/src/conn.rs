@@ -145,6 +145,36 @@ async fn sniff(stream: &mut TcpStream) -> io::Result<(Bytes, bool)> {
     Ok((buf.freeze(), is_h2))
 }
 
+/// Drives a hyper server connection (HTTP/1.1 or HTTP/2: their types differ but both have
+/// `graceful_shutdown`) until it ends; once its listener drains, closes it gracefully after
+/// [`gradual_drain_delay`] and gives in-flight requests until the drain deadline.
+macro_rules! serve_until_drained {
+    ($conn:ident, $cx:ident, $hs:ident, $drain:ident, $drain_time:ident) => {
+        tokio::pin!($conn);
+        tokio::select! {
+            r = $conn.as_mut() => log_conn_end(&$hs, r.err()),
+            _ = crate::server::drained(&mut $drain) => {
+                let started = tokio::time::Instant::now();
+                let delay = gradual_drain_delay(&$cx.server, $drain_time);
+                let mut server_drain = $cx.server.drain_rx();
+                let finished = tokio::select! {
+                    r = $conn.as_mut() => { log_conn_end(&$hs, r.err()); true }
+                    _ = tokio::time::sleep(delay) => false,
+                    _ = crate::server::drained(&mut server_drain) => false,
+                };
+                if !finished {
+                    $hs.downstream_cx_drain_close.inc();
+                    $conn.as_mut().graceful_shutdown();
+                    tokio::select! {
+                        r = $conn.as_mut() => log_conn_end(&$hs, r.err()),
+                        _ = tokio::time::sleep($drain_time.saturating_sub(started.elapsed())) => {}
+                    }
+                }
+            }
+        }
+    };
+}
+
 /// Serves one accepted connection until it closes, or until the drain deadline after shutdown.
 pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
     // Only the settings: holding the manager would pin its filter chain after a reload.
@@ -196,28 +226,7 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
             .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
             .max_header_list_size(max_request_headers_kb.saturating_mul(1024));
         let conn = b.serve_connection(io, svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => log_conn_end(&hs, r.err()),
-            _ = crate::server::drained(&mut drain) => {
-                let started = tokio::time::Instant::now();
-                let delay = gradual_drain_delay(&cx.server, drain_time);
-                let mut server_drain = cx.server.drain_rx();
-                let finished = tokio::select! {
-                    r = conn.as_mut() => { log_conn_end(&hs, r.err()); true }
-                    _ = tokio::time::sleep(delay) => false,
-                    _ = crate::server::drained(&mut server_drain) => false,
-                };
-                if !finished {
-                    hs.downstream_cx_drain_close.inc();
-                    conn.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        r = conn.as_mut() => log_conn_end(&hs, r.err()),
-                        _ = tokio::time::sleep(drain_time.saturating_sub(started.elapsed())) => {}
-                    }
-                }
-            }
-        }
+        serve_until_drained!(conn, cx, hs, drain, drain_time);
         hs.downstream_cx_http2_active.dec();
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
@@ -226,28 +235,7 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
             .header_read_timeout(request_headers_timeout)
             .max_buf_size(MIN_H1_BUF.max(max_request_headers_kb as usize * 1024));
         let conn = b.serve_connection(io, svc).with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => log_conn_end(&hs, r.err()),
-            _ = crate::server::drained(&mut drain) => {
-                let started = tokio::time::Instant::now();
-                let delay = gradual_drain_delay(&cx.server, drain_time);
-                let mut server_drain = cx.server.drain_rx();
-                let finished = tokio::select! {
-                    r = conn.as_mut() => { log_conn_end(&hs, r.err()); true }
-                    _ = tokio::time::sleep(delay) => false,
-                    _ = crate::server::drained(&mut server_drain) => false,
-                };
-                if !finished {
-                    hs.downstream_cx_drain_close.inc();
-                    conn.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        r = conn.as_mut() => log_conn_end(&hs, r.err()),
-                        _ = tokio::time::sleep(drain_time.saturating_sub(started.elapsed())) => {}
-                    }
-                }
-            }
-        }
+        serve_until_drained!(conn, cx, hs, drain, drain_time);
         hs.downstream_cx_http1_active.dec();
     }
     hs.downstream_cx_active.dec();
