@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use strait_proxy::admin::AdminSource;
 use strait_proxy::grpc_clusters::ProxyClusters;
-use strait_proxy::server::{Options, Server};
+use strait_proxy::server::{Options, Server, Workers};
 use strait_proxy::stats::NamedStats;
 use strait_xds::bootstrap::{self, Overrides, Source};
 use strait_xds::dynamic::{Dynamic, Loaded};
@@ -49,6 +49,12 @@ struct Cli {
     /// Worker threads; default: the number of hardware threads.
     #[arg(long)]
     concurrency: Option<usize>,
+    /// Strait-only: how the --concurrency workers share connections. work-stealing: one
+    /// multi-threaded runtime (idle workers steal tasks). per-core: one single-threaded runtime
+    /// per worker, each with its own SO_REUSEPORT listening sockets, serving the connections it
+    /// accepts (admin, xDS and health checks run on the main thread).
+    #[arg(long = "worker-model", value_enum, default_value_t = WorkerModel::WorkStealing)]
+    worker_model: WorkerModel,
     /// How long a drain lets in-flight requests finish, in seconds.
     #[arg(long = "drain-time-s", default_value_t = 600)]
     drain_time_s: u64,
@@ -71,6 +77,12 @@ struct Cli {
 enum Mode {
     Serve,
     Validate,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum WorkerModel {
+    WorkStealing,
+    PerCore,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -138,12 +150,30 @@ fn main() -> ExitCode {
         .concurrency
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .max(1);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(concurrency)
-        .thread_name("strait-worker")
-        .enable_all()
-        .build()
-    {
+    let workers = match cli.worker_model {
+        WorkerModel::WorkStealing => None,
+        // Not started for --mode validate: it serves nothing.
+        WorkerModel::PerCore if cli.mode == Mode::Validate => None,
+        WorkerModel::PerCore => match Workers::start(concurrency) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::error!("cannot start the workers: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let built = match cli.worker_model {
+        WorkerModel::WorkStealing => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(concurrency)
+            .thread_name("strait-worker")
+            .enable_all()
+            .build(),
+        // The main thread only runs admin, xDS, DNS and health checks: the workers serve.
+        WorkerModel::PerCore => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    };
+    let runtime = match built {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("cannot start the runtime: {e}");
@@ -186,13 +216,20 @@ fn main() -> ExitCode {
         drain_time: Duration::from_secs(cli.drain_time_s),
         command_line_options: command_line_options(&cli, concurrency),
     };
-    runtime.block_on(serve(
+    let code = runtime.block_on(serve(
         config,
         opts,
         cli.admin_address_path,
         clusters,
         cli.xds_state_dir,
-    ))
+        workers.clone(),
+    ));
+    // The drain is over: stop the per-core workers (their tasks hold the server, so dropping
+    // our reference alone would not).
+    if let Some(w) = &workers {
+        w.stop();
+    }
+    code
 }
 
 /// `/server_info`'s `command_line_options`, in `envoy.admin.v3.CommandLineOptions` JSON.
@@ -218,6 +255,7 @@ async fn serve(
     admin_address_path: Option<PathBuf>,
     clusters: ProxyClusters,
     xds_state_dir: Option<PathBuf>,
+    workers: Option<Arc<Workers>>,
 ) -> ExitCode {
     // xDS (ADS, files, or static resources using RDS/EDS): the server starts INITIALIZING
     // with the static clusters and gets its listeners from the dynamic configuration.
@@ -236,8 +274,10 @@ async fn serve(
         Err(loaded.model)
     };
     let started = match &dynamic {
-        Ok(d) => Server::start_initializing(d.initial(), opts).await,
-        Err(config) => Server::start(config.clone(), opts).await,
+        Ok(d) => Server::start_initializing_on(d.initial(), opts, workers).await,
+        Err(config) => Server::start_initializing_on(config.clone(), opts, workers)
+            .await
+            .inspect(|s| s.shared().set_live()),
     };
     let server = match started {
         Ok(s) => s,

@@ -12,13 +12,17 @@ use tokio::net::TcpListener;
 use crate::conn;
 use crate::forward::ConnCtx;
 use crate::server::{ListenerRuntime, ServerShared};
+use crate::stats::ListenerStats;
 
 /// Accepts until drain starts; the listening socket closes when this returns (or is aborted,
-/// which is how a listener removed by LDS stops accepting).
+/// which is how a listener removed by LDS stops accepting). Connections are spawned on the
+/// runtime this runs on: with per-core workers, the worker whose socket accepted them.
+/// `worker` is that worker's `listener.<address>.worker_<N>.` block (per-core workers only).
 pub async fn accept_loop(
     tcp: TcpListener,
     slot: Arc<ArcSwap<ListenerRuntime>>,
     server: Arc<ServerShared>,
+    worker: Option<Arc<ListenerStats>>,
 ) {
     let mut drain = slot.load().drain_rx();
     loop {
@@ -42,6 +46,11 @@ pub async fn accept_loop(
         let ls = rt.listener_stats.clone();
         ls.downstream_cx_total.inc();
         ls.downstream_cx_active.inc();
+        let ws = worker.clone();
+        if let Some(w) = &ws {
+            w.downstream_cx_total.inc();
+            w.downstream_cx_active.inc();
+        }
         let cx = Arc::new(ConnCtx {
             listener: rt,
             server: server.clone(),
@@ -54,6 +63,10 @@ pub async fn accept_loop(
             conn::serve(stream, cx).await;
             ls.downstream_cx_active.dec();
             ls.downstream_cx_destroy.inc();
+            if let Some(w) = ws {
+                w.downstream_cx_active.dec();
+                w.downstream_cx_destroy.inc();
+            }
         });
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use strait_xds::model;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
@@ -107,7 +107,92 @@ pub struct Snapshot {
 struct ListenerHandle {
     /// The generation new connections get.
     slot: Arc<ArcSwap<ListenerRuntime>>,
-    accept: JoinHandle<()>,
+    /// One accept loop, or one per per-core worker (each on its own `SO_REUSEPORT` socket).
+    accept: Vec<JoinHandle<()>>,
+}
+
+impl ListenerHandle {
+    fn abort(&self) {
+        for a in &self.accept {
+            a.abort();
+        }
+    }
+}
+
+/// Per-core workers (`--worker-model per-core`): one current-thread runtime per OS thread, each
+/// with its own `SO_REUSEPORT` socket per listener, so the kernel spreads connections and a
+/// connection is served where it was accepted. Dropping this stops the workers and joins them.
+#[derive(Debug)]
+pub struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    stop: watch::Sender<bool>,
+    threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl Workers {
+    /// Starts `n` (at least 1) worker threads, each running its own current-thread runtime.
+    pub fn start(n: usize) -> std::io::Result<Arc<Workers>> {
+        let (stop, _) = watch::channel(false);
+        let mut handles = Vec::new();
+        let mut threads = Vec::new();
+        for i in 0..n.max(1) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(rt.handle().clone());
+            let mut stop_rx = stop.subscribe();
+            let thread = std::thread::Builder::new()
+                .name(format!("strait-worker-{i}"))
+                .spawn(move || {
+                    rt.block_on(async move {
+                        let _ = stop_rx.wait_for(|s| *s).await;
+                    });
+                });
+            match thread {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    stop.send_replace(true);
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Arc::new(Workers {
+            handles,
+            stop,
+            threads: std::sync::Mutex::new(threads),
+        }))
+    }
+
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// Stops the workers (their tasks are dropped) and joins their threads; idempotent. Call
+    /// after the server drained: connections still open on a worker end abruptly.
+    pub fn stop(&self) {
+        self.stop.send_replace(true);
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        let me = std::thread::current().id();
+        for t in threads {
+            // A worker dropping the last reference would otherwise join itself.
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// Config-path state: what `update` diffs against. Never touched by requests.
@@ -139,6 +224,8 @@ pub struct ServerShared {
     control: std::sync::Mutex<Control>,
     /// Serialises config updates.
     updating: tokio::sync::Mutex<()>,
+    /// Per-core workers that accept and serve connections; `None`: the current runtime does.
+    workers: Option<Arc<Workers>>,
 }
 
 /// Keeps [`Server::wait`] waiting while a connection or tunnel is open.
@@ -268,6 +355,46 @@ pub struct Server {
     background: Vec<JoinHandle<()>>,
 }
 
+/// One `SO_REUSEPORT` socket for `address`, registered with (so accepting on) `worker`.
+fn bind_reuseport(
+    address: SocketAddr,
+    worker: &tokio::runtime::Handle,
+) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` (mio): SO_REUSEADDR and a backlog of 1024.
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(address)?;
+    let _entered = worker.enter();
+    socket.listen(1024)
+}
+
+/// One socket per worker on the same address (the first fixes a port-0 listener's port).
+fn bind_workers(
+    what: String,
+    address: SocketAddr,
+    workers: &Workers,
+) -> Result<Vec<TcpListener>, StartError> {
+    let mut out = Vec::with_capacity(workers.len());
+    let mut at = address;
+    for h in &workers.handles {
+        let tcp = bind_reuseport(at, h).map_err(|source| StartError::Bind {
+            what: what.clone(),
+            address,
+            source,
+        })?;
+        if let Ok(a) = tcp.local_addr() {
+            at = a;
+        }
+        out.push(tcp);
+    }
+    Ok(out)
+}
+
 async fn bind(what: String, address: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(address)
         .await
@@ -293,6 +420,17 @@ impl Server {
     pub async fn start_initializing(
         config: model::Bootstrap,
         opts: Options,
+    ) -> Result<Server, StartError> {
+        Server::start_initializing_on(config, opts, None).await
+    }
+
+    /// As [`Server::start_initializing`]; with `workers`, listeners accept and serve on those
+    /// per-core runtimes instead of the current one (admin, xDS, DNS and health checks stay on
+    /// the current runtime).
+    pub async fn start_initializing_on(
+        config: model::Bootstrap,
+        opts: Options,
+        workers: Option<Arc<Workers>>,
     ) -> Result<Server, StartError> {
         let stats = Store::new();
         stats.server.concurrency.set(opts.concurrency as i64);
@@ -325,6 +463,7 @@ impl Server {
             idle: Notify::new(),
             control: Default::default(),
             updating: tokio::sync::Mutex::new(()),
+            workers,
         });
         let mut background = Vec::new();
         // Admin answers during initialization (`/ready`: 503 until LIVE), as Envoy's does.
@@ -378,7 +517,7 @@ impl Server {
                 c.dns.drain().map(|(_, t)| t).collect(),
             )
         };
-        for h in &accepts {
+        for h in accepts.iter().flatten() {
             h.abort();
         }
         // Every connection bounds itself by drain_time; the margin covers the last writes.
@@ -523,11 +662,16 @@ impl ServerShared {
         for h in to_drain {
             let rt = h.slot.load_full();
             tracing::info!(listener = %rt.name, "listener removed: draining");
-            h.accept.abort();
+            h.abort();
             rt.live.drain.send_replace(true);
         }
         for l in to_bind {
-            let tcp = match bind(format!("listener {}", l.name), l.address).await {
+            let what = format!("listener {}", l.name);
+            let bound = match &self.workers {
+                Some(w) => bind_workers(what, l.address, w),
+                None => bind(what, l.address).await.map(|t| vec![t]),
+            };
+            let tcps = match bound {
                 Ok(t) => t,
                 Err(e) if !strict => {
                     tracing::error!("{e}");
@@ -535,7 +679,10 @@ impl ServerShared {
                 }
                 Err(e) => return Err(e),
             };
-            let address = tcp.local_addr().unwrap_or(l.address);
+            let address = tcps
+                .first()
+                .and_then(|t| t.local_addr().ok())
+                .unwrap_or(l.address);
             let rt = match self.runtime(&l, address, None) {
                 Ok(rt) => rt,
                 Err(e) if !strict => {
@@ -545,7 +692,25 @@ impl ServerShared {
                 Err(e) => return Err(e),
             };
             let slot = Arc::new(ArcSwap::new(rt.clone()));
-            let accept = tokio::spawn(listener::accept_loop(tcp, slot.clone(), self.clone()));
+            let accept = match &self.workers {
+                Some(w) => tcps
+                    .into_iter()
+                    .zip(&w.handles)
+                    .enumerate()
+                    .map(|(i, (tcp, h))| {
+                        // Envoy's per-worker block: `listener.<address>.worker_<N>.`.
+                        let stat = format!("{}_{}.worker_{i}", address.ip(), address.port());
+                        let ws = Some(self.stats.listener(&stat));
+                        h.spawn(listener::accept_loop(tcp, slot.clone(), self.clone(), ws))
+                    })
+                    .collect(),
+                None => tcps
+                    .into_iter()
+                    .map(|tcp| {
+                        tokio::spawn(listener::accept_loop(tcp, slot.clone(), self.clone(), None))
+                    })
+                    .collect(),
+            };
             if !strict {
                 tracing::info!(listener = %l.name, %address, "listener added");
             }
