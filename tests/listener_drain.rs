@@ -1,6 +1,9 @@
 //! A listener removed by LDS while the server keeps running drains its connections gradually:
 //! each keep-alive connection is closed at its own point of the drain window instead of all at
 //! once (the reconnect storm of envoyproxy/envoy#35085), and all of them are gone by its end.
+//! An update at the same address keeps the socket: a route change reaches open connections on
+//! their next request, a change to what a connection fixes at its start (here the header limit)
+//! drains the open connections the same gradual way while new ones are served at once.
 
 mod common;
 
@@ -18,28 +21,33 @@ const DRAIN_TIME: Duration = Duration::from_secs(5);
 const CONNECTIONS: usize = 20;
 
 fn lds_file(version: &str, with_listener: bool) -> String {
+    lds_listener(version, with_listener, "ok", 60)
+}
+
+fn lds_listener(version: &str, with_listener: bool, body: &str, max_kb: u32) -> String {
     let mut s = format!("version_info: '{version}'\nresources:\n");
     if with_listener {
-        s.push_str(
+        s.push_str(&format!(
             "- '@type': type.googleapis.com/envoy.config.listener.v3.Listener
   name: ingress
-  address: {socket_address: {address: 127.0.0.1, port_value: 0}}
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
   filter_chains:
   - filters:
     - name: envoy.filters.network.http_connection_manager
       typed_config:
         '@type': type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
         stat_prefix: ingress
+        max_request_headers_kb: {max_kb}
         route_config:
           virtual_hosts:
           - name: all
             domains: ['*']
-            routes: [{match: {prefix: /}, direct_response: {status: 200, body: {inline_string: ok}}}]
+            routes: [{{match: {{prefix: /}}, direct_response: {{status: 200, body: {{inline_string: {body}}}}}}}]
         http_filters:
         - name: envoy.filters.http.router
-          typed_config: {'@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
-",
-        );
+          typed_config: {{'@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+"
+        ));
     } else {
         s = format!("version_info: '{version}'\nresources: []\n");
     }
@@ -78,12 +86,18 @@ async fn ingress(s: &Strait) -> SocketAddr {
 /// Opens a keep-alive HTTP/1.1 connection and completes one request on it.
 async fn keep_alive_connection(addr: SocketAddr) -> TcpStream {
     let mut c = TcpStream::connect(addr).await.unwrap();
+    request(&mut c, "ok").await;
+    c
+}
+
+/// One request on an open connection; the direct response's body must be `body`.
+async fn request(c: &mut TcpStream, body: &str) {
     c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 1024];
-    while !(got.windows(4).any(|w| w == b"\r\n\r\n") && got.ends_with(b"ok")) {
+    while !(got.windows(4).any(|w| w == b"\r\n\r\n") && got.ends_with(body.as_bytes())) {
         let n = tokio::time::timeout(LIMIT, c.read(&mut buf))
             .await
             .expect("response in time")
@@ -96,7 +110,6 @@ async fn keep_alive_connection(addr: SocketAddr) -> TcpStream {
         "{:?}",
         String::from_utf8_lossy(&got)
     );
-    c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,6 +135,19 @@ dynamic_resources:
 
     // Remove the listener; each connection reports when the proxy closed it.
     replace(d, "lds.yaml", &lds_file("2", false));
+    assert_closed_gradually(conns).await;
+    assert!(
+        s.stat("http.ingress.downstream_cx_drain_close")
+            .await
+            .unwrap_or(0)
+            >= 1,
+        "drain closes are counted"
+    );
+}
+
+/// Waits for the proxy to close every connection (the change that drains them was just made)
+/// and checks the closes were spread over the drain window and all came by its end.
+async fn assert_closed_gradually(conns: Vec<TcpStream>) {
     let removed = Instant::now();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     for mut c in conns {
@@ -164,11 +190,71 @@ dynamic_resources:
         last <= DRAIN_TIME + Duration::from_secs(3),
         "the last connection closed after {last:?}"
     );
-    assert!(
-        s.stat("http.ingress.downstream_cx_drain_close")
-            .await
-            .unwrap_or(0)
-            >= 1,
-        "drain closes are counted"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_address_update_keeps_the_socket_and_drains_only_for_connection_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    replace(d, "lds.yaml", &lds_listener("1", true, "ok", 60));
+    let yaml = format!(
+        "admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+dynamic_resources:
+  lds_config: {{path_config_source: {{path: '{d}/lds.yaml', watched_directory: {{path: '{d}'}}}}}}
+",
+        d = d.display()
     );
+    let s = Strait::start(&yaml).await;
+    let addr = ingress(&s).await;
+    let mut conns = Vec::new();
+    for _ in 0..CONNECTIONS {
+        conns.push(keep_alive_connection(addr).await);
+    }
+
+    // A route change: the open connections answer with the new route on their next request.
+    replace(d, "lds.yaml", &lds_listener("2", true, "v2", 60));
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let mut probe = TcpStream::connect(addr).await.unwrap();
+        probe
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(LIMIT, probe.read_to_end(&mut got)).await;
+        if got.ends_with(b"v2") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the route change never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for c in &mut conns {
+        request(c, "v2").await;
+    }
+    assert_eq!(ingress(&s).await, addr, "same socket");
+
+    // The header limit is fixed per connection: the open ones drain gradually, new ones are
+    // served on the same socket at once.
+    replace(d, "lds.yaml", &lds_listener("3", true, "v3", 30));
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let mut probe = TcpStream::connect(addr).await.unwrap();
+        probe
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(LIMIT, probe.read_to_end(&mut got)).await;
+        if got.ends_with(b"v3") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new listener generation never served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_closed_gradually(conns).await;
+    assert_eq!(ingress(&s).await, addr, "same socket");
 }

@@ -28,7 +28,16 @@ pub async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             r = tcp.accept() => r,
-            _ = crate::server::drained(&mut drain) => return,
+            _ = crate::server::drained(&mut drain) => {
+                // An update at the same address that replaced the connections' generation
+                // drains the old one only: keep accepting for the new one.
+                let current = slot.load();
+                if *current.drain_rx().borrow() {
+                    return;
+                }
+                drain = current.drain_rx();
+                continue;
+            }
         };
         let rt = slot.load_full();
         let (stream, peer) = match accepted {

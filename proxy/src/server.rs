@@ -634,13 +634,22 @@ impl ServerShared {
                             runtimes.push(cur);
                             keep.insert(l.name.clone(), h);
                         } else if cur_config.address == l.address || cur.address == l.address {
-                            // Same socket (a port-0 listener also matches its bound port):
-                            // a new generation, no rebind, no drain.
-                            match self.runtime(l, cur.address, Some(cur.live.clone())) {
+                            // Same socket (a port-0 listener also matches its bound port): a
+                            // new generation, no rebind. Open connections pick up new routes
+                            // and filters on their next request; a change they cannot pick up
+                            // (settings fixed when a connection starts) gives the new
+                            // generation its own connections and drains the old ones gradually.
+                            let reconnect = fixed_per_connection_changed(&cur_config, l);
+                            let live = (!reconnect).then(|| cur.live.clone());
+                            match self.runtime(l, cur.address, live) {
                                 Ok(rt) => {
                                     rt.live.config.store(l.clone());
                                     h.slot.store(rt.clone());
                                     runtimes.push(rt);
+                                    if reconnect {
+                                        tracing::info!(listener = %l.name, "listener connection settings changed: draining its open connections");
+                                        cur.live.drain.send_replace(true);
+                                    }
                                 }
                                 Err(e) => {
                                     tracing::error!("{e}; keeping the previous listener");
@@ -767,4 +776,17 @@ impl ServerShared {
             live,
         }))
     }
+}
+
+/// Whether a listener update changes what a connection fixes when it starts (the codec and
+/// its header limits in `conn`, the stat block and access loggers in its `ListenerRuntime`),
+/// so that open connections must be replaced rather than updated in place.
+fn fixed_per_connection_changed(old: &model::Listener, new: &model::Listener) -> bool {
+    let (a, b) = (&old.hcm, &new.hcm);
+    a.codec_type != b.codec_type
+        || a.max_request_headers_kb != b.max_request_headers_kb
+        || a.request_headers_timeout != b.request_headers_timeout
+        || a.stat_prefix != b.stat_prefix
+        // The access-log model has no equality (compiled formats); its debug form is exact.
+        || format!("{:?}", a.access_logs) != format!("{:?}", b.access_logs)
 }
