@@ -426,7 +426,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=1, help="seconds of unmeasured load before each row")
     ap.add_argument("--peers", default="direct,strait,strait-c2,envoy,haproxy,nginx")
     ap.add_argument("--workloads", default="h1,h2c,open,newconn,grpc,body1m")
-    ap.add_argument("--strait-bin", default=os.environ.get("STRAIT_BIN", "/work/target/release/strait"))
+    ap.add_argument("--strait-bin", default=os.environ.get("STRAIT_BIN", os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target")), "release", "strait")))
     ap.add_argument("--strait-config", default=os.environ.get("STRAIT_CONFIG"),
                     help="bootstrap for the strait rows (default peers/strait-envoy.yaml)")
     ap.add_argument("--envoy-bin", default=os.environ.get("ENVOY_BIN", shutil.which("envoy") or "envoy"))

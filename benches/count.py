@@ -109,7 +109,7 @@ def main():
     ap.add_argument("--no-instructions", action="store_true")
     ap.add_argument("--keep", help="copy callgrind dumps here")
     ap.add_argument("--json", help="write the counts here")
-    ap.add_argument("--strait-bin", default=os.environ.get("STRAIT_BIN", "/work/target/release/strait"))
+    ap.add_argument("--strait-bin", default=os.environ.get("STRAIT_BIN", os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target")), "release", "strait")))
     ap.add_argument("--strait-config", default=os.environ.get("STRAIT_CONFIG"),
                     help="bootstrap for the strait rows (default peers/strait-envoy.yaml)")
     ap.add_argument("--envoy-bin", default=os.environ.get("ENVOY_BIN", shutil.which("envoy") or "envoy"))

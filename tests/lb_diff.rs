@@ -1,7 +1,7 @@
 //! Differential load-balancing check: each case in `tests/lb_cases/*.yaml` is one cluster
 //! (priorities, localities, weights, EDS `health_status` per endpoint) over real upstream servers
 //! on loopback that name their bucket in `x-upstream`. N requests go through Strait and, when
-//! Envoy is installed (`ENVOY_BIN`, else /work/venv-envoy/bin/envoy), through Envoy; every
+//! Envoy is installed (`ENVOY_BIN`, else `envoy` on `PATH`), through Envoy; every
 //! bucket's share must agree within 5 standard deviations of the difference of two binomials,
 //! and with the case's `expect` table (percent, from Envoy's docs) within 5 sigma.
 
@@ -17,9 +17,7 @@ const N: usize = 1000;
 const SENDERS: usize = 8;
 
 fn envoy_bin() -> Option<String> {
-    let bin =
-        std::env::var("ENVOY_BIN").unwrap_or_else(|_| "/work/venv-envoy/bin/envoy".to_string());
-    Path::new(&bin).exists().then_some(bin)
+    common::envoy_bin()
 }
 
 fn cases() -> Vec<(PathBuf, Value)> {

@@ -2,12 +2,11 @@
 //! upstream, keys spread over all upstreams, and — because Strait builds the ring and the Maglev
 //! table with xxHash64 over `ip:port` exactly as Envoy does — each key reaches the same upstream
 //! through Strait as through Envoy (when Envoy is installed: `ENVOY_BIN`, else
-//! /work/venv-envoy/bin/envoy).
+//! `envoy` on `PATH`).
 
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
 
 use common::{Client, Config, Upstream};
 use serde_json::json;
@@ -15,9 +14,7 @@ use serde_json::json;
 const KEYS: usize = 60;
 
 fn envoy_bin() -> Option<String> {
-    let bin =
-        std::env::var("ENVOY_BIN").unwrap_or_else(|_| "/work/venv-envoy/bin/envoy".to_string());
-    Path::new(&bin).exists().then_some(bin)
+    common::envoy_bin()
 }
 
 /// Key -> upstream name, asking each key three times (it must not move).

@@ -101,7 +101,7 @@ fn cases() -> Vec<Case> {
                 "          route_config:\n            name: rc\n            virtual_hosts:\n            - name: vh\n              domains: [\"*\"]\n              routes:\n              - match: {prefix: /}\n                route: {cluster: backend, timeout: 5s}\n",
                 "          rds: {route_config_name: rc, config_source: {ads: {}}}\n",
             )],
-            // RDS over ADS needs `dynamic_resources.ads_config` (helper H).
+            // RDS over ADS needs `dynamic_resources.ads_config`.
             errors: vec![format!("{HCM}.rds.config_source.ads: requires dynamic_resources.ads_config in the bootstrap")],
         },
         Case {

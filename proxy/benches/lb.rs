@@ -1,7 +1,7 @@
 //! Load-balancer micro-benchmarks: nanoseconds per host pick for each policy over 10,000 hosts
 //! in 50 localities and 3 priorities (P0 partly unhealthy, so picks spill over), and the cost of
 //! rebuilding the LB state after a health change.
-//! `cargo bench -p strait-proxy --bench lb`; results are summarised in /work/notes/J1-bench.md.
+//! `cargo bench -p strait-proxy --bench lb`; results are in BENCHMARKS.md.
 
 use std::hint::black_box;
 use std::net::SocketAddr;

@@ -577,7 +577,7 @@ fn filter_family(addrs: Vec<SocketAddr>, family: DnsLookupFamily) -> Vec<SocketA
     }
 }
 
-// === EDS updates (helper H) ===
+// === EDS updates ===
 
 impl ClusterState {
     /// Applies an EDS update: hosts whose address and attributes stay keep their `Host` (pool,

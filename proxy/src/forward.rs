@@ -1288,7 +1288,7 @@ struct Attempts<'a> {
     priority: model::RoutingPriority,
     /// Hosts tried so far, in order (for previous_hosts / previous_priorities).
     attempted: Vec<Arc<Host>>,
-    /// The route `hash_policy` value, for RING_HASH / MAGLEV clusters (helper J1).
+    /// The route `hash_policy` value, for RING_HASH / MAGLEV clusters.
     hash: Option<u64>,
 }
 

@@ -2,7 +2,7 @@
 
 /// A set of response flags, printed as Envoy's short codes joined by `,` (or `-` when empty).
 /// Envoy (1.40) prints flags in the order they were set (e.g. `URX,UT`), so the set also
-/// remembers that order (helper B's addition).
+/// remembers that order.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ResponseFlags(pub u32, FlagOrder);
 

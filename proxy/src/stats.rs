@@ -293,7 +293,7 @@ impl strait_filters::StatsSink for NamedStats {
 pub struct Store {
     inner: Mutex<StoreInner>,
     pub server: ServerStats,
-    /// Config-plane gauges (helper H).
+    /// Config-plane gauges.
     pub xds: XdsGauges,
 }
 

@@ -1102,3 +1102,16 @@ pub async fn run(limit: Duration, program: &str, args: &[String]) -> (ExitStatus
         Err(e) => panic!("{program}: {e}"),
     }
 }
+
+/// The Envoy binary for differential tests: `ENVOY_BIN` (CI sets it), else `envoy` on `PATH`;
+/// `None` when neither exists, and the caller skips with a message.
+pub fn envoy_bin() -> Option<String> {
+    if let Ok(b) = std::env::var("ENVOY_BIN") {
+        return std::path::Path::new(&b).exists().then_some(b);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("envoy"))
+        .find(|c| c.is_file())
+        .map(|c| c.display().to_string())
+}

@@ -24,12 +24,12 @@ pub struct Bootstrap {
     pub clusters: Vec<Arc<Cluster>>,
     /// The source configuration as canonical proto3 JSON, for `/config_dump`.
     pub dump: ConfigDump,
-    /// `dynamic_resources`: where listeners and clusters come from over xDS (helper H).
+    /// `dynamic_resources`: where listeners and clusters come from over xDS.
     pub dynamic: Option<DynamicResources>,
-    /// EDS clusters' endpoints by cluster name (helper H): the data plane applies them with
+    /// EDS clusters' endpoints by cluster name: the data plane applies them with
     /// `ClusterState::update_endpoints`, keeping hosts that stay.
     pub eds: std::collections::HashMap<String, Arc<LoadAssignment>>,
-    /// xDS-delivered resources for `/config_dump` (helper H).
+    /// xDS-delivered resources for `/config_dump`.
     pub dynamic_dump: Arc<DynamicDump>,
 }
 
@@ -186,7 +186,7 @@ pub enum FormatToken {
     },
     /// `%REQ(A?B):N%` when A or B is a pseudo-header (`:method`, `:path`, `:authority`,
     /// `:scheme`), which `HeaderName` cannot hold. Names are lower-cased; a name starting with
-    /// `:` is the pseudo-header, any other is a regular request header. (Added by helper A: the
+    /// `:` is the pseudo-header, any other is a regular request header. (The
     /// default format needs `%REQ(:METHOD)%` and `%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%`.)
     ReqHeaderOrPseudo {
         primary: String,
@@ -432,7 +432,7 @@ pub struct ForwardAction {
     pub upgrade_overrides: Vec<UpgradeConfig>,
     /// `priority`: which circuit-breaker set the route's requests count against.
     pub priority: RoutingPriority,
-    /// `hash_policy`: how RING_HASH / MAGLEV clusters hash the request (helper J1).
+    /// `hash_policy`: how RING_HASH / MAGLEV clusters hash the request.
     pub hash_policy: Vec<HashPolicy>,
 }
 
@@ -602,7 +602,7 @@ pub struct Cluster {
     /// STRICT_DNS refresh; default 5 s.
     pub dns_refresh_rate: Duration,
     pub dns_lookup_family: DnsLookupFamily,
-    /// Load-balancer settings beyond the policy (helper J1).
+    /// Load-balancer settings beyond the policy.
     pub lb: LbConfig,
     /// Active health checks (`health_checks`); empty when none.
     pub health_checks: Vec<HealthCheck>,
@@ -916,7 +916,7 @@ impl Default for OutlierDetection {
 #[derive(Debug, Clone, Default)]
 pub struct LoadAssignment {
     pub endpoints: Vec<LocalityLbEndpoints>,
-    /// `policy` of the ClusterLoadAssignment (helper J1).
+    /// `policy` of the ClusterLoadAssignment.
     pub policy: AssignmentPolicy,
 }
 

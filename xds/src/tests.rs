@@ -490,7 +490,7 @@ fn hcm_rules() {
         &format!("{P_HCM}/rds"),
         json!({"route_config_name": "x", "config_source": {"ads": {}}}),
     );
-    // RDS over ADS needs an ADS stream (helper H).
+    // RDS over ADS needs an ADS stream.
     assert_eq!(
         errors(&v),
         [format!(

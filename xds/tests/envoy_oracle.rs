@@ -1,6 +1,6 @@
 //! Envoy as the oracle for the reference control plane: real Envoy, configured only over ADS
 //! (SotW, then Delta) by `ControlPlane`, must ACK every type and route a request to an upstream.
-//! Skipped (with a message) when no `envoy` binary is found: ENVOY_BIN, PATH, /work/venv-envoy.
+//! Skipped (with a message) when no `envoy` binary is found: ENVOY_BIN, then PATH.
 
 mod common;
 
@@ -25,16 +25,10 @@ fn envoy_bin() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("ENVOY_BIN").filter(|p| !p.is_empty()) {
         return Some(PathBuf::from(p));
     }
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            let p = dir.join("envoy");
-            if p.is_file() {
-                return Some(p);
-            }
-        }
-    }
-    let venv = PathBuf::from("/work/venv-envoy/bin/envoy");
-    venv.is_file().then_some(venv)
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("envoy"))
+        .find(|p| p.is_file())
 }
 
 /// A tiny HTTP/1.1 upstream answering every request with `UPSTREAM_BODY`.

@@ -66,12 +66,12 @@ pub(crate) fn translate(cx: &mut Ctx, b: bs::Bootstrap) -> model::Bootstrap {
     } = cluster_manager.unwrap_or_default();
     reject_set!(cx, "cluster_manager"; outlier_detection, upstream_bind_config,
         load_stats_config, enable_deferred_cluster_creation);
-    // Zone-aware routing (helper J1): every cluster's LB config learns where Strait runs.
+    // Zone-aware routing: every cluster's LB config learns where Strait runs.
     cx.local_cluster_name = (!local_cluster_name.is_empty()).then(|| local_cluster_name.clone());
     cx.local_locality = node.locality.clone();
     reject_set!(cx, ""; node_context_params);
     // Before the static resources, which may use `ads: {}` sources; ads_config names static
-    // clusters wherever they appear in the file (helper H).
+    // clusters wherever they appear in the file.
     if let Some(sr) = &static_resources {
         cx.cluster_names = sr.clusters.iter().map(|c| c.name.clone()).collect();
     }

@@ -97,7 +97,7 @@ pub(crate) fn translate(cx: &mut Ctx, path: &str, c: cl::Cluster) -> Option<mode
     reject_set!(cx, path;
             transport_socket_matches, transport_socket_matcher, alt_stat_name, stats_matcher,
     );
-    // EDS (helper H): where the endpoints come from, and under which service name.
+    // EDS: where the endpoints come from, and under which service name.
     super::config_source::eds_cluster(cx, path, &name, discovery, eds_cluster_config);
     let connect_timeout = match duration(cx, &at(path, "connect_timeout"), connect_timeout) {
         None => Duration::from_secs(5),

@@ -42,7 +42,7 @@ pub(crate) struct Ctx {
     pub per_filter_vh: Vec<(String, strait_filters::PerRoute)>,
     /// The `stat_prefix` of the connection manager being translated (filter stats use it).
     pub stat_prefix: String,
-    /// `dynamic_resources.ads_config` is configured, so `ads: {}` sources are valid (helper H).
+    /// `dynamic_resources.ads_config` is configured, so `ads: {}` sources are valid.
     pub ads_configured: bool,
     /// Route configurations for listeners using RDS, by name; a name missing here gets an empty
     /// placeholder (the listener is still warming).
@@ -52,7 +52,7 @@ pub(crate) struct Ctx {
     /// EDS service names the translated clusters use, with their source.
     pub eds_refs: Vec<(String, crate::model::ConfigSourceKind)>,
     /// `cluster_manager.local_cluster_name` and `node.locality` of the bootstrap, copied into
-    /// each cluster's LB config for zone-aware routing (helper J1).
+    /// each cluster's LB config for zone-aware routing.
     pub local_cluster_name: Option<String>,
     pub local_locality: crate::model::Locality,
 }
