@@ -169,6 +169,10 @@ impl Driver {
                 if s.load(Ordering::SeqCst) {
                     return;
                 }
+                // Even phases are steady, odd ones transitions (each begins before the zones
+                // change). A request that spans a phase change belongs to the transition it
+                // overlaps, so a steady phase only counts requests that began and ended in it.
+                let started = p.load(Ordering::SeqCst);
                 let r = client
                     .try_send(common::req(http::Method::GET, &url, &[], common::empty()))
                     .await;
@@ -177,7 +181,12 @@ impl Driver {
                     Ok(r) => format!("error {}", r.status.as_u16()),
                     Err(e) => format!("error {e}"),
                 };
-                let ph = p.load(Ordering::SeqCst);
+                let ended = p.load(Ordering::SeqCst);
+                let ph = if started == ended || started % 2 == 1 {
+                    started
+                } else {
+                    started + 1
+                };
                 let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
                 *t.entry(ph).or_default().entry(key).or_default() += 1;
             }
@@ -270,24 +279,24 @@ async fn health_checks_and_retries_fail_over_without_errors() {
     let d = Driver::start(s.url("/work"));
 
     d.run_phase(0, 100).await; // steady: local zone
-    w.a1.set_up(false);
     d.phase.store(1, Ordering::SeqCst); // transition
+    w.a1.set_up(false);
     wait_hosts(&s, &[&w.a1], |f| f.contains("/failed_active_hc")).await;
     d.run_phase(2, 100).await; // steady: zone 2 of region A
+    d.phase.store(3, Ordering::SeqCst);
     for z in &w.a2 {
         z.set_up(false);
     }
-    d.phase.store(3, Ordering::SeqCst);
     wait_hosts(&s, &w.a2.iter().collect::<Vec<_>>(), |f| {
         f.contains("/failed_active_hc")
     })
     .await;
     d.run_phase(4, 100).await; // steady: region B
+    d.phase.store(5, Ordering::SeqCst);
     w.a1.set_up(true);
     for z in &w.a2 {
         z.set_up(true);
     }
-    d.phase.store(5, Ordering::SeqCst);
     wait_hosts(&s, &all, |f| f == "healthy").await;
     d.run_phase(6, 100).await; // steady: back home
     let t = d.finish().await;
@@ -321,14 +330,14 @@ async fn outlier_detection_alone_bounds_errors() {
     .await;
     let d = Driver::start(s.url("/work"));
     d.run_phase(0, 100).await;
-    w.a1.set_up(false);
     d.phase.store(1, Ordering::SeqCst);
+    w.a1.set_up(false);
     wait_hosts(&s, &[&w.a1], |f| f.contains("/failed_outlier_check")).await;
     d.run_phase(2, 100).await;
+    d.phase.store(3, Ordering::SeqCst);
     for z in &w.a2 {
         z.set_up(false);
     }
-    d.phase.store(3, Ordering::SeqCst);
     wait_hosts(&s, &w.a2.iter().collect::<Vec<_>>(), |f| {
         f.contains("/failed_outlier_check")
     })
