@@ -787,6 +787,5 @@ fn fixed_per_connection_changed(old: &model::Listener, new: &model::Listener) ->
         || a.max_request_headers_kb != b.max_request_headers_kb
         || a.request_headers_timeout != b.request_headers_timeout
         || a.stat_prefix != b.stat_prefix
-        // The access-log model has no equality (compiled formats); its debug form is exact.
-        || format!("{:?}", a.access_logs) != format!("{:?}", b.access_logs)
+        || a.access_logs != b.access_logs
 }

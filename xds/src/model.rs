@@ -131,7 +131,7 @@ pub struct HttpFilter {
 
 // === Access log ===
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccessLog {
     pub sink: AccessLogSink,
     pub format: LogFormat,
@@ -144,7 +144,7 @@ pub enum AccessLogSink {
     File(PathBuf),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogFormat {
     /// A text line; Envoy's default format when the config names none.
     Text(Vec<FormatToken>),
@@ -152,7 +152,7 @@ pub enum LogFormat {
     Json(Vec<(String, JsonValueFormat)>),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JsonValueFormat {
     /// A single operator alone in the string: rendered typed (numbers as numbers, `-` as null).
     Typed(FormatToken),
