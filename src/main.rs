@@ -19,6 +19,10 @@ use strait_xds::dynamic::{Dynamic, Loaded};
 use strait_xds::filter_env;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of the system allocator: see BENCHMARKS.md, "Allocator".
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Envoy's flag names, so existing command lines keep working.
 #[derive(Debug, Parser)]
 #[command(

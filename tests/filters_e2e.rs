@@ -338,6 +338,92 @@ async fn header_mutation_edits_both_directions() {
     assert!(seen.headers.get("x-remove-me").is_none());
 }
 
+/// `typed_per_filter_config` for the header_mutation filter `hm` at one level: append `level` to
+/// `x-order` on the request and the response, and overwrite `x-last` on the request.
+fn hm_level(level: &str) -> Value {
+    let add = |key: &str, action: &str| json!({"append": {"header": {"key": key, "value": level}, "append_action": action}});
+    json!({"hm": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutationPerRoute",
+        "mutations": {
+            "request_mutations": [add("x-order", "APPEND_IF_EXISTS_OR_ADD"),
+                                  add("x-last", "OVERWRITE_IF_EXISTS_OR_ADD")],
+            "response_mutations": [add("x-order", "APPEND_IF_EXISTS_OR_ADD")]
+        }
+    }})
+}
+
+/// header_mutation with per-route configs at the route configuration, virtual host and route
+/// levels, the filter's own level appending `filter`; the route carries metadata too (accepted).
+fn header_mutation_levels(up: SocketAddr, most_specific_wins: bool) -> Config {
+    let add = json!({"append": {"header": {"key": "x-order", "value": "filter"},
+                                "append_action": "APPEND_IF_EXISTS_OR_ADD"}});
+    Config::new()
+        .cluster("backend", &[up])
+        .route_config(json!({
+            "name": "local",
+            "typed_per_filter_config": hm_level("rc"),
+            "virtual_hosts": [{
+                "name": "default",
+                "domains": ["*"],
+                "typed_per_filter_config": hm_level("vhost"),
+                "routes": [{
+                    "name": "r",
+                    "match": {"prefix": "/"},
+                    "route": {"cluster": "backend"},
+                    "metadata": {"filter_metadata": {"acme.team": {"owner": "payments"}}},
+                    "typed_per_filter_config": hm_level("route")
+                }]
+            }]
+        }))
+        .hcm(
+            "http_filters",
+            chain(vec![filter(
+                "hm",
+                "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                json!({"most_specific_header_mutations_wins": most_specific_wins,
+                       "mutations": {"request_mutations": [add.clone()],
+                                     "response_mutations": [add]}}),
+            )]),
+        )
+}
+
+/// Every per-route level applies, in the order Envoy 1.40 applies them (observed on the real
+/// binary, see tests/filters_envoy_diff.rs): the filter's own level, then the most specific
+/// level first; `most_specific_header_mutations_wins` reverses the per-route levels.
+#[tokio::test]
+async fn header_mutation_applies_every_per_route_level_in_envoys_order() {
+    let up = Upstream::start("up").await;
+    for (wins, order) in [
+        (false, ["client", "filter", "route", "vhost", "rc"]),
+        (true, ["client", "filter", "rc", "vhost", "route"]),
+    ] {
+        let s = start_checked(&header_mutation_levels(up.addr, wins)).await;
+        let r = Client::http1()
+            .get_with(&s.url("/m"), &[("x-order", "client")])
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        let seen = up.last_seen();
+        let got: Vec<_> = seen
+            .headers
+            .get_all("x-order")
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect();
+        assert_eq!(got, order, "request, most_specific_wins={wins}");
+        assert_eq!(
+            seen.headers.get("x-last").map(|v| v.as_bytes()),
+            Some(order[4].as_bytes())
+        );
+        let got: Vec<_> = r
+            .headers
+            .get_all("x-order")
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect();
+        assert_eq!(got, order[1..], "response, most_specific_wins={wins}");
+    }
+}
+
 // === buffer ===
 
 #[tokio::test]
@@ -382,6 +468,8 @@ async fn buffer_rejects_large_bodies_before_the_upstream_sees_them() {
 #[derive(Default)]
 struct Authz {
     checks: AtomicUsize,
+    /// `route_metadata_context` of the last check, as JSON-ish text per namespace.
+    route_metadata: std::sync::Mutex<Vec<(String, Vec<String>)>>,
 }
 
 fn hvo(key: &str, value: &str) -> HeaderValueOption {
@@ -402,9 +490,27 @@ impl Authorization for Authz {
         request: tonic::Request<CheckRequest>,
     ) -> Result<tonic::Response<CheckResponse>, tonic::Status> {
         self.checks.fetch_add(1, Ordering::SeqCst);
-        let headers = request
-            .into_inner()
-            .attributes
+        let attrs = request.into_inner().attributes;
+        let mut md: Vec<(String, Vec<String>)> = attrs
+            .as_ref()
+            .and_then(|a| a.route_metadata_context.as_ref())
+            .map(|m| {
+                m.filter_metadata
+                    .iter()
+                    .map(|(ns, st)| {
+                        let mut keys: Vec<String> = st.fields.keys().cloned().collect();
+                        keys.sort();
+                        (ns.clone(), keys)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        md.sort();
+        *self
+            .route_metadata
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = md;
+        let headers = attrs
             .and_then(|a| a.request)
             .and_then(|r| r.http)
             .map(|h| h.headers)
@@ -491,6 +597,121 @@ async fn ext_authz_allows_and_denies_through_a_grpc_cluster() {
     assert_eq!(authz.checks.load(Ordering::SeqCst), 2);
     assert_eq!(s.stat("http.ingress.ext_authz.ok").await, Some(1));
     assert_eq!(s.stat("http.ingress.ext_authz.denied").await, Some(1));
+    // Envoy also counts under the route's target cluster.
+    assert_eq!(s.stat("cluster.backend.ext_authz.ok").await, Some(1));
+    assert_eq!(s.stat("cluster.backend.ext_authz.denied").await, Some(1));
+}
+
+/// The filter's `stat_prefix` names both stat families; the route's metadata namespaces listed
+/// in `route_metadata_context_namespaces` reach the authorization server, others do not.
+#[tokio::test]
+async fn ext_authz_stat_prefix_cluster_stats_and_route_metadata() {
+    let up = Upstream::start("up").await;
+    let (authz_addr, authz) = start_authz().await;
+    let cfg = Config::new()
+        .cluster("backend", &[up.addr])
+        .cluster_h2("authz", &[authz_addr])
+        .routes(json!([{
+            "match": {"prefix": "/"},
+            "route": {"cluster": "backend"},
+            "metadata": {"filter_metadata": {
+                "acme.team": {"owner": "payments", "tier": 2},
+                "acme.private": {"key": "not for the authz server"}
+            }}
+        }]))
+        .hcm(
+            "http_filters",
+            chain(vec![filter(
+                "envoy.filters.http.ext_authz",
+                "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+                json!({
+                    "transport_api_version": "V3",
+                    "stat_prefix": "waf",
+                    "route_metadata_context_namespaces": ["acme.team"],
+                    "grpc_service": {"envoy_grpc": {"cluster_name": "authz"}, "timeout": "2s"},
+                }),
+            )]),
+        );
+    let s = start_checked(&cfg).await;
+    let c = Client::http1();
+    let r = c.get_with(&s.url("/ok"), &[("x-authz", "allow")]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        *authz
+            .route_metadata
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()),
+        [(
+            "acme.team".to_string(),
+            vec!["owner".to_string(), "tier".to_string()]
+        )]
+    );
+    let r = c.get(&s.url("/no")).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let stats = s.stats().await;
+    let mut got: Vec<(String, i64)> = stats
+        .into_iter()
+        .filter(|(k, v)| k.contains("ext_authz") && *v != 0)
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("cluster.backend.ext_authz.waf.denied".to_string(), 1),
+            ("cluster.backend.ext_authz.waf.ok".to_string(), 1),
+            ("http.ingress.ext_authz.waf.denied".to_string(), 1),
+            ("http.ingress.ext_authz.waf.ok".to_string(), 1),
+        ]
+    );
+    assert_eq!(s.stat("http.ingress.ext_authz.waf.disabled").await, Some(0));
+}
+
+/// A weighted route's cluster is picked with the route, before the filters run (as Envoy
+/// resolves it), so ext_authz counts under the cluster each request actually goes to.
+#[tokio::test]
+async fn ext_authz_counts_under_the_picked_weighted_cluster() {
+    let blue = Upstream::start("blue").await;
+    let green = Upstream::start("green").await;
+    let (authz_addr, _authz) = start_authz().await;
+    let cfg = Config::new()
+        .cluster("blue", &[blue.addr])
+        .cluster("green", &[green.addr])
+        .cluster_h2("authz", &[authz_addr])
+        .routes(json!([{
+            "match": {"prefix": "/"},
+            "route": {"weighted_clusters": {"clusters": [
+                {"name": "blue", "weight": 1},
+                {"name": "green", "weight": 1}
+            ]}}
+        }]))
+        .hcm(
+            "http_filters",
+            chain(vec![filter(
+                "envoy.filters.http.ext_authz",
+                "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+                json!({
+                    "transport_api_version": "V3",
+                    "grpc_service": {"envoy_grpc": {"cluster_name": "authz"}, "timeout": "2s"},
+                }),
+            )]),
+        );
+    let s = start_checked(&cfg).await;
+    let c = Client::http1();
+    let (mut to_blue, mut to_green) = (0, 0);
+    for _ in 0..40 {
+        let r = c.get_with(&s.url("/w"), &[("x-authz", "allow")]).await;
+        assert_eq!(r.status, StatusCode::OK);
+        match r.upstream() {
+            Some("blue") => to_blue += 1,
+            Some("green") => to_green += 1,
+            other => panic!("unexpected upstream {other:?}"),
+        }
+    }
+    // 40 requests at 1:1: both clusters are picked (a miss has odds of 2^-39).
+    assert!(to_blue > 0 && to_green > 0, "{to_blue}/{to_green}");
+    assert_eq!(s.stat("cluster.blue.ext_authz.ok").await, Some(to_blue));
+    assert_eq!(s.stat("cluster.green.ext_authz.ok").await, Some(to_green));
+    assert_eq!(s.stat("http.ingress.ext_authz.ok").await, Some(40));
 }
 
 #[tokio::test]
@@ -502,9 +723,15 @@ async fn ext_authz_failure_mode_allow_lets_requests_through_when_authz_is_down()
         let r = Client::http1().get(&s.url("/x")).await;
         assert_eq!(r.status, want, "failure_mode_allow: {allow}");
         assert_eq!(s.stat("http.ingress.ext_authz.error").await, Some(1));
+        assert_eq!(s.stat("cluster.backend.ext_authz.error").await, Some(1));
         if allow {
             assert_eq!(
                 s.stat("http.ingress.ext_authz.failure_mode_allowed").await,
+                Some(1)
+            );
+            assert_eq!(
+                s.stat("cluster.backend.ext_authz.failure_mode_allowed")
+                    .await,
                 Some(1)
             );
         } else {

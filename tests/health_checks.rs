@@ -246,7 +246,10 @@ async fn tcp_checks_connect_and_payloads() {
         wait_flags(&strait, good, |f| f == "healthy").await,
         "healthy"
     );
-    wait_flags(&strait, bad, |f| f == "/failed_active_hc").await;
+    // A wrong reply is not a failure by itself: Envoy keeps waiting for a match until the
+    // check times out (NETWORK_TIMEOUT, hence `/active_hc_timeout`); a refused connect fails
+    // at once.
+    wait_flags(&strait, bad, |f| f == "/failed_active_hc/active_hc_timeout").await;
     wait_flags(&strait, closed, |f| f == "/failed_active_hc").await;
     let stats = strait.stats().await;
     assert!(
@@ -515,6 +518,93 @@ async fn circuit_breakers_per_routing_priority() {
     assert_eq!(
         strait
             .wait_stat("cluster.c.upstream_rq_pending_overflow", 2)
+            .await,
+        Some(2)
+    );
+}
+
+/// A proxied answer with `x-envoy-immediate-health-check-fail` takes the host out at once, as
+/// Envoy's router does: `/excluded_via_immediate_hc_fail`, `health_check.passive_failure`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn immediate_fail_header_in_a_response_is_a_passive_failure() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start_with(
+        "b",
+        Reply::Full {
+            status: 200,
+            headers: vec![("x-envoy-immediate-health-check-fail".into(), "true".into())],
+            body: Bytes::from_static(b"going away"),
+        },
+    )
+    .await;
+    // `b` passes its first (and, with a 10 s interval, only) check.
+    b.script([Reply::Echo]);
+    let hc = http_hc(json!({"interval": "10s", "no_traffic_interval": "10s"}));
+    let strait = start(
+        cluster(&[a.addr, b.addr], json!({"health_checks": [hc]})),
+        json!({}),
+    )
+    .await;
+    let client = Client::http1();
+    let mut reached_b = false;
+    for _ in 0..10 {
+        let r = client.get(&strait.url("/x")).await;
+        assert_eq!(r.status, 200);
+        if r.upstream() == Some("b") {
+            reached_b = true;
+            break;
+        }
+    }
+    assert!(reached_b, "round robin never reached b");
+    let f = wait_flags(&strait, b.addr, |f| f != "healthy").await;
+    assert_eq!(f, "/failed_active_hc/excluded_via_immediate_hc_fail");
+    let m = spread(&strait, 20).await;
+    assert_eq!(m.get("200:a"), Some(&20), "{m:?}");
+    assert_eq!(
+        strait
+            .wait_stat("cluster.c.health_check.passive_failure", 1)
+            .await,
+        Some(1)
+    );
+    assert_eq!(strait.stat("cluster.c.health_check.failure").await, Some(1));
+}
+
+/// `service_name_matcher`: a passing answer must name the cluster in
+/// `x-envoy-upstream-healthchecked-cluster`; each verification counts in
+/// `health_check.verify_cluster`, and a host that does not say it fails its check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_name_matcher_verifies_the_checked_cluster() {
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    a.script([Reply::Full {
+        status: 200,
+        headers: vec![(
+            "x-envoy-upstream-healthchecked-cluster".into(),
+            "svc-a".into(),
+        )],
+        body: Bytes::new(),
+    }]);
+    let hc = http_hc(json!({"interval": "10s", "no_traffic_interval": "10s",
+        "http_health_check": {"path": "/healthz",
+                              "service_name_matcher": {"prefix": "svc"}}}));
+    let strait = start(
+        cluster(&[a.addr, b.addr], json!({"health_checks": [hc]})),
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        wait_flags(&strait, b.addr, |f| f != "healthy").await,
+        "/failed_active_hc"
+    );
+    assert_eq!(
+        wait_flags(&strait, a.addr, |f| f == "healthy").await,
+        "healthy"
+    );
+    let m = spread(&strait, 10).await;
+    assert_eq!(m.get("200:a"), Some(&10), "{m:?}");
+    assert_eq!(
+        strait
+            .wait_stat("cluster.c.health_check.verify_cluster", 2)
             .await,
         Some(2)
     );

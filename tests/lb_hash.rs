@@ -37,29 +37,42 @@ async fn placements(yaml: &str) -> BTreeMap<String, String> {
     out
 }
 
-async fn check(policy: serde_json::Value) {
+/// `zones`: the upstreams go into this many localities (zones z0, z1, ...) and Strait runs in
+/// the last one, so that its own locality is not the first in the assignment: placement must
+/// still follow the assignment's host order, as Envoy's flat host list does.
+async fn check(policy: serde_json::Value, zones: usize) {
     let mut ups = Vec::new();
     for i in 0..4 {
         ups.push(Upstream::start(&format!("u{i}")).await);
     }
-    let eps: Vec<_> = ups
-        .iter()
-        .map(|u| {
-            json!({"endpoint": {"address": {"socket_address": {
-            "address": "127.0.0.1", "port_value": u.addr.port()}}}})
+    let zones = zones.max(1);
+    let groups: Vec<_> = (0..zones)
+        .map(|z| {
+            let eps: Vec<_> = ups
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % zones == z)
+                .map(|(_, u)| {
+                    json!({"endpoint": {"address": {"socket_address": {
+                    "address": "127.0.0.1", "port_value": u.addr.port()}}}})
+                })
+                .collect();
+            json!({"locality": {"region": "r", "zone": format!("z{z}")}, "lb_endpoints": eps})
         })
         .collect();
     let mut cluster = json!({"name": "c", "type": "STATIC", "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": "c", "endpoints": [{"lb_endpoints": eps}]}});
+        "load_assignment": {"cluster_name": "c", "endpoints": groups}});
     for (k, v) in policy.as_object().cloned().unwrap_or_default() {
         cluster[k] = v;
     }
-    let yaml = Config::new()
+    let mut boot = Config::new()
         .routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "c",
             "hash_policy": [{"header": {"header_name": "x-user"}}]}}]))
         .cluster_json(cluster)
         .access_logs(vec![])
-        .yaml();
+        .json();
+    boot["node"]["locality"] = json!({"region": "r", "zone": format!("z{}", zones - 1)});
+    let yaml = serde_json::to_string_pretty(&boot).unwrap_or_default();
     let strait = placements(&yaml).await;
     let used: HashSet<&String> = strait.values().collect();
     assert_eq!(
@@ -88,6 +101,8 @@ async fn check(policy: serde_json::Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ring_hash_and_maglev_place_keys_as_envoy() {
-    check(json!({"lb_policy": "RING_HASH"})).await;
-    check(json!({"lb_policy": "MAGLEV"})).await;
+    check(json!({"lb_policy": "RING_HASH"}), 1).await;
+    check(json!({"lb_policy": "MAGLEV"}), 1).await;
+    check(json!({"lb_policy": "MAGLEV"}), 2).await;
+    check(json!({"lb_policy": "RING_HASH"}), 2).await;
 }

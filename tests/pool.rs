@@ -1,5 +1,6 @@
-//! Upstream connection reuse: HTTP/1.1 keep-alive across sequential requests, and HTTP/2
-//! multiplexing of concurrent requests over one connection.
+//! Upstream connection reuse: HTTP/1.1 keep-alive across sequential requests, HTTP/2
+//! multiplexing of concurrent requests over one connection, and the connection / pending
+//! circuit breakers of each routing priority.
 
 mod common;
 
@@ -71,4 +72,121 @@ async fn http2_requests_are_multiplexed() {
         up.max_concurrent()
     );
     assert!(up.seen().iter().all(|s| s.version == http::Version::HTTP_2));
+}
+
+/// Polls (bounded) until the upstream has received `n` requests.
+async fn wait_requests(up: &Upstream, n: usize) {
+    for _ in 0..500 {
+        if up.requests() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("upstream saw {} requests, wanted {n}", up.requests());
+}
+
+/// Routes with `priority: HIGH` count against the HIGH thresholds for connections and pending
+/// requests too, in a pool of their own as in Envoy: with HIGH max_connections 1 and
+/// max_pending_requests 1, a second HIGH request waits for the connection
+/// (`upstream_cx_overflow`), a third is turned away at once (503, UO,
+/// `upstream_rq_pending_overflow`), while a DEFAULT request still gets a connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn high_priority_breakers_cover_connections_and_pending() {
+    let up = Upstream::start_with(
+        "up",
+        Reply::Delay(Duration::from_millis(400), Box::new(Reply::Echo)),
+    )
+    .await;
+    let mut cluster = common::cluster("up", &[up.addr]);
+    cluster["circuit_breakers"] = json!({"thresholds": [
+        {"priority": "HIGH", "max_connections": 1, "max_pending_requests": 1, "max_requests": 100},
+    ]});
+    let strait = Config::new()
+        .routes(json!([
+            {"match": {"prefix": "/high"}, "route": {"cluster": "up", "priority": "HIGH"}},
+            {"match": {"prefix": "/"}, "route": {"cluster": "up"}},
+        ]))
+        .cluster_json(cluster)
+        .start()
+        .await;
+    let client = Client::http1();
+    let get = |path: &str| {
+        let (client, url) = (client.clone(), strait.url(path));
+        tokio::spawn(async move { client.get(&url).await.status.as_u16() })
+    };
+    // 1: takes the only HIGH connection and holds it for 400 ms.
+    let first = get("/high/1");
+    wait_requests(&up, 1).await;
+    // 2: pending, waiting for that connection.
+    let second = get("/high/2");
+    assert_eq!(
+        strait.wait_stat("cluster.up.upstream_cx_overflow", 1).await,
+        Some(1)
+    );
+    assert_eq!(
+        strait.stat("cluster.up.upstream_rq_pending_active").await,
+        Some(1)
+    );
+    // 3: the HIGH pending breaker is full.
+    let r = client.get(&strait.url("/high/3")).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    strait
+        .access_log("\"GET /high/3 HTTP/1.1\" 503 UO ", 1)
+        .await;
+    // DEFAULT traffic has its own connections and breakers.
+    let r = client.get(&strait.url("/default")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(common::within("first", first).await.ok(), Some(200));
+    assert_eq!(common::within("second", second).await.ok(), Some(200));
+    assert_eq!(up.requests(), 3);
+    assert_eq!(
+        up.accepts(),
+        2,
+        "one HIGH connection (reused) and one DEFAULT"
+    );
+    assert_eq!(
+        strait
+            .wait_stat("cluster.up.upstream_rq_pending_overflow", 1)
+            .await,
+        Some(1)
+    );
+    assert_eq!(
+        strait.stat("cluster.up.upstream_cx_overflow").await,
+        Some(1)
+    );
+}
+
+/// Envoy's `tryCreateNewConnection`: a host whose pool has no connection opens one even when
+/// other hosts hold every connection `max_connections` allows (counting
+/// `upstream_cx_overflow`), instead of queueing behind connections it can never get.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_without_connections_gets_one_past_the_breaker() {
+    let slow = || Reply::Delay(Duration::from_millis(400), Box::new(Reply::Echo));
+    let a = Upstream::start_with("a", slow()).await;
+    let b = Upstream::start_with("b", slow()).await;
+    let mut cluster = common::cluster("up", &[a.addr, b.addr]);
+    cluster["circuit_breakers"] = json!({"thresholds": [{"max_connections": 1}]});
+    let strait = Config::new()
+        .routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "up", "timeout": "3s"}}]))
+        .cluster_json(cluster)
+        .start()
+        .await;
+    let client = Client::http1();
+    let (c1, url) = (client.clone(), strait.url("/1"));
+    let first = tokio::spawn(async move { c1.get(&url).await.status.as_u16() });
+    for _ in 0..500 {
+        if a.requests() + b.requests() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Round robin sends the second request to the other host, whose pool is empty.
+    let r = client.get(&strait.url("/2")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(common::within("first", first).await.ok(), Some(200));
+    assert_eq!((a.requests(), b.requests()), (1, 1));
+    assert_eq!(
+        strait.stat("cluster.up.upstream_cx_overflow").await,
+        Some(1)
+    );
 }

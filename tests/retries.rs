@@ -253,3 +253,45 @@ async fn no_route_is_404_nr() {
         Some(1)
     );
 }
+
+/// `previous_hosts` with RING_HASH and MAGLEV: a retry asks the table again with the attempt
+/// number (Envoy's `chooseHost(hash, attempt)`: the next ring entry, or a Maglev hash perturbed
+/// per attempt), so a key whose host fails reaches another host instead of the same one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hashed_retry_with_previous_hosts_reaches_another_host() {
+    for policy in ["RING_HASH", "MAGLEV"] {
+        let bad = Upstream::start_with("bad", Reply::Status(503)).await;
+        let g1 = Upstream::start("g1").await;
+        let g2 = Upstream::start("g2").await;
+        let mut cluster = common::cluster("c", &[bad.addr, g1.addr, g2.addr]);
+        cluster["lb_policy"] = json!(policy);
+        let strait = Config::new()
+            .routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "c",
+                "hash_policy": [{"header": {"header_name": "x-user"}}],
+                "retry_policy": {"retry_on": "5xx", "num_retries": 1,
+                    // Each re-pick of a refused host lands on `bad` again with p = 1/3.
+                    "host_selection_retry_max_attempts": 20,
+                    "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
+                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}]}}}]))
+            .cluster_json(cluster)
+            .start()
+            .await;
+        let client = Client::http1();
+        let url = strait.url("/k");
+        for k in 0..30 {
+            let key = format!("user-{k}");
+            let r = client.get_with(&url, &[("x-user", &key)]).await;
+            assert_eq!(r.status, 200, "{policy} {key}: {}", r.text());
+        }
+        // With 30 keys over 3 hosts, some hash to `bad` (all miss it with p = (2/3)^30).
+        assert!(
+            bad.requests() > 0,
+            "{policy}: no key hashed to the failing host"
+        );
+        assert_eq!(
+            strait.stat("cluster.c.upstream_rq_retry").await,
+            Some(bad.requests() as i64),
+            "{policy}: exactly the requests that hit `bad` were retried"
+        );
+    }
+}

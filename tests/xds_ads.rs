@@ -428,3 +428,100 @@ async fn fails_over_to_the_second_control_plane() {
     let r = Client::http1().get(&format!("http://{ingress}/")).await;
     assert_eq!((r.status.as_u16(), r.upstream()), (200, Some("a")));
 }
+
+/// Envoy's subscription stats through the real binary: `cluster_manager.cds.*`,
+/// `listener_manager.lds.*`, `http.<stat_prefix>.rds.<name>.*` and EDS's `cluster.<name>.*`,
+/// in `/stats` and `/stats/prometheus`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_stats_use_envoy_names() {
+    use strait_xds::dynamic::version_hash;
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    let cp = ControlPlane::new();
+    let mut docs = base_resources(&a, &b);
+    let v1 = publish(&cp, &docs).to_string();
+    let (_srv, cp_addr) = serve_cp(&cp, None).await;
+    let s = Strait::start(&bootstrap(&[cp_addr], false, "10s")).await;
+    wait_listener(&s, "ingress", true).await.unwrap();
+    assert_eq!(
+        s.wait_stat("http.ingress.rds.rc.update_success", 1).await,
+        Some(1)
+    );
+    let st = s.stats().await;
+    let h1 = version_hash(&v1);
+    for name in [
+        "cluster_manager.cds.version",
+        "listener_manager.lds.version",
+        "cluster.svc.version",
+        "http.ingress.rds.rc.version",
+    ] {
+        assert_eq!(st.get(name), Some(&h1), "{name}");
+    }
+    // One response each; subscribing counted one attempt, as Envoy shows.
+    for name in [
+        "cluster_manager.cds.update_attempt",
+        "listener_manager.lds.update_attempt",
+        "cluster.svc.update_attempt",
+        "http.ingress.rds.rc.update_attempt",
+    ] {
+        assert_eq!(st.get(name), Some(&2), "{name}");
+    }
+    assert_eq!(st.get("cluster.svc.update_success"), Some(&1));
+    assert_eq!(st.get("http.ingress.rds.rc.config_reload"), Some(&1));
+    assert_eq!(st.get("cluster_manager.cds.config_reload"), Some(&1));
+    assert_eq!(st.get("http.ingress.rds.rc.init_fetch_timeout"), Some(&0));
+    assert!(st.get("http.ingress.rds.rc.update_time") > Some(&0));
+
+    // A route change reloads RDS and moves every version.
+    docs[4] = route("rc", "other");
+    let v2 = publish(&cp, &docs).to_string();
+    until_upstream(
+        &Client::http1(),
+        &format!("http://{}/", s.listener("ingress")),
+        "b",
+    )
+    .await;
+    assert_eq!(
+        s.wait_stat("http.ingress.rds.rc.config_reload", 2).await,
+        Some(2)
+    );
+    assert_eq!(
+        s.stat("http.ingress.rds.rc.version").await,
+        Some(version_hash(&v2))
+    );
+
+    // A rejected route configuration counts on its subscription; the version stays.
+    let mut bad = docs.clone();
+    bad[4] = route("rc", "other").replace(
+        "route: {cluster: other}",
+        "route: {cluster: other, timeout: -1s}",
+    );
+    publish(&cp, &bad);
+    assert_eq!(
+        s.wait_stat("http.ingress.rds.rc.update_rejected", 1).await,
+        Some(1)
+    );
+    assert_eq!(
+        s.stat("http.ingress.rds.rc.version").await,
+        Some(version_hash(&v2))
+    );
+
+    let prom = s.admin_get("/stats/prometheus").await.text();
+    assert!(
+        prom.contains(
+            "envoy_http_rds_config_reload{envoy_rds_route_config=\"rc\",envoy_http_conn_manager_prefix=\"ingress\"} 2"
+        ),
+        "{prom}"
+    );
+    // The reference control plane pushes only the types that changed: CDS is still at v1.
+    assert!(
+        prom.contains(&format!("envoy_cluster_manager_cds_version{{}} {h1}\n")),
+        "{prom}"
+    );
+    // One series per name: the cluster block and the EDS subscription share it.
+    let series = prom
+        .lines()
+        .filter(|l| l.starts_with("envoy_cluster_update_success{envoy_cluster_name=\"svc\"}"))
+        .count();
+    assert_eq!(series, 1, "{prom}");
+}

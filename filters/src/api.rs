@@ -12,6 +12,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
+use crate::route::RouteEntry;
+
 /// The future of a waiting hook. It must own what it needs (`'static`): the request is not
 /// borrowed while it runs; to change the hook's headers afterwards, resolve to
 /// [`Action::ContinueWith`].
@@ -234,34 +236,73 @@ impl fmt::Debug for PerRoute {
     }
 }
 
-/// The per-route overrides of one route, by filter name, after Envoy's precedence
-/// (route > virtual host > route configuration) has been applied. Built at config time.
+/// The per-route overrides of one route, by filter name: every level that names the filter
+/// (route configuration, virtual host, route), least specific first. Built at config time.
+///
+/// Envoy's precedence: whether a filter is disabled, and the config a filter reads with
+/// [`FilterContext::route_config`], come from the most specific level that says so; a filter
+/// that applies every level (header_mutation) reads them all with
+/// [`FilterContext::route_configs`].
 #[derive(Debug, Clone, Default)]
 pub struct PerFilterConfigs {
-    entries: Vec<(String, PerRoute)>,
+    /// By filter name: the levels naming it, least specific first.
+    entries: Vec<(String, Vec<PerRoute>)>,
 }
 
 impl PerFilterConfigs {
-    /// Merges levels from least to most specific (`[route_config, vhost, route]`): for each
-    /// filter name the most specific level that names it wins, whole (no field merging, as Envoy).
+    /// Collects levels given from least to most specific (`[route_config, vhost, route]`).
     pub fn resolve<'a>(levels: impl IntoIterator<Item = &'a [(String, PerRoute)]>) -> Self {
-        let mut entries: Vec<(String, PerRoute)> = Vec::new();
+        let mut entries: Vec<(String, Vec<PerRoute>)> = Vec::new();
         for level in levels {
             for (name, cfg) in level {
                 match entries.iter_mut().find(|(n, _)| n == name) {
-                    Some(slot) => slot.1 = cfg.clone(),
-                    None => entries.push((name.clone(), cfg.clone())),
+                    Some(slot) => slot.1.push(cfg.clone()),
+                    None => entries.push((name.clone(), vec![cfg.clone()])),
                 }
             }
         }
         PerFilterConfigs { entries }
     }
 
-    pub fn get(&self, filter_name: &str) -> Option<&PerRoute> {
+    fn levels(&self, filter_name: &str) -> &[PerRoute] {
         self.entries
             .iter()
             .find(|(n, _)| n == filter_name)
-            .map(|(_, c)| c)
+            .map_or(&[], |(_, l)| l.as_slice())
+    }
+
+    /// The most specific level naming the filter.
+    pub fn get(&self, filter_name: &str) -> Option<&PerRoute> {
+        self.levels(filter_name).last()
+    }
+
+    /// Whether the route disables (`Some(true)`) or explicitly enables (`Some(false)`) the
+    /// filter: the most specific level that says either; `None` leaves the HCM's default.
+    pub fn disabled(&self, filter_name: &str) -> Option<bool> {
+        self.levels(filter_name)
+            .iter()
+            .rev()
+            .find_map(|p| p.disabled)
+    }
+
+    /// The most specific level's config for the filter (levels without one are skipped, as
+    /// Envoy's `mostSpecificPerFilterConfig`).
+    pub fn config(&self, filter_name: &str) -> Option<&Arc<dyn Any + Send + Sync>> {
+        self.levels(filter_name)
+            .iter()
+            .rev()
+            .find_map(|p| p.config.as_ref())
+    }
+
+    /// Every level's config for the filter, least specific first (Envoy's
+    /// `getAllPerFilterConfig`).
+    pub fn configs(
+        &self,
+        filter_name: &str,
+    ) -> impl DoubleEndedIterator<Item = &Arc<dyn Any + Send + Sync>> {
+        self.levels(filter_name)
+            .iter()
+            .filter_map(|p| p.config.as_ref())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -339,8 +380,8 @@ pub struct FilterContext {
     /// The peer of the downstream connection.
     pub direct_remote_address: SocketAddr,
     pub local_address: SocketAddr,
-    /// The matched route's name (empty when the route has none or nothing matched).
-    pub route_name: String,
+    /// The matched route (see [`FilterContext::route`]).
+    route: Option<Arc<RouteEntry>>,
     /// The cluster the router picked; set by the data path before the response hooks run.
     pub cluster_name: Option<String>,
     /// Request id (`x-request-id`) when known, for filters that report it (ext_authz).
@@ -348,7 +389,6 @@ pub struct FilterContext {
     /// Response flags set by filters on requests they let through (e.g. `DI` for an injected
     /// delay); the data path adds them to the access log. Allocates only when a flag is set.
     pub response_flags: Vec<&'static str>,
-    pub(crate) per_route: Option<Arc<PerFilterConfigs>>,
     pub(crate) current: usize,
     pub(crate) current_name: Option<Arc<str>>,
     pub(crate) pending_response_headers: Vec<(HeaderName, HeaderValue)>,
@@ -361,11 +401,10 @@ impl FilterContext {
             remote_address,
             direct_remote_address: remote_address,
             local_address,
-            route_name: String::new(),
+            route: None,
             cluster_name: None,
             request_id: None,
             response_flags: Vec::new(),
-            per_route: None,
             current: 0,
             current_name: None,
             pending_response_headers: Vec::new(),
@@ -373,10 +412,26 @@ impl FilterContext {
         }
     }
 
-    /// Sets the matched route: its name and its resolved per-filter overrides.
+    /// Sets the matched route (the data path does this before the request hooks run).
+    pub fn set_route_entry(&mut self, route: Arc<RouteEntry>) {
+        self.route = Some(route);
+    }
+
+    /// Sets a route with only a name and per-filter configs (tests, embedders).
     pub fn set_route(&mut self, name: impl Into<String>, per_route: Option<Arc<PerFilterConfigs>>) {
-        self.route_name = name.into();
-        self.per_route = per_route.filter(|p| !p.is_empty());
+        let configs = per_route.map(|p| (*p).clone()).unwrap_or_default();
+        self.route = Some(Arc::new(RouteEntry::new(name, configs)));
+    }
+
+    /// The matched route: name, target cluster, metadata, per-filter configs. `None` when no
+    /// route matched (the router will answer 404 after the filters).
+    pub fn route(&self) -> Option<&Arc<RouteEntry>> {
+        self.route.as_ref()
+    }
+
+    /// The matched route's name (empty when it has none or nothing matched).
+    pub fn route_name(&self) -> &str {
+        self.route.as_deref().map_or("", |r| r.name.as_str())
     }
 
     /// State shared by all filters of this request.
@@ -396,15 +451,27 @@ impl FilterContext {
         self.state.get_key((Some(self.current), TypeId::of::<T>()))
     }
 
-    /// The calling filter's per-route config for the matched route, if of type `T`.
+    /// The calling filter's per-route config for the matched route, from the most specific
+    /// level that has one, if of type `T`.
     pub fn route_config<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
-        let per_route = self.per_route.as_ref()?;
-        let name = self.current_name.as_deref()?;
-        let cfg = per_route.get(name)?.config.clone()?;
-        cfg.downcast::<T>().ok()
+        let cfg = self.per_route()?.config(self.current_name.as_deref()?)?;
+        cfg.clone().downcast::<T>().ok()
     }
 
-    pub(crate) fn per_route_for(&self, filter_name: &str) -> Option<&PerRoute> {
-        self.per_route.as_ref()?.get(filter_name)
+    /// The calling filter's per-route configs of type `T` at every level (route configuration,
+    /// virtual host, route), least specific first; reverse it for most specific first.
+    pub fn route_configs<T: Any + Send + Sync>(&self) -> impl DoubleEndedIterator<Item = &T> {
+        let per_route = self.per_route();
+        let name = self.current_name.as_deref();
+        per_route
+            .zip(name)
+            .into_iter()
+            .flat_map(|(p, n)| p.configs(n))
+            .filter_map(|c| c.downcast_ref::<T>())
+    }
+
+    pub(crate) fn per_route(&self) -> Option<&PerFilterConfigs> {
+        let p = &self.route.as_deref()?.per_filter_configs;
+        (!p.is_empty()).then_some(p)
     }
 }

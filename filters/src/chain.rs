@@ -137,16 +137,17 @@ impl FilterChain {
             let Some(entry) = self.entries.get(pos) else {
                 continue;
             };
-            let disabled = ctx
-                .per_route_for(&entry.name)
-                .and_then(|p| p.disabled)
+            let per_route = ctx.per_route();
+            let disabled = per_route
+                .and_then(|p| p.disabled(&entry.name))
                 .unwrap_or(entry.disabled_by_default);
             if disabled {
                 continue;
             }
-            ctx.current = pos;
             // The name is only needed to look up per-route configs; skip the refcount otherwise.
-            if ctx.per_route.is_some() {
+            let has_per_route = per_route.is_some();
+            ctx.current = pos;
+            if has_per_route {
                 ctx.current_name = Some(entry.name.clone());
             }
             let mut action = target.call(entry.filter.as_ref(), ctx);

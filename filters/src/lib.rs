@@ -7,7 +7,9 @@ pub mod api;
 pub mod builtin;
 pub mod chain;
 mod convert;
+pub mod metadata_match;
 pub mod registry;
+pub mod route;
 pub mod stats;
 
 pub use api::{
@@ -19,6 +21,7 @@ pub use registry::{
     BuildContext, ClusterConnector, FilterConfigError, FilterFactory, NoClusters, Registry,
     FILTER_CONFIG_TYPE_URL,
 };
+pub use route::{Metadata, MetadataValue, RouteEntry, StatsScope, TypedMetadata};
 pub use stats::{Counter, Gauge, MemoryStats, StatsSink};
 
 /// Type URL of `envoy.extensions.filters.http.router.v3.Router`, the terminal filter.

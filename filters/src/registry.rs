@@ -161,8 +161,11 @@ impl Registry {
     }
 
     /// Parses one `typed_per_filter_config` value (`path` names it). Accepts the filter's own
-    /// per-route type or an `envoy.config.route.v3.FilterConfig` wrapping it. `Ok(None)`: an
-    /// unknown optional (`is_optional: true`) config, to be ignored.
+    /// per-route type or an `envoy.config.route.v3.FilterConfig` wrapping it. As Envoy's
+    /// `PerFilterConfigs`: a level that names a filter explicitly enables it
+    /// (`disabled: Some(false)`) unless it disables it; `FilterConfig { disabled: true }` ignores
+    /// its `config`; a `FilterConfig` with neither is an error; an empty `config` (no type) only
+    /// enables. `Ok(None)`: an unknown optional (`is_optional: true`) config, ignored.
     pub fn build_per_route(
         &self,
         type_url: &str,
@@ -170,6 +173,10 @@ impl Registry {
         path: &str,
         cx: &BuildContext<'_>,
     ) -> Result<Option<PerRoute>, FilterConfigError> {
+        let enabled = |mut p: PerRoute| {
+            p.disabled = Some(p.disabled == Some(true));
+            p
+        };
         if type_url == FILTER_CONFIG_TYPE_URL || type_url == FilterConfig::type_url() {
             let FilterConfig {
                 config,
@@ -177,12 +184,24 @@ impl Registry {
                 disabled,
             } = FilterConfig::decode(value)
                 .map_err(|e| FilterConfigError::new(path, e.to_string()))?;
-            let Some(any) = config else {
+            if disabled {
                 return Ok(Some(PerRoute {
                     config: None,
-                    disabled: Some(disabled),
+                    disabled: Some(true),
                 }));
+            }
+            let Some(any) = config else {
+                return Err(FilterConfigError::new(
+                    path,
+                    "empty per-filter configuration: set config or disabled",
+                ));
             };
+            if any.type_url.is_empty() {
+                return Ok(Some(PerRoute {
+                    config: None,
+                    disabled: Some(false),
+                }));
+            }
             let inner_path = format!("{path}.config");
             let Some(factory) = self.by_per_route_type.get(any.type_url.as_str()) else {
                 if is_optional {
@@ -193,10 +212,9 @@ impl Registry {
                     format!("unsupported per-route filter config type {}", any.type_url),
                 ));
             };
-            let mut per_route =
-                factory.build_per_route(&any.type_url, &any.value, &inner_path, cx)?;
-            per_route.disabled = Some(disabled || per_route.disabled == Some(true));
-            return Ok(Some(per_route));
+            return factory
+                .build_per_route(&any.type_url, &any.value, &inner_path, cx)
+                .map(|p| Some(enabled(p)));
         }
         let Some(factory) = self.by_per_route_type.get(type_url) else {
             return Err(FilterConfigError::new(
@@ -204,7 +222,9 @@ impl Registry {
                 format!("unsupported per-route filter config type {type_url}"),
             ));
         };
-        factory.build_per_route(type_url, value, path, cx).map(Some)
+        factory
+            .build_per_route(type_url, value, path, cx)
+            .map(|p| Some(enabled(p)))
     }
 }
 

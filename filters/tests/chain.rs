@@ -462,6 +462,204 @@ fn filter_config_wrapper_is_unwrapped() {
     assert_eq!(p.disabled, Some(true));
 }
 
+/// Envoy's `PerFilterConfigs`: naming a filter at a level enables it, `disabled: true` skips the
+/// wrapped config unparsed, and a `FilterConfig` with neither config nor `disabled` is an error.
+#[test]
+fn per_route_configs_enable_and_disabled_skips_the_config() {
+    let env = Env::new();
+    let cx = env.cx();
+    let url = strait_filters::FILTER_CONFIG_TYPE_URL;
+    let plain = BufferPerRouteMax(100);
+    let p = env
+        .registry
+        .build_per_route(
+            strait_filters::builtin::buffer::PER_ROUTE_TYPE_URL,
+            &plain.encode(),
+            "p",
+            &cx,
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(p.disabled, Some(false), "a plain per-route config enables");
+    let garbage = Any {
+        type_url: strait_filters::builtin::buffer::PER_ROUTE_TYPE_URL.into(),
+        value: vec![0xff, 0xff, 0xff],
+    };
+    let disabled = FilterConfig {
+        config: Some(garbage),
+        is_optional: false,
+        disabled: true,
+    }
+    .encode_to_vec();
+    let p = env
+        .registry
+        .build_per_route(url, &disabled, "p", &cx)
+        .unwrap()
+        .unwrap();
+    assert!(p.disabled == Some(true) && p.config.is_none());
+    let empty = FilterConfig::default().encode_to_vec();
+    let err = env
+        .registry
+        .build_per_route(url, &empty, "p", &cx)
+        .unwrap_err();
+    assert_eq!(err.path, "p");
+    let enable_only = FilterConfig {
+        config: Some(Any::default()),
+        is_optional: false,
+        disabled: false,
+    }
+    .encode_to_vec();
+    let p = env
+        .registry
+        .build_per_route(url, &enable_only, "p", &cx)
+        .unwrap()
+        .unwrap();
+    assert!(p.disabled == Some(false) && p.config.is_none());
+}
+
+struct BufferPerRouteMax(u32);
+
+impl BufferPerRouteMax {
+    fn encode(&self) -> Vec<u8> {
+        use envoy_types::pb::envoy::extensions::filters::http::buffer::v3::{
+            buffer_per_route::Override, Buffer, BufferPerRoute,
+        };
+        BufferPerRoute {
+            r#override: Some(Override::Buffer(Buffer {
+                max_request_bytes: Some(UInt32Value { value: self.0 }),
+            })),
+        }
+        .encode_to_vec()
+    }
+}
+
+/// A level that only enables or disables a filter does not hide a less specific level's config
+/// (Envoy's `mostSpecificPerFilterConfig` falls through); `disabled` is the most specific say.
+#[test]
+fn config_and_disabled_resolve_level_by_level() {
+    let rc = [(
+        "f".to_string(),
+        PerRoute {
+            config: Some(Arc::new(7u32)),
+            disabled: Some(false),
+        },
+    )];
+    let vh = [(
+        "f".to_string(),
+        PerRoute {
+            config: None,
+            disabled: Some(true),
+        },
+    )];
+    let rt = [(
+        "f".to_string(),
+        PerRoute {
+            config: None,
+            disabled: Some(false),
+        },
+    )];
+    let all = PerFilterConfigs::resolve([&rc[..], &vh[..], &rt[..]]);
+    let cfg = all.config("f").cloned().unwrap().downcast::<u32>().unwrap();
+    assert_eq!(*cfg, 7);
+    assert_eq!(all.disabled("f"), Some(false));
+    assert_eq!(all.configs("f").count(), 1);
+    let upto_vhost = PerFilterConfigs::resolve([&rc[..], &vh[..]]);
+    assert_eq!(upto_vhost.disabled("f"), Some(true));
+    assert_eq!(upto_vhost.disabled("g"), None);
+}
+
+/// A filter reads the matched route's name, target cluster and metadata from its context.
+#[tokio::test]
+async fn filters_see_the_route_entry_and_its_metadata() {
+    use envoy_types::pb::envoy::config::core::v3::Metadata as PbMetadata;
+    use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+    use strait_filters::{Metadata, RouteEntry};
+
+    /// Tags requests with the owning team from route metadata `acme.team.owner`, and the tier
+    /// from typed metadata `acme.tier` (a `UInt32Value`).
+    struct Owner;
+    impl HttpFilter for Owner {
+        fn hooks(&self) -> Hooks {
+            Hooks::REQUEST_HEADERS
+        }
+        fn on_request_headers(
+            &self,
+            ctx: &mut FilterContext,
+            r: &mut http::request::Parts,
+        ) -> Action {
+            let Some(route) = ctx.route() else {
+                return Action::Continue;
+            };
+            let md = &route.metadata;
+            if let Some(owner) = md
+                .value("acme.team", &["owner", "name"])
+                .and_then(|v| v.as_str())
+            {
+                if let Ok(v) = HeaderValue::from_str(owner) {
+                    r.headers.insert("x-owner", v);
+                }
+            }
+            if let Some(Ok(tier)) = md.typed::<UInt32Value>("acme.tier") {
+                r.headers.insert("x-tier", HeaderValue::from(tier.value));
+            }
+            let cluster = route.cluster.as_deref().unwrap_or("-");
+            let tag = format!("{}@{cluster}", ctx.route_name());
+            if let Ok(v) = HeaderValue::from_str(&tag) {
+                r.headers.insert("x-route", v);
+            }
+            Action::Continue
+        }
+    }
+
+    let string = |s: &str| Value {
+        kind: Some(Kind::StringValue(s.into())),
+    };
+    let owner = Struct {
+        fields: [("name".to_string(), string("payments"))].into(),
+    };
+    let team = Struct {
+        fields: [(
+            "owner".to_string(),
+            Value {
+                kind: Some(Kind::StructValue(owner)),
+            },
+        )]
+        .into(),
+    };
+    let proto = PbMetadata {
+        filter_metadata: [("acme.team".to_string(), team)].into(),
+        typed_filter_metadata: [(
+            "acme.tier".to_string(),
+            Any {
+                type_url: "type.googleapis.com/google.protobuf.UInt32Value".into(),
+                value: UInt32Value { value: 2 }.encode_to_vec(),
+            },
+        )]
+        .into(),
+    };
+    let metadata = Metadata::from_proto(&proto);
+    assert_eq!(metadata.to_proto(), proto, "round trip");
+    let chain = FilterChain::new(vec![entry("owner", Arc::new(Owner))]);
+
+    let mut c = ctx();
+    c.set_route_entry(Arc::new(RouteEntry {
+        name: "pay".into(),
+        cluster: Some("payments-v1".into()),
+        metadata,
+        ..RouteEntry::default()
+    }));
+    let mut r = req("GET", "/", &[]);
+    run(&chain, &mut c, &mut r).await.unwrap();
+    assert_eq!(header(&r.headers, "x-owner"), Some("payments"));
+    assert_eq!(header(&r.headers, "x-tier"), Some("2"));
+    assert_eq!(header(&r.headers, "x-route"), Some("pay@payments-v1"));
+
+    // No route matched: the filter sees none.
+    let mut r = req("GET", "/", &[]);
+    run(&chain, &mut ctx(), &mut r).await.unwrap();
+    assert!(r.headers.is_empty());
+}
+
 #[test]
 fn every_builtin_type_url_is_registered() {
     let r = strait_filters::Registry::builtin();

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::sync::Arc;
+
 use common::*;
 use envoy_types::pb::envoy::config::common::mutation_rules::v3::{
     header_mutation::Action as MAction, HeaderMutation as Mutation,
@@ -18,6 +20,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher::MatchPattern, 
 use envoy_types::pb::google::protobuf::BoolValue;
 use http::StatusCode;
 use strait_filters::builtin::{cors, header_mutation};
+use strait_filters::PerFilterConfigs;
 
 fn policy() -> CorsPolicy {
     CorsPolicy {
@@ -69,10 +72,22 @@ async fn preflight_is_answered_locally() {
         header(&reply.headers, "access-control-allow-credentials"),
         Some("true")
     );
-    // The data path runs response hooks on the reply: no duplicate headers.
+    // The data path runs the response hooks on the reply, as Envoy runs the filter's encoder on
+    // its own preflight answer: expose-headers is added, nothing is duplicated.
     let mut p = resp(200);
+    p.headers = reply.headers.clone();
     chain.run_response_headers(&mut c, &mut p).await.unwrap();
-    assert!(p.headers.get("access-control-allow-origin").is_none());
+    assert_eq!(
+        p.headers
+            .get_all("access-control-allow-origin")
+            .iter()
+            .count(),
+        1
+    );
+    assert_eq!(
+        header(&p.headers, "access-control-expose-headers"),
+        Some("x-trace")
+    );
     assert_eq!(env.counter("http.ingress.cors.origin_valid"), 1);
 }
 
@@ -151,6 +166,72 @@ fn cors_rejects_unsupported_policy_fields() {
     );
 }
 
+/// Policies of every level combine field by field, the most specific level that sets a field
+/// winning (Envoy's `CorsFilter`); `*` in allow_methods / allow_headers echoes the preflight's
+/// request; an unmatched preflight that is not forwarded still gets the policy's headers.
+#[tokio::test]
+async fn policies_combine_field_by_field_across_levels() {
+    let env = Env::new();
+    let chain = env.chain("cors", cors::TYPE_URL, &Cors {});
+    let vhost = env.per_route(
+        cors::PER_ROUTE_TYPE_URL,
+        &CorsPolicy {
+            allow_origin_string_match: vec![StringMatcher {
+                ignore_case: false,
+                match_pattern: Some(MatchPattern::Exact("https://a.test".into())),
+            }],
+            allow_methods: "*".into(),
+            max_age: "60".into(),
+            allow_credentials: Some(BoolValue { value: true }),
+            forward_not_matching_preflights: Some(BoolValue { value: false }),
+            ..Default::default()
+        },
+    );
+    let route = env.per_route(
+        cors::PER_ROUTE_TYPE_URL,
+        &CorsPolicy {
+            allow_headers: "x-route".into(),
+            allow_credentials: Some(BoolValue { value: false }),
+            ..Default::default()
+        },
+    );
+    let vh = [("cors".to_string(), vhost)];
+    let rt = [("cors".to_string(), route)];
+    let configs = Arc::new(PerFilterConfigs::resolve([&vh[..], &rt[..]]));
+    let preflight = |origin: &'static str| {
+        req(
+            "OPTIONS",
+            "/",
+            &[
+                ("origin", origin),
+                ("access-control-request-method", "PATCH"),
+            ],
+        )
+    };
+    let mut c = ctx();
+    c.set_route("r", Some(configs.clone()));
+    let reply = run(&chain, &mut c, &mut preflight("https://a.test"))
+        .await
+        .unwrap_err();
+    let h = &reply.headers;
+    assert_eq!(
+        header(h, "access-control-allow-origin"),
+        Some("https://a.test")
+    );
+    assert_eq!(header(h, "access-control-allow-methods"), Some("PATCH"));
+    assert_eq!(header(h, "access-control-allow-headers"), Some("x-route"));
+    assert_eq!(header(h, "access-control-max-age"), Some("60"));
+    assert!(h.get("access-control-allow-credentials").is_none());
+
+    let mut c = ctx();
+    c.set_route("r", Some(configs));
+    let reply = run(&chain, &mut c, &mut preflight("https://evil.test"))
+        .await
+        .unwrap_err();
+    assert!(reply.headers.get("access-control-allow-origin").is_none());
+    assert_eq!(header(&reply.headers, "access-control-max-age"), Some("60"));
+}
+
 fn append(key: &str, value: &str, action: HeaderAppendAction) -> Mutation {
     Mutation {
         action: Some(MAction::Append(HeaderValueOption {
@@ -203,7 +284,8 @@ async fn header_mutation_filter_and_route_levels() {
     chain.run_response_headers(&mut c, &mut p).await.unwrap();
     assert_eq!(header(&p.headers, "x-served-by"), Some("strait"));
 
-    // Route level sets x-chain too: by default the filter level runs last and wins ...
+    // Route level sets x-chain too: the filter level runs first, every per-route level after
+    // it, so with one level the route wins in both modes (Envoy's header_mutation.cc).
     let route_level = Mutations {
         request_mutations: vec![append(
             "x-chain",
@@ -222,8 +304,7 @@ async fn header_mutation_filter_and_route_levels() {
     run(&chain, &mut ctx_with_route("hm", route.clone()), &mut r)
         .await
         .unwrap();
-    assert_eq!(header(&r.headers, "x-chain"), Some("v1"));
-    // ... and with most_specific_header_mutations_wins the route wins.
+    assert_eq!(header(&r.headers, "x-chain"), Some("route"));
     let chain = env.chain(
         "hm",
         header_mutation::TYPE_URL,
@@ -237,6 +318,73 @@ async fn header_mutation_filter_and_route_levels() {
         .await
         .unwrap();
     assert_eq!(header(&r.headers, "x-chain"), Some("route"));
+}
+
+/// Every per-route level applies, in Envoy 1.40's order (observed on the real binary, see
+/// tests/filters_e2e.rs): the filter level, then route, virtual host, route configuration; with
+/// `most_specific_header_mutations_wins` the levels run route configuration first.
+#[tokio::test]
+async fn header_mutation_applies_every_per_route_level() {
+    let env = Env::new();
+    let level = |v: &str| {
+        env.per_route(
+            header_mutation::PER_ROUTE_TYPE_URL,
+            &HeaderMutationPerRoute {
+                mutations: Some(Mutations {
+                    request_mutations: vec![
+                        append("x-order", v, HeaderAppendAction::AppendIfExistsOrAdd),
+                        append("x-last", v, HeaderAppendAction::OverwriteIfExistsOrAdd),
+                    ],
+                    response_mutations: vec![append(
+                        "x-order",
+                        v,
+                        HeaderAppendAction::AppendIfExistsOrAdd,
+                    )],
+                    ..Default::default()
+                }),
+            },
+        )
+    };
+    let rc = [("hm".to_string(), level("rc"))];
+    let vh = [("hm".to_string(), level("vhost"))];
+    let rt = [("hm".to_string(), level("route"))];
+    let configs = Arc::new(PerFilterConfigs::resolve([&rc[..], &vh[..], &rt[..]]));
+    for (wins, order) in [
+        (false, ["filter", "route", "vhost", "rc"]),
+        (true, ["filter", "rc", "vhost", "route"]),
+    ] {
+        let chain = env.chain(
+            "hm",
+            header_mutation::TYPE_URL,
+            &HeaderMutation {
+                mutations: Some(Mutations {
+                    request_mutations: vec![append(
+                        "x-order",
+                        "filter",
+                        HeaderAppendAction::AppendIfExistsOrAdd,
+                    )],
+                    response_mutations: vec![append(
+                        "x-order",
+                        "filter",
+                        HeaderAppendAction::AppendIfExistsOrAdd,
+                    )],
+                    ..Default::default()
+                }),
+                most_specific_header_mutations_wins: wins,
+            },
+        );
+        let mut c = ctx();
+        c.set_route("r", Some(configs.clone()));
+        let mut r = req("GET", "/", &[]);
+        run(&chain, &mut c, &mut r).await.unwrap();
+        let got: Vec<_> = r.headers.get_all("x-order").iter().collect();
+        assert_eq!(got, order, "request, most_specific_wins={wins}");
+        assert_eq!(header(&r.headers, "x-last"), Some(order[3]));
+        let mut p = resp(200);
+        chain.run_response_headers(&mut c, &mut p).await.unwrap();
+        let got: Vec<_> = p.headers.get_all("x-order").iter().collect();
+        assert_eq!(got, order, "response, most_specific_wins={wins}");
+    }
 }
 
 #[test]

@@ -352,6 +352,102 @@ async fn per_route_settings_and_disabling() {
     );
 }
 
+/// `context_extensions` merge over every level (most specific wins per key), the route's
+/// metadata namespaces asked for reach the server, and the outcome is also counted under the
+/// route's target cluster (`cluster.<c>.ext_authz.[<stat_prefix>.]ok`), as Envoy does.
+#[tokio::test]
+async fn levels_merge_route_metadata_is_sent_and_cluster_stats_count() {
+    use envoy_types::pb::envoy::config::core::v3::Metadata as PbMetadata;
+    use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+    use strait_filters::{Metadata, PerFilterConfigs, RouteEntry, StatsScope};
+
+    let (addr, svc) = start_authz().await;
+    let env = Env::with_clusters(Arc::new(OneCluster(addr)));
+    let mut cfg = config(Some(5000));
+    cfg.stat_prefix = "waf".into();
+    cfg.route_metadata_context_namespaces = vec!["acme.team".into()];
+    let chain = env.chain("authz", TYPE_URL, &cfg);
+    let settings = |pairs: &[(&str, &str)]| {
+        env.per_route(
+            PER_ROUTE_TYPE_URL,
+            &ExtAuthzPerRoute {
+                r#override: Some(Override::CheckSettings(CheckSettings {
+                    context_extensions: pairs
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    ..Default::default()
+                })),
+            },
+        )
+    };
+    let vh = [(
+        "authz".to_string(),
+        settings(&[("tenant", "blue"), ("zone", "a")]),
+    )];
+    let rt = [("authz".to_string(), settings(&[("tenant", "red")]))];
+    let ns = |owner: &str| Struct {
+        fields: [(
+            "owner".to_string(),
+            Value {
+                kind: Some(Kind::StringValue(owner.into())),
+            },
+        )]
+        .into(),
+    };
+    let metadata = Metadata::from_proto(&PbMetadata {
+        filter_metadata: [
+            ("acme.team".to_string(), ns("payments")),
+            ("acme.secret".to_string(), ns("nobody")),
+        ]
+        .into(),
+        typed_filter_metadata: HashMap::new(),
+    });
+    let route = Arc::new(RouteEntry {
+        name: "r".into(),
+        cluster: Some("backend".into()),
+        upstream_stats: Some(StatsScope::new("cluster.", env.stats.clone())),
+        metadata,
+        per_filter_configs: PerFilterConfigs::resolve([&vh[..], &rt[..]]),
+    });
+    let mut c = ctx();
+    c.set_route_entry(route.clone());
+    c.cluster_name = Some("backend".into());
+    run(
+        &chain,
+        &mut c,
+        &mut req("GET", "/", &[("x-authz", "allow")]),
+    )
+    .await
+    .unwrap();
+    let attrs = svc.last.lock().unwrap().take().unwrap().attributes.unwrap();
+    let ext: std::collections::BTreeMap<_, _> = attrs.context_extensions.into_iter().collect();
+    assert_eq!(
+        ext,
+        [
+            ("tenant".to_string(), "red".to_string()),
+            ("zone".to_string(), "a".to_string())
+        ]
+        .into()
+    );
+    let md = attrs.route_metadata_context.unwrap_or_default();
+    assert_eq!(md.filter_metadata.keys().collect::<Vec<_>>(), ["acme.team"]);
+    assert_eq!(env.counter("cluster.backend.ext_authz.waf.ok"), 1);
+    assert_eq!(env.counter("http.ingress.ext_authz.waf.ok"), 1);
+
+    let mut c = ctx();
+    c.set_route_entry(route);
+    c.cluster_name = Some("backend".into());
+    run(&chain, &mut c, &mut req("GET", "/", &[("x-authz", "deny")]))
+        .await
+        .unwrap_err();
+    assert_eq!(env.counter("cluster.backend.ext_authz.waf.denied"), 1);
+    // Envoy creates the filter's own counters with the filter, the cluster's when counted.
+    let names = env.stats.names();
+    assert!(names.contains(&"http.ingress.ext_authz.waf.disabled".to_string()));
+    assert!(!names.contains(&"cluster.backend.ext_authz.waf.error".to_string()));
+}
+
 #[test]
 fn config_errors_name_their_field() {
     let env = Env::new();

@@ -299,3 +299,169 @@ fn unsupported_principals_are_rejected_with_their_path() {
         .unwrap();
     assert_eq!(err.path, format!("{PATH}.track_per_rule_stats"));
 }
+
+/// `sourced_metadata` with `metadata_source: ROUTE` matches the matched route's metadata, with
+/// Envoy's value matchers; dynamic metadata (the default source) is rejected with its path.
+#[tokio::test]
+async fn route_metadata_permissions() {
+    use envoy_types::pb::envoy::config::core::v3::Metadata as PbMetadata;
+    use envoy_types::pb::envoy::config::rbac::v3::{MetadataSource, SourcedMetadata};
+    use envoy_types::pb::envoy::r#type::matcher::v3::{
+        metadata_matcher::{path_segment::Segment, PathSegment},
+        value_matcher::MatchPattern as V,
+        ListMatcher, MetadataMatcher, ValueMatcher,
+    };
+    use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value};
+    use std::sync::Arc;
+    use strait_filters::{Metadata, RouteEntry};
+
+    let matcher = |keys: &[&str], value: V, invert: bool, source: MetadataSource| {
+        perm(permission::Rule::SourcedMetadata(SourcedMetadata {
+            metadata_matcher: Some(MetadataMatcher {
+                filter: "acme.authz".into(),
+                path: keys
+                    .iter()
+                    .map(|k| PathSegment {
+                        segment: Some(Segment::Key(k.to_string())),
+                    })
+                    .collect(),
+                value: Some(ValueMatcher {
+                    match_pattern: Some(value),
+                }),
+                invert,
+            }),
+            metadata_source: source as i32,
+        }))
+    };
+    let build = |p: Permission| {
+        env_chain(rules(
+            0,
+            vec![("p", vec![p], vec![id(principal::Identifier::Any(true))])],
+        ))
+    };
+    let kind = |k: Kind| Value { kind: Some(k) };
+    let md = Metadata::from_proto(&PbMetadata {
+        filter_metadata: [(
+            "acme.authz".to_string(),
+            Struct {
+                fields: [
+                    ("public".to_string(), kind(Kind::BoolValue(true))),
+                    (
+                        "roles".to_string(),
+                        kind(Kind::ListValue(ListValue {
+                            values: vec![kind(Kind::StringValue("admin".into()))],
+                        })),
+                    ),
+                    (
+                        "nested".to_string(),
+                        kind(Kind::StructValue(Struct {
+                            fields: [("level".to_string(), kind(Kind::NumberValue(3.0)))].into(),
+                        })),
+                    ),
+                ]
+                .into(),
+            },
+        )]
+        .into(),
+        typed_filter_metadata: HashMap::new(),
+    });
+    let route = Arc::new(RouteEntry {
+        name: "r".into(),
+        metadata: md,
+        ..RouteEntry::default()
+    });
+    let admin = V::ListMatch(Box::new(ListMatcher {
+        match_pattern: Some(
+            envoy_types::pb::envoy::r#type::matcher::v3::list_matcher::MatchPattern::OneOf(
+                Box::new(ValueMatcher {
+                    match_pattern: Some(V::StringMatch(prefix("adm"))),
+                }),
+            ),
+        ),
+    }));
+    let level3 = V::DoubleMatch(envoy_types::pb::envoy::r#type::matcher::v3::DoubleMatcher {
+        match_pattern: Some(
+            envoy_types::pb::envoy::r#type::matcher::v3::double_matcher::MatchPattern::Exact(3.0),
+        ),
+    });
+    let route_src = MetadataSource::Route;
+    let cases = [
+        (
+            matcher(&["public"], V::BoolMatch(true), false, route_src),
+            true,
+        ),
+        (
+            matcher(&["public"], V::BoolMatch(false), false, route_src),
+            false,
+        ),
+        (
+            matcher(&["public"], V::BoolMatch(false), true, route_src),
+            true,
+        ),
+        (matcher(&["roles"], admin, false, route_src), true),
+        (
+            matcher(&["nested", "level"], level3, false, route_src),
+            true,
+        ),
+        (
+            matcher(&["missing"], V::PresentMatch(true), false, route_src),
+            false,
+        ),
+        (
+            matcher(&["missing"], V::PresentMatch(true), true, route_src),
+            true,
+        ),
+    ];
+    for (i, (p, want)) in cases.into_iter().enumerate() {
+        let (env, chain) = build(p);
+        let mut c = ctx();
+        c.set_route_entry(route.clone());
+        let got = run(&chain, &mut c, &mut req("GET", "/", &[])).await;
+        assert_eq!(got.is_ok(), want, "case {i}");
+        // Without a matched route the metadata is empty: only inverted matchers pass.
+        let got = run(&chain, &mut ctx(), &mut req("GET", "/", &[])).await;
+        assert_eq!(got.is_ok(), i == 2 || i == 6, "case {i} without a route");
+        drop(env);
+    }
+
+    let dynamic = matcher(
+        &["public"],
+        V::BoolMatch(true),
+        false,
+        MetadataSource::Dynamic,
+    );
+    let err = Env::new()
+        .try_build(
+            TYPE_URL,
+            &Rbac {
+                rules: Some(rules(
+                    0,
+                    vec![(
+                        "p",
+                        vec![dynamic],
+                        vec![id(principal::Identifier::Any(true))],
+                    )],
+                )),
+                ..Default::default()
+            },
+        )
+        .err()
+        .unwrap();
+    assert_eq!(
+        err.path,
+        format!("{PATH}.rules.policies[\"p\"].permissions[0].sourced_metadata.metadata_source")
+    );
+}
+
+fn env_chain(r: Rules) -> (Env, strait_filters::FilterChain) {
+    let env = Env::new();
+    let chain = env.chain(
+        "rbac",
+        TYPE_URL,
+        &Rbac {
+            rules: Some(r),
+            ..Default::default()
+        },
+    );
+    (env, chain)
+}

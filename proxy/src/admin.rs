@@ -395,6 +395,8 @@ fn dynamic_entry(e: &model::DynamicEntry, key: &str) -> Value {
 
 fn config_dump(source: &dyn AdminSource, query: &str) -> Value {
     const T: &str = "type.googleapis.com/";
+    // Dynamic resources render through the descriptor pool: build it once for the whole dump.
+    let _descriptors = strait_xds::Descriptors::hold();
     let config = source.config();
     let dump = &config.dump;
     let dynamic = &config.dynamic_dump;
@@ -605,6 +607,7 @@ fn clusters_json(source: &dyn AdminSource) -> Value {
                             "/excluded_via_immediate_hc_fail",
                             "excluded_via_immediate_hc_fail",
                         ),
+                        ("/active_hc_timeout", "active_hc_timeout"),
                     ] {
                         if h.health_flags.contains(flag) {
                             health[key] = json!(true);
@@ -670,6 +673,11 @@ fn extractors() -> &'static [(&'static str, Regex)] {
             ("envoy.response_code", r"_rq(_(\d{3}))$"),
             ("envoy.response_code_class", r"_rq_(\d)xx$"),
             ("envoy.cluster_name", r"^cluster\.(([^\.]+)\.)"),
+            // Envoy lists this tag before the connection manager's on RDS stats.
+            (
+                "envoy.rds_route_config",
+                r"^http\.[^\.]+\.rds\.((.*?)\.)\w+?$",
+            ),
             ("envoy.http_conn_manager_prefix", r"^http\.((.*?)\.)"),
             (
                 "envoy.listener_address",

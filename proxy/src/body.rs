@@ -4,12 +4,13 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -35,9 +36,15 @@ pub fn now_ms() -> u64 {
 #[derive(Debug)]
 pub struct Activity(AtomicU64);
 
+impl Default for Activity {
+    fn default() -> Activity {
+        Activity(AtomicU64::new(now_ms()))
+    }
+}
+
 impl Activity {
     pub fn new() -> Arc<Activity> {
-        Arc::new(Activity(AtomicU64::new(now_ms())))
+        Arc::new(Activity::default())
     }
 
     #[inline]
@@ -74,18 +81,18 @@ pub fn empty() -> ProxyBody {
 }
 
 /// Set once the whole downstream request has been received; the route timeout starts then.
+/// One waiter (the stream's timer) is woken when it is set.
 #[derive(Debug, Default)]
 pub struct EndSignal {
-    done: AtomicBool,
-    notify: Notify,
     when: OnceLock<Instant>,
+    waker: AtomicWaker,
 }
 
 impl EndSignal {
     pub fn set(&self) {
-        let _ = self.when.set(Instant::now());
-        self.done.store(true, Ordering::Release);
-        self.notify.notify_waiters();
+        if self.when.set(Instant::now()).is_ok() {
+            self.waker.wake();
+        }
     }
 
     /// When the request ended, if it has.
@@ -94,18 +101,18 @@ impl EndSignal {
     }
 
     pub fn is_set(&self) -> bool {
-        self.done.load(Ordering::Acquire)
+        self.when.get().is_some()
     }
 
-    pub async fn wait(&self) {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.is_set() {
-                return;
-            }
-            notified.await;
+    /// When the request ended; otherwise wakes `cx` once it does.
+    pub fn poll_when(&self, cx: &mut Context<'_>) -> Poll<Instant> {
+        if let Some(t) = self.when() {
+            return Poll::Ready(t);
+        }
+        self.waker.register(cx.waker());
+        match self.when() {
+            Some(t) => Poll::Ready(t),
+            None => Poll::Pending,
         }
     }
 }
@@ -128,79 +135,90 @@ struct Shared {
     exact_len: Option<u64>,
 }
 
+/// What the attempts of one request share, in one allocation: the body state, its end, and
+/// the stream's activity clock.
+#[derive(Debug)]
+struct SourceInner {
+    shared: Mutex<Shared>,
+    end: EndSignal,
+    activity: Activity,
+}
+
+impl SourceInner {
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        // Only this request's attempts take the lock, one frame at a time; a poisoned lock
+        // means a panic elsewhere already failed the request, the state is still consistent.
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// The downstream request body, shared by the upstream attempts of one request.
 #[derive(Debug, Clone)]
 pub struct RequestSource {
-    shared: Arc<Mutex<Shared>>,
-    end: Arc<EndSignal>,
-    activity: Arc<Activity>,
+    inner: Arc<SourceInner>,
 }
 
 impl RequestSource {
     /// `retry_buffer` is the replay limit in bytes (0 when the request will not be retried).
-    pub fn new(
-        src: impl Into<Downstream>,
-        retry_buffer: usize,
-        activity: Arc<Activity>,
-    ) -> RequestSource {
+    pub fn new(src: impl Into<Downstream>, retry_buffer: usize) -> RequestSource {
         let src = src.into();
-        let end = Arc::new(EndSignal::default());
+        let end = EndSignal::default();
         let eos = src.is_end_stream();
         if eos {
             end.set();
         }
         let exact_len = src.size_hint().exact();
         RequestSource {
-            shared: Arc::new(Mutex::new(Shared {
-                src,
-                chunks: Vec::new(),
-                buffered: 0,
-                limit: retry_buffer,
-                overflow: retry_buffer == 0,
-                eos,
-                failed: false,
-                trailers: None,
-                current: 0,
-                bytes_received: 0,
-                exact_len,
-            })),
-            end,
-            activity,
+            inner: Arc::new(SourceInner {
+                shared: Mutex::new(Shared {
+                    src,
+                    chunks: Vec::new(),
+                    buffered: 0,
+                    limit: retry_buffer,
+                    overflow: retry_buffer == 0,
+                    eos,
+                    failed: false,
+                    trailers: None,
+                    current: 0,
+                    bytes_received: 0,
+                    exact_len,
+                }),
+                end,
+                activity: Activity::default(),
+            }),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Shared> {
-        // Only this request's attempts take the lock, one frame at a time; a poisoned lock
-        // means a panic elsewhere already failed the request, the state is still consistent.
-        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    /// Set once the whole request has been received.
+    pub fn end(&self) -> &EndSignal {
+        &self.inner.end
     }
 
-    pub fn end_signal(&self) -> Arc<EndSignal> {
-        self.end.clone()
+    /// The stream's activity clock (request and response frames touch it).
+    pub fn activity(&self) -> &Activity {
+        &self.inner.activity
     }
 
     pub fn bytes_received(&self) -> u64 {
-        self.lock().bytes_received
+        self.inner.lock().bytes_received
     }
 
     /// Whether a further attempt could resend the whole body.
     pub fn can_replay(&self) -> bool {
-        let s = self.lock();
+        let s = self.inner.lock();
         !s.failed && !(s.overflow && (s.bytes_received > 0 || !s.eos))
     }
 
     /// The body for the next attempt, or `None` when what was already sent cannot be replayed.
     pub fn attempt(&self) -> Option<AttemptBody> {
-        let mut s = self.lock();
+        let mut s = self.inner.lock();
         let first = s.current == 0;
         if !first && (s.failed || (s.overflow && (s.bytes_received > 0 || !s.eos))) {
             return None;
         }
         s.current += 1;
         Some(AttemptBody {
-            shared: self.shared.clone(),
-            end: self.end.clone(),
-            activity: self.activity.clone(),
+            inner: self.inner.clone(),
             id: s.current,
             pos: 0,
             trailers_sent: false,
@@ -213,9 +231,7 @@ impl RequestSource {
 /// downstream (and keeps buffering while the limit allows).
 #[derive(Debug)]
 pub struct AttemptBody {
-    shared: Arc<Mutex<Shared>>,
-    end: Arc<EndSignal>,
-    activity: Arc<Activity>,
+    inner: Arc<SourceInner>,
     id: u32,
     pos: usize,
     trailers_sent: bool,
@@ -242,7 +258,8 @@ impl Body for AttemptBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         this.fresh = false;
-        let mut s = this.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let inner = &*this.inner;
+        let mut s = inner.lock();
         if s.current != this.id {
             return Poll::Ready(Some(Err(RequestBodyError::Superseded.into())));
         }
@@ -265,13 +282,13 @@ impl Body for AttemptBody {
         }
         let polled = Pin::new(&mut s.src).poll_frame(cx);
         if polled.is_ready() {
-            this.activity.touch();
+            inner.activity.touch();
         }
         match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 s.eos = true;
-                this.end.set();
+                inner.end.set();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
@@ -296,7 +313,7 @@ impl Body for AttemptBody {
                     if s.src.is_end_stream() {
                         s.eos = true;
                         this.trailers_sent = true;
-                        this.end.set();
+                        inner.end.set();
                     }
                     Poll::Ready(Some(Ok(Frame::data(data))))
                 }
@@ -305,7 +322,7 @@ impl Body for AttemptBody {
                         s.eos = true;
                         s.trailers = Some(t.clone());
                         this.trailers_sent = true;
-                        this.end.set();
+                        inner.end.set();
                         Poll::Ready(Some(Ok(Frame::trailers(t))))
                     }
                     // Unknown frame kinds carry nothing to forward.
@@ -319,12 +336,12 @@ impl Body for AttemptBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        let s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.inner.lock();
         s.eos && s.trailers.is_none() && (s.overflow || self.pos >= s.chunks.len())
     }
 
     fn size_hint(&self) -> SizeHint {
-        let s = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.inner.lock();
         // The exact length lets HTTP/1.1 upstreams get Content-Length instead of chunking.
         match s.exact_len {
             Some(n) if self.fresh => SizeHint::with_exact(n),
@@ -341,6 +358,9 @@ impl Body for AttemptBody {
 pub enum Downstream {
     Plain(Incoming),
     Filtered(Box<FilteredRequest>),
+    /// Any body, for unit tests (hyper's `Incoming` cannot be built outside a connection).
+    #[cfg(test)]
+    Test(ProxyBody),
 }
 
 impl From<Incoming> for Downstream {
@@ -360,6 +380,8 @@ impl Body for Downstream {
         match self.get_mut() {
             Downstream::Plain(b) => Pin::new(b).poll_frame(cx).map_err(|e| e.into()),
             Downstream::Filtered(b) => Pin::new(b.as_mut()).poll_frame(cx),
+            #[cfg(test)]
+            Downstream::Test(b) => Pin::new(b).poll_frame(cx),
         }
     }
 
@@ -367,6 +389,8 @@ impl Body for Downstream {
         match self {
             Downstream::Plain(b) => b.is_end_stream(),
             Downstream::Filtered(b) => b.is_end_stream(),
+            #[cfg(test)]
+            Downstream::Test(b) => b.is_end_stream(),
         }
     }
 
@@ -374,6 +398,8 @@ impl Body for Downstream {
         match self {
             Downstream::Plain(b) => b.size_hint(),
             Downstream::Filtered(b) => b.size_hint(),
+            #[cfg(test)]
+            Downstream::Test(b) => b.size_hint(),
         }
     }
 }
@@ -814,10 +840,13 @@ mod tests {
     async fn end_signal_wakes_waiter() {
         let s = Arc::new(EndSignal::default());
         let s2 = s.clone();
-        let t = tokio::spawn(async move { s2.wait().await });
+        let t = tokio::spawn(async move { std::future::poll_fn(|cx| s2.poll_when(cx)).await });
         tokio::task::yield_now().await;
+        assert!(!s.is_set());
         s.set();
-        t.await.unwrap();
-        s.wait().await;
+        let when = t.await.unwrap();
+        assert_eq!(s.when(), Some(when));
+        s.set();
+        assert_eq!(s.when(), Some(when), "the first end is kept");
     }
 }

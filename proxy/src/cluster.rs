@@ -1,7 +1,7 @@
 //! Clusters at run time: hosts with health, weights and per-host stats and pools; load balancing
 //! (round robin, least request, random) over a precomputed [`LbState`] that is rebuilt when hosts
 //! change and read lock-free per pick; circuit breakers; STRICT_DNS re-resolution.
-//! Picking a host never locks and never allocates.
+//! Picking a host never locks (see [`crate::lb`] for its one allocation per thread and rebuild).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -43,23 +43,23 @@ impl Host {
     /// (`/failed_active_hc/failed_outlier_check/failed_eds_health/...`).
     pub fn health_flags(&self) -> String {
         let mut out = String::new();
-        self.hh.flag_names(&mut out);
-        out.push_str(match self.health {
-            HealthStatus::Healthy | HealthStatus::Unknown => "",
-            HealthStatus::Unhealthy | HealthStatus::Timeout => "/failed_eds_health",
-            HealthStatus::Degraded => "/degraded_eds_health",
-            HealthStatus::Draining => "/eds_status_draining",
-        });
+        let eds = [
+            matches!(self.health, HealthStatus::Unhealthy | HealthStatus::Timeout),
+            self.health == HealthStatus::Degraded,
+            self.health == HealthStatus::Draining,
+        ];
+        self.hh.flag_names(eds, &mut out);
         if out.is_empty() {
             out.push_str("healthy");
         }
         out
     }
 
-    /// How load balancing counts the host: EDS DRAINING hosts are excluded (Envoy's
-    /// `exclude_host_in_eds_status_draining`), then healthy, degraded or unhealthy.
+    /// How load balancing counts the host: excluded when EDS says DRAINING, when pending its
+    /// first active check, or after `x-envoy-immediate-health-check-fail` (Envoy's
+    /// `excludeBasedOnHealthFlag`), then healthy, degraded or unhealthy.
     pub fn lb_health(&self) -> LbHealth {
-        if self.health == HealthStatus::Draining {
+        if self.health == HealthStatus::Draining || self.hh.excluded() {
             LbHealth::Excluded
         } else if self.healthy() {
             LbHealth::Healthy
@@ -252,7 +252,12 @@ impl ClusterState {
             .unwrap_or_else(|e| e.into_inner())
             .entry(address)
             .or_insert_with(|| {
-                Arc::new(HostHealth::new(!self.info.config.health_checks.is_empty()))
+                let cfg = &self.info.config;
+                // Envoy marks hosts pending only in `updateDynamicHostList` (EDS, DNS), and
+                // only with `ignore_new_hosts_until_first_hc`.
+                let pending = cfg.lb.ignore_new_hosts_until_first_hc
+                    && cfg.discovery != DiscoveryType::Static;
+                Arc::new(HostHealth::new(!cfg.health_checks.is_empty(), pending))
             })
             .clone();
         Arc::new(Host {
@@ -438,6 +443,22 @@ impl ClusterState {
 
     /// [`Self::pick_excluding`] with the route's hash (RING_HASH / MAGLEV).
     pub fn pick_hashed(&self, hash: Option<u64>, excluded: u64) -> Option<Arc<Host>> {
+        self.pick_retry(hash, excluded, &[], 0)
+    }
+
+    /// One attempt's pick as Envoy's router makes it: the route's `hash`, the priorities in
+    /// `excluded` left out (`previous_priorities`), and a host in `avoid` refused and picked
+    /// again up to `attempts` more times (`previous_hosts` with
+    /// `host_selection_retry_max_attempts`); hashing policies move along the ring / Maglev
+    /// table on each re-pick. When every pick is refused, the last one stands, as in Envoy.
+    pub fn pick_retry(
+        &self,
+        hash: Option<u64>,
+        excluded: u64,
+        avoid: &[Arc<Host>],
+        attempts: u32,
+    ) -> Option<Arc<Host>> {
+        let reject = |h: &Host| avoid.iter().any(|a| a.address == h.address);
         let lb = self.lb.load();
         let load = if excluded == 0 {
             None
@@ -448,7 +469,12 @@ impl ClusterState {
         let ctx = LbContext {
             hash,
             priority_load: load.as_ref(),
-            ..Default::default()
+            reject: if avoid.is_empty() {
+                None
+            } else {
+                Some(&reject)
+            },
+            selection_attempts: if avoid.is_empty() { 0 } else { attempts },
         };
         lb.pick(&ctx, &self.info.stats)
     }

@@ -2,13 +2,16 @@
 //! client sends the h2 preface), serves it with hyper, counts bytes and connection stats, and
 //! drains it gracefully (Connection: close / GOAWAY) when the server shuts down.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::task::AtomicWaker;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use strait_xds::model::CodecType;
@@ -151,9 +154,10 @@ async fn sniff(stream: &mut TcpStream) -> io::Result<(Bytes, bool)> {
 macro_rules! serve_until_drained {
     ($conn:ident, $cx:ident, $hs:ident, $drain:ident, $drain_time:ident) => {
         tokio::pin!($conn);
-        tokio::select! {
-            r = $conn.as_mut() => log_conn_end(&$hs, r.err()),
-            _ = crate::server::drained(&mut $drain) => {
+        let drained = crate::server::drained(&mut $drain);
+        match until_drained($conn.as_mut(), drained).await {
+            Some(r) => log_conn_end(&$hs, r.err()),
+            None => {
                 let started = tokio::time::Instant::now();
                 let delay = gradual_drain_delay(&$cx.server, $drain_time);
                 let mut server_drain = $cx.server.drain_rx();
@@ -173,6 +177,57 @@ macro_rules! serve_until_drained {
             }
         }
     };
+}
+
+/// Wakes the connection task on behalf of the drain signal and remembers that it did, so the
+/// drain future is polled only after its own wake-up, not on every wake-up of the connection
+/// (several per request; each poll of a pending `watch` wait takes its waiter-list lock).
+#[derive(Default)]
+struct DrainWake {
+    fired: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for DrainWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+/// Drives `conn` until it ends (`Some`) or `drained` resolves first (`None`).
+async fn until_drained<C: Future>(
+    mut conn: Pin<&mut C>,
+    drained: impl Future<Output = ()>,
+) -> Option<C::Output> {
+    let mut drained = std::pin::pin!(drained);
+    let wake = Arc::new(DrainWake {
+        // Polled once up front, which registers it with the signal.
+        fired: AtomicBool::new(true),
+        task: AtomicWaker::new(),
+    });
+    let waker = Waker::from(wake.clone());
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        // Register before reading the flag: a wake in between still reaches this task.
+        wake.task.register(cx.waker());
+        if wake.fired.swap(false, Ordering::AcqRel)
+            && drained
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_ready()
+        {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Serves one accepted connection until it closes, or until the drain deadline after shutdown.
@@ -216,7 +271,6 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
     io.prefix = prefix;
     let io = TokioIo::new(io);
     let svc_cx = cx.clone();
-    let svc = service_fn(move |req| forward::handle(req, svc_cx.clone()));
     let drain_time = cx.server.drain_time();
 
     if is_h2 {
@@ -225,6 +279,9 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
             // Envoy's default SETTINGS_MAX_CONCURRENT_STREAMS (hyper's own is 200).
             .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
             .max_header_list_size(max_request_headers_kb.saturating_mul(1024));
+        // hyper spawns a task per stream around the request future and moves it several times
+        // on the way in: boxed, each move copies a pointer instead of the whole state machine.
+        let svc = service_fn(move |req| Box::pin(forward::handle(req, svc_cx.clone())));
         let conn = b.serve_connection(io, svc);
         serve_until_drained!(conn, cx, hs, drain, drain_time);
         hs.downstream_cx_http2_active.dec();
@@ -234,6 +291,7 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
             // hyper would otherwise default to 30 s; Envoy has no header timeout unless set.
             .header_read_timeout(request_headers_timeout)
             .max_buf_size(MIN_H1_BUF.max(max_request_headers_kb as usize * 1024));
+        let svc = service_fn(move |req| forward::handle(req, svc_cx.clone()));
         let conn = b.serve_connection(io, svc).with_upgrades();
         serve_until_drained!(conn, cx, hs, drain, drain_time);
         hs.downstream_cx_http1_active.dec();
@@ -261,5 +319,36 @@ fn log_conn_end(hs: &HttpStats, err: Option<hyper::Error>) {
             hs.downstream_cx_protocol_error.inc();
         }
         tracing::debug!(error = %e, "downstream connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn until_drained_sees_a_drain_while_the_connection_waits() {
+        let (tx, mut rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let conn = std::pin::pin!(std::future::pending::<()>());
+            until_drained(conn, crate::server::drained(&mut rx)).await
+        });
+        tokio::task::yield_now().await;
+        tx.send_replace(true);
+        assert_eq!(task.await.ok(), Some(None));
+    }
+
+    #[tokio::test]
+    async fn until_drained_returns_the_connection_result() {
+        let (tx, mut rx) = tokio::sync::watch::channel(false);
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<u8>();
+        let task = tokio::spawn(async move {
+            let conn = std::pin::pin!(async { done_rx.await.unwrap_or(0) });
+            until_drained(conn, crate::server::drained(&mut rx)).await
+        });
+        tokio::task::yield_now().await;
+        let _ = done_tx.send(7);
+        assert_eq!(task.await.ok(), Some(Some(7)));
+        drop(tx);
     }
 }

@@ -24,8 +24,8 @@ use strait_xds::model::{self, ClusterSpecifier, HostRewrite, RetryOn, RetryPolic
 
 use crate::access_log::Record;
 use crate::body::{
-    self, Activity, AttemptBody, BoxError, Downstream, EndSignal, FilteredRequest,
-    FilteredResponse, ProxyBody, ReplySlot, RequestSource, SharedFilterContext,
+    self, AttemptBody, BoxError, Downstream, FilteredRequest, FilteredResponse, ProxyBody,
+    ReplySlot, RequestSource, SharedFilterContext,
 };
 use crate::cluster::{Breakers, ClusterState, Host};
 use crate::headers;
@@ -34,6 +34,7 @@ use crate::pool::{Lease, PoolError};
 use crate::response_flags::ResponseFlags;
 use crate::router::{self, Selected};
 use crate::server::{ListenerRuntime, ServerShared};
+use crate::stream_timer::{Expired, StreamTimer, TimerPool};
 
 /// Envoy's default `per_connection_buffer_limit_bytes` (1 MiB), which also bounds the request
 /// body the router keeps for retries; a larger body is not retried.
@@ -46,9 +47,9 @@ pub struct ConnCtx {
     pub server: Arc<ServerShared>,
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// Spare stream timers, reused by the connection's next streams.
+    pub timers: TimerPool,
 }
-
-type Deadline = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 // === Finisher: the stream's record, completed when the response ends ===
 
@@ -67,7 +68,8 @@ struct Finisher {
     flags: ResponseFlags,
     details: Cow<'static, str>,
     source: Option<RequestSource>,
-    request_end: Option<Arc<EndSignal>>,
+    /// Route, request and stream idle timeouts, while they apply.
+    timer: StreamTimer,
     response_duration: Option<Duration>,
     upstream_host: Option<Arc<Host>>,
     cluster: Option<Arc<ClusterState>>,
@@ -104,28 +106,31 @@ enum Outcome {
 
 impl Finisher {
     fn new(cx: Arc<ConnCtx>, parts: &Parts) -> Finisher {
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-            })
-            .unwrap_or_default();
         let peer = cx.peer;
+        let logging = cx.listener.access_log.is_some();
+        // Only the access log reads these copies.
+        let (path, authority) = if logging {
+            (
+                parts
+                    .uri
+                    .path_and_query()
+                    .map_or_else(|| "/".to_string(), |pq| pq.as_str().to_string()),
+                OrigAuthority::of(parts).as_str().to_string(),
+            )
+        } else {
+            (String::new(), String::new())
+        };
         Finisher {
             cx,
             start: Instant::now(),
-            start_time: SystemTime::now(),
+            // Only the access log prints the wall-clock start.
+            start_time: if logging {
+                SystemTime::now()
+            } else {
+                SystemTime::UNIX_EPOCH
+            },
             method: parts.method.clone(),
-            path: parts
-                .uri
-                .path_and_query()
-                .map_or_else(|| "/".to_string(), |pq| pq.as_str().to_string()),
+            path,
             authority,
             version: parts.version,
             request_headers: None,
@@ -135,7 +140,7 @@ impl Finisher {
             flags: ResponseFlags::default(),
             details: Cow::Borrowed(""),
             source: None,
-            request_end: None,
+            timer: StreamTimer::default(),
             response_duration: None,
             upstream_host: None,
             cluster: None,
@@ -153,6 +158,14 @@ impl Finisher {
 
     fn logging(&self) -> bool {
         self.cx.listener.access_log.is_some()
+    }
+
+    /// Ready once one of the stream's timeouts expires.
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<Expired> {
+        match &self.source {
+            Some(src) => self.timer.poll_expired(src, cx),
+            None => Poll::Pending,
+        }
     }
 
     fn finish(&mut self, outcome: Outcome) {
@@ -213,6 +226,7 @@ impl Finisher {
         self.lease.take();
         self.rq.take();
         self.filters.take();
+        self.timer.release(&self.cx.timers);
         let Some(logger) = self.cx.listener.access_log.clone() else {
             return;
         };
@@ -234,9 +248,9 @@ impl Finisher {
             bytes_sent: self.bytes_sent,
             duration: self.start.elapsed(),
             request_duration: self
-                .request_end
+                .source
                 .as_ref()
-                .and_then(|e| e.when())
+                .and_then(|s| s.end().when())
                 .map(|t| t.saturating_duration_since(self.start)),
             response_duration: self.response_duration,
             upstream_host: self.upstream_host.as_ref().map(|h| h.address),
@@ -249,6 +263,44 @@ impl Finisher {
             route_name: &self.route_name,
         };
         logger.log(&rec);
+    }
+}
+
+/// The request's authority as received (`:authority`, else `Host`), kept without copying: the
+/// upstream `Host` unless the route rewrites it.
+#[derive(Clone)]
+enum OrigAuthority {
+    Uri(http::uri::Authority),
+    Host(HeaderValue),
+    Missing,
+}
+
+impl OrigAuthority {
+    fn of(parts: &Parts) -> OrigAuthority {
+        if let Some(a) = parts.uri.authority() {
+            OrigAuthority::Uri(a.clone())
+        } else if let Some(h) = parts.headers.get(header::HOST) {
+            OrigAuthority::Host(h.clone())
+        } else {
+            OrigAuthority::Missing
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            OrigAuthority::Uri(a) => a.as_str(),
+            OrigAuthority::Host(h) => h.to_str().unwrap_or(""),
+            OrigAuthority::Missing => "",
+        }
+    }
+
+    fn header_value(&self) -> Option<HeaderValue> {
+        match self {
+            OrigAuthority::Uri(a) => HeaderValue::from_str(a.as_str()).ok(),
+            // An invalid (non-visible-ASCII) Host was sent upstream as an empty one before.
+            OrigAuthority::Host(h) if h.to_str().is_ok() => Some(h.clone()),
+            OrigAuthority::Host(_) | OrigAuthority::Missing => Some(HeaderValue::from_static("")),
+        }
     }
 }
 
@@ -462,12 +514,11 @@ fn filter_reply(fin: &mut Finisher, reply: LocalReply) -> Response<ProxyBody> {
 // === Response body ===
 
 /// The downstream response body: streams the upstream body (or a local reply), counts bytes,
-/// enforces the rest of the route timeout, and completes the stream record at the end.
+/// enforces the rest of the route timeout and the stream idle timeout, and completes the stream
+/// record at the end.
 pub struct RespBody {
     inner: ProxyBody,
     fin: Option<Box<Finisher>>,
-    deadline: Option<Deadline>,
-    idle: Option<IdleTimer>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -495,52 +546,51 @@ impl Body for RespBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if let Some(d) = this.deadline.as_mut() {
-            if d.as_mut().poll(cx).is_ready() {
-                this.deadline = None;
-                this.end(Outcome::Timeout);
-                return Poll::Ready(Some(Err(ResponseTimeout.into())));
-            }
-        }
-        if let Some(t) = this.idle.as_mut() {
-            if t.poll_expired(cx).is_ready() {
-                this.idle = None;
-                this.end(Outcome::IdleTimeout);
-                return Poll::Ready(Some(Err(IdleTimeout.into())));
-            }
-        }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if polled.is_ready() {
-            if let Some(t) = &this.idle {
-                t.activity.touch();
+        let Some(f) = this.fin.as_mut() else {
+            return polled;
+        };
+        // The timeouts matter only while waiting: a frame that is ready goes out.
+        let frame = match polled {
+            Poll::Pending => {
+                return match f.poll_timer(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Expired::Idle) => {
+                        this.end(Outcome::IdleTimeout);
+                        Poll::Ready(Some(Err(IdleTimeout.into())))
+                    }
+                    Poll::Ready(Expired::Route | Expired::Request) => {
+                        this.end(Outcome::Timeout);
+                        Poll::Ready(Some(Err(ResponseTimeout.into())))
+                    }
+                };
             }
-        }
-        match polled {
-            Poll::Pending => Poll::Pending,
             Poll::Ready(None) => {
                 this.end(Outcome::Complete);
-                Poll::Ready(None)
+                return Poll::Ready(None);
             }
             Poll::Ready(Some(Err(e))) => {
                 this.end(Outcome::UpstreamError);
-                Poll::Ready(Some(Err(e)))
+                return Poll::Ready(Some(Err(e)));
             }
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(f) = this.fin.as_mut() {
-                    if let Some(d) = frame.data_ref() {
-                        f.bytes_sent += d.len() as u64;
-                    } else if let Some(t) = frame.trailers_ref() {
-                        if f.logging() {
-                            f.response_trailers = Some(t.clone());
-                        }
-                    }
-                }
-                if this.inner.is_end_stream() {
-                    this.end(Outcome::Complete);
-                }
-                Poll::Ready(Some(Ok(frame)))
+            Poll::Ready(Some(Ok(frame))) => frame,
+        };
+        if f.timer.idle().is_some() {
+            if let Some(src) = &f.source {
+                src.activity().touch();
             }
         }
+        if let Some(d) = frame.data_ref() {
+            f.bytes_sent += d.len() as u64;
+        } else if let Some(t) = frame.trailers_ref() {
+            if f.logging() {
+                f.response_trailers = Some(t.clone());
+            }
+        }
+        if this.inner.is_end_stream() {
+            this.end(Outcome::Complete);
+        }
+        Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -582,7 +632,13 @@ pub async fn handle(
     let down_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let mut fin = Box::new(Finisher::new(cx.clone(), &parts));
-    let (resp, timers, tunnel) = route(parts, body, upgrade, &cx, &mut fin).await;
+    let (resp, timed, tunnel) = route(parts, body, upgrade, &cx, &mut fin).await;
+    if timed {
+        fin.timer.response_started();
+    } else {
+        // Local replies are not timed.
+        fin.timer.stop();
+    }
     let (mut head, mut inner) = resp.into_parts();
     let mut tunnel = tunnel;
     if let Some(mut run) = fin.filters.take() {
@@ -607,27 +663,23 @@ pub async fn handle(
         // The stream lives on as a tunnel; it is logged when the tunnel closes.
         head.headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        let idle = timers.and_then(|t| t.idle).map(|t| (t.idle, t.activity));
+        let idle = match (fin.timer.idle(), &fin.source) {
+            (Some(i), Some(src)) if timed => Some((i, src.clone())),
+            _ => None,
+        };
+        fin.timer.stop();
         spawn_tunnel(down, up, fin, idle, &cx);
         return Ok(Response::from_parts(
             head,
             RespBody {
                 inner: body::empty(),
                 fin: None,
-                deadline: None,
-                idle: None,
             },
         ));
     }
-    let (deadline, idle) = match timers {
-        Some(t) => (t.deadline, t.idle),
-        None => (None, None),
-    };
     let mut rb = RespBody {
         inner,
         fin: Some(fin),
-        deadline,
-        idle,
     };
     // hyper never polls a body it must not send (HEAD, 204, 304): the stream ends here.
     let bodiless = rb.fin.as_ref().is_some_and(|f| f.method == Method::HEAD)
@@ -643,7 +695,7 @@ fn spawn_tunnel(
     down: hyper::upgrade::OnUpgrade,
     up: hyper::upgrade::OnUpgrade,
     fin: Box<Finisher>,
-    idle: Option<(Duration, Arc<Activity>)>,
+    idle: Option<(Duration, RequestSource)>,
     cx: &Arc<ConnCtx>,
 ) {
     let hs = cx.listener.http_stats.clone();
@@ -670,7 +722,7 @@ fn spawn_tunnel(
         // Envoy applies the stream idle timeout to upgraded streams too.
         let idle_wait = async {
             match &idle {
-                Some((d, a)) => a.idle_for(*d).await,
+                Some((d, a)) => a.activity().idle_for(*d).await,
                 None => std::future::pending().await,
             }
         };
@@ -700,13 +752,13 @@ fn spawn_tunnel(
 /// Marks stream activity on every byte moved, for the tunnel's idle timeout.
 struct Touching<T> {
     inner: T,
-    activity: Option<Arc<Activity>>,
+    activity: Option<RequestSource>,
 }
 
 impl<T> Touching<T> {
     fn touch(&self) {
         if let Some(a) = &self.activity {
-            a.touch();
+            a.activity().touch();
         }
     }
 }
@@ -761,50 +813,9 @@ fn local(
     local_reply::build(status, text)
 }
 
-type Routed = (
-    Response<ProxyBody>,
-    Option<Timers>,
-    Option<hyper::upgrade::OnUpgrade>,
-);
-
-/// Timers that keep running while the response body streams.
-struct Timers {
-    /// The rest of the route timeout.
-    deadline: Option<Deadline>,
-    /// The stream idle timeout (route `idle_timeout`, else the HCM's `stream_idle_timeout`).
-    idle: Option<IdleTimer>,
-}
-
-struct IdleTimer {
-    idle: Duration,
-    activity: Arc<Activity>,
-    sleep: Pin<Box<tokio::time::Sleep>>,
-}
-
-impl IdleTimer {
-    fn new(idle: Duration, activity: Arc<Activity>) -> IdleTimer {
-        let sleep = Box::pin(tokio::time::sleep_until(activity.deadline(idle).into()));
-        IdleTimer {
-            idle,
-            activity,
-            sleep,
-        }
-    }
-
-    /// Ready once the stream has been idle for the whole timeout.
-    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        loop {
-            if self.sleep.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            let deadline = self.activity.deadline(self.idle);
-            if Instant::now() >= deadline {
-                return Poll::Ready(());
-            }
-            self.sleep.as_mut().reset(deadline.into());
-        }
-    }
-}
+/// The response, whether the stream's timeouts go on while its body streams (an upstream
+/// response), and the upstream side of an upgrade.
+type Routed = (Response<ProxyBody>, bool, Option<hyper::upgrade::OnUpgrade>);
 
 async fn route(
     mut parts: Parts,
@@ -815,34 +826,52 @@ async fn route(
 ) -> Routed {
     let hcm = cx.listener.hcm();
     let hs = &cx.listener.http_stats;
+    // As received: filters and header mutations below do not change the upstream Host.
+    let orig_authority = OrigAuthority::of(&parts);
 
-    headers::remove_hop_by_hop(&mut parts.headers, upgrade.is_some());
-    fin.client = headers::forwarded(
+    // One pass over the names decides which of the lookups below are needed.
+    let seen = headers::Seen::of(&parts.headers);
+    headers::remove_hop_by_hop_seen(&mut parts.headers, upgrade.is_some(), seen);
+    fin.client = headers::forwarded_seen(
         &mut parts.headers,
         cx.peer,
         hcm.use_remote_address,
         hcm.xff_num_trusted_hops,
+        seen,
     );
     // Envoy (proxy_100_continue: false) answers `Expect: 100-continue` itself and strips it;
     // hyper sends the 100 once the upstream attempt starts reading the body.
-    if parts
-        .headers
-        .get(header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+    if seen.expect()
+        && parts
+            .headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
     {
         parts.headers.remove(header::EXPECT);
     }
     let edge_external = hcm.use_remote_address && !headers::is_internal(cx.peer.ip());
-    headers::request_id(&mut parts.headers, hcm.generate_request_id, edge_external);
+    headers::request_id_seen(
+        &mut parts.headers,
+        hcm.generate_request_id,
+        edge_external,
+        seen,
+    );
 
     let rc = hcm.route_config.clone();
     let selected = match router::select(&rc, &parts) {
         Selected::Route { vhost, route } => Some((vhost, route)),
         Selected::NoVirtualHost | Selected::NoRoute => None,
     };
-    if let Some((_, route)) = selected {
+    if let (Some((_, route)), true) = (selected, fin.logging()) {
         fin.route_name = route.name.clone();
     }
+    let picked = match selected {
+        Some((_, route)) => match &route.action {
+            RouteAction::Forward(a) => Some(pick_cluster(a, &parts.headers)),
+            _ => None,
+        },
+        None => None,
+    };
     if let (Some(t), Some((_, route))) = (&upgrade, selected) {
         // Envoy: the connection manager must know the upgrade type; a route may override it.
         let hcm_cfg = hcm.upgrade_types.iter().find(|u| &u.upgrade_type == t);
@@ -862,7 +891,7 @@ async fn route(
             // Envoy closes the connection after refusing an upgrade.
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return (resp, None, None);
+            return (resp, false, None);
         }
     }
     // The HTTP filters run before the router, on the route the connection manager picked.
@@ -875,8 +904,9 @@ async fn route(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         if let Some((_, route)) = selected {
-            fcx.set_route(route.name.clone(), route.filter_configs.clone());
+            fcx.set_route_entry(route.filter_route.clone());
         }
+        fcx.cluster_name = picked.as_ref().map(|(name, _)| name.to_string());
         let run = fin
             .filters
             .insert(FilterRun::new(hcm.filter_chain.clone(), fcx));
@@ -889,7 +919,7 @@ async fn route(
             r
         };
         if let Err(reply) = result {
-            return (filter_reply(fin, reply), None, None);
+            return (filter_reply(fin, reply), false, None);
         }
     }
     let Some((vhost, route)) = selected else {
@@ -903,7 +933,7 @@ async fn route(
                 ResponseFlags::NO_ROUTE_FOUND,
                 "route_not_found",
             ),
-            None,
+            false,
             None,
         );
     };
@@ -918,7 +948,7 @@ async fn route(
                 &[&route.headers, &vhost.headers, &rc.headers],
             );
             fin.details = Cow::Borrowed("direct_response");
-            return (resp, None, None);
+            return (resp, false, None);
         }
         RouteAction::Redirect(r) => {
             hs.rq_redirect.inc();
@@ -932,41 +962,12 @@ async fn route(
                 &[&route.headers, &vhost.headers, &rc.headers],
             );
             fin.details = Cow::Borrowed("direct_response");
-            return (resp, None, None);
+            return (resp, false, None);
         }
         RouteAction::Forward(a) => a,
     };
 
-    let (cluster_name, wc_headers): (Cow<'_, str>, Option<&model::HeaderMutations>) =
-        match &action.cluster {
-            ClusterSpecifier::Cluster(n) => (Cow::Borrowed(n.as_str()), None),
-            ClusterSpecifier::Weighted(w) => {
-                let mut r = fastrand::u32(0..w.total_weight.max(1));
-                let mut chosen = w.clusters.last();
-                for c in &w.clusters {
-                    if r < c.weight {
-                        chosen = Some(c);
-                        break;
-                    }
-                    r -= c.weight;
-                }
-                match chosen {
-                    Some(c) => (Cow::Borrowed(c.name.as_str()), Some(&c.headers)),
-                    None => (Cow::Borrowed(""), None),
-                }
-            }
-            ClusterSpecifier::Header(h) => (
-                Cow::Owned(
-                    parts
-                        .headers
-                        .get(h)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_string(),
-                ),
-                None,
-            ),
-        };
+    let (cluster_name, wc_headers) = picked.unwrap_or((Cow::Borrowed(""), None));
     let snapshot = cx.server.snapshot();
     let Some(cluster) = snapshot.clusters.get(&cluster_name).cloned() else {
         hs.no_cluster.inc();
@@ -978,21 +979,19 @@ async fn route(
                 ResponseFlags::NO_CLUSTER_FOUND,
                 "cluster_not_found",
             ),
-            None,
+            false,
             None,
         );
     };
     fin.cluster = Some(cluster.clone());
-    if let Some(run) = fin.filters.as_mut() {
-        run.fcx.lock().await.cluster_name = Some(cluster.name().to_string());
-    }
 
     // Request changes the route asks for.
-    let original_pq = parts
-        .uri
-        .path_and_query()
-        .map_or_else(|| "/".to_string(), |pq| pq.as_str().to_string());
-    if let Some(new_pq) = router::rewrite_path(action, route, &original_pq) {
+    let rewritten = router::rewrite_path(
+        action,
+        route,
+        parts.uri.path_and_query().map_or("/", |pq| pq.as_str()),
+    );
+    if let Some(new_pq) = rewritten {
         if let Ok(v) = HeaderValue::from_str(parts.uri.path()) {
             parts.headers.insert(X_ENVOY_ORIGINAL_PATH, v);
         }
@@ -1000,16 +999,21 @@ async fn route(
             parts.uri = u;
         }
     }
-    let mut authority = fin.authority.clone();
-    if let HostRewrite::Literal(h) = &action.host_rewrite {
-        authority = h.clone();
+    let authority = match &action.host_rewrite {
+        HostRewrite::Literal(h) => Authority::Literal(h),
+        HostRewrite::Auto => Authority::Host,
+        _ => Authority::Original(orig_authority),
+    };
+    match wc_headers {
+        Some(w) => router::apply_request_headers(
+            &mut parts.headers,
+            &[w, &route.headers, &vhost.headers, &rc.headers],
+        ),
+        None => router::apply_request_headers(
+            &mut parts.headers,
+            &[&route.headers, &vhost.headers, &rc.headers],
+        ),
     }
-    let mut levels: Vec<&model::HeaderMutations> = Vec::with_capacity(4);
-    if let Some(w) = wc_headers {
-        levels.push(w);
-    }
-    levels.extend([&route.headers, &vhost.headers, &rc.headers]);
-    router::apply_request_headers(&mut parts.headers, &levels);
 
     // The route's retry policy with the request's x-envoy-retry-* headers applied; an external
     // client at the edge may not steer retries (Envoy strips these internal headers there).
@@ -1022,20 +1026,18 @@ async fn route(
     if let Some(t) = expected_timeout {
         parts.headers.insert(
             headers::X_ENVOY_EXPECTED_RQ_TIMEOUT_MS,
-            HeaderValue::from(t.as_millis() as u64),
+            headers::int_value(t.as_millis() as u64),
         );
     }
     if fin.logging() {
         fin.request_headers = Some(parts.headers.clone());
     }
 
-    let activity = Activity::new();
-    let request_start = fin.start;
     let idle = action.idle_timeout.or(hcm.stream_idle_timeout);
     let (body, filter_slot) = match fin.filters.as_mut() {
         Some(run) => match run.request_body(body, hcm.request_timeout.or(idle)).await {
             Ok(b) => b,
-            Err(reply) => return (filter_reply(fin, reply), None, None),
+            Err(reply) => return (filter_reply(fin, reply), false, None),
         },
         None => (body.into(), None),
     };
@@ -1046,24 +1048,28 @@ async fn route(
         } else {
             0
         },
-        activity.clone(),
+    );
+    // The route timeout runs from the end of the downstream request to the end of the response;
+    // HCM `request_timeout` until the whole request has arrived (from the stream's start).
+    fin.timer.start(
+        &cx.timers,
+        hcm.request_timeout.map(|t| fin.start + t),
+        action.timeout,
+        idle,
     );
     fin.source = Some(source.clone());
-    fin.request_end = Some(source.end_signal());
 
-    // The route timeout runs from the end of the downstream request to the end of the response.
-    let mut deadline: Option<Deadline> = action.timeout.map(|t| {
-        let end = source.end_signal();
-        Box::pin(async move {
-            end.wait().await;
-            tokio::time::sleep(t).await;
-        }) as Deadline
-    });
-
+    let hash = if cluster.info.config.lb_policy.is_hashing() {
+        crate::router::hash_key(&action.hash_policy, &parts, fin.client.ip())
+    } else {
+        None
+    };
+    // The attempts own the headers: the only attempt takes them, retries copy them.
+    let headers = std::mem::take(&mut parts.headers);
     let mut st = Attempts {
         parts: &parts,
-        authority: &authority,
-        host_rewrite_auto: action.host_rewrite == HostRewrite::Auto,
+        headers,
+        authority,
         cluster: &cluster,
         policy,
         source: &source,
@@ -1076,44 +1082,22 @@ async fn route(
         pending_retry_guard: None,
         priority: action.priority,
         attempted: Vec::new(),
-        hash: if cluster.info.config.lb_policy.is_hashing() {
-            crate::router::hash_key(&action.hash_policy, &parts, fin.client.ip())
-        } else {
-            None
-        },
+        hash,
     };
     let result = {
-        let global = async {
-            match deadline.as_mut() {
-                Some(d) => d.as_mut().await,
-                None => std::future::pending().await,
+        let run = st.run();
+        tokio::pin!(run);
+        std::future::poll_fn(|c| {
+            if let Poll::Ready(r) = run.as_mut().poll(c) {
+                return Poll::Ready(r);
             }
-        };
-        let idle_wait = async {
-            match idle {
-                Some(i) => activity.idle_for(i).await,
-                None => std::future::pending().await,
-            }
-        };
-        // HCM `request_timeout`: the whole request must arrive within it (disarmed at its end).
-        let request_wait = async {
-            match hcm.request_timeout {
-                Some(t) => {
-                    let end = source.end_signal();
-                    tokio::select! {
-                        _ = tokio::time::sleep_until((request_start + t).into()) => {}
-                        _ = end.wait() => std::future::pending::<()>().await,
-                    }
-                }
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            r = st.run() => r,
-            _ = global => AttemptResult::GlobalTimeout,
-            _ = idle_wait => AttemptResult::IdleTimeout,
-            _ = request_wait => AttemptResult::RequestTimeout,
-        }
+            fin.poll_timer(c).map(|e| match e {
+                Expired::Route => AttemptResult::GlobalTimeout,
+                Expired::Idle => AttemptResult::IdleTimeout,
+                Expired::Request => AttemptResult::RequestTimeout,
+            })
+        })
+        .await
     };
     // Keeps the order the flags were set in (Envoy prints them so).
     fin.flags = st.flags;
@@ -1122,7 +1106,7 @@ async fn route(
     let retried = st.retried;
     if let Some(reply) = filter_slot.as_ref().and_then(|s| s.take()) {
         drop(result);
-        return (filter_reply(fin, reply), None, None);
+        return (filter_reply(fin, reply), false, None);
     }
     match result {
         AttemptResult::RequestTimeout => {
@@ -1137,12 +1121,12 @@ async fn route(
             // The rest of the request will not be read: Envoy closes the connection.
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            (resp, None, None)
+            (resp, false, None)
         }
         AttemptResult::IdleTimeout => {
             hs.downstream_rq_idle_timeout.inc();
             // Envoy 1.40: 504 once the whole request was received, 408 while it was not.
-            let status = if source.end_signal().is_set() {
+            let status = if source.end().is_set() {
                 StatusCode::GATEWAY_TIMEOUT
             } else {
                 StatusCode::REQUEST_TIMEOUT
@@ -1155,7 +1139,7 @@ async fn route(
                     ResponseFlags::STREAM_IDLE_TIMEOUT,
                     "stream_idle_timeout",
                 ),
-                None,
+                false,
                 None,
             )
         }
@@ -1167,7 +1151,7 @@ async fn route(
                 ResponseFlags::NO_HEALTHY_UPSTREAM,
                 "no_healthy_upstream",
             ),
-            None,
+            false,
             None,
         ),
         AttemptResult::Reset(reason) => {
@@ -1180,7 +1164,7 @@ async fn route(
                 "",
             );
             fin.details = details;
-            (resp, None, None)
+            (resp, false, None)
         }
         AttemptResult::GlobalTimeout | AttemptResult::PerTryTimeout => {
             let global = matches!(result, AttemptResult::GlobalTimeout);
@@ -1205,7 +1189,7 @@ async fn route(
                         "upstream_per_try_timeout"
                     },
                 ),
-                None,
+                false,
                 None,
             )
         }
@@ -1233,7 +1217,7 @@ async fn route(
             headers::remove_hop_by_hop(&mut head.headers, tunnel.is_some());
             head.headers.insert(
                 headers::X_ENVOY_UPSTREAM_SERVICE_TIME,
-                HeaderValue::from(now.saturating_duration_since(started).as_millis() as u64),
+                headers::int_value(now.saturating_duration_since(started).as_millis() as u64),
             );
             let mut rlevels: Vec<&model::HeaderMutations> = Vec::with_capacity(4);
             if let Some(w) = wc_headers {
@@ -1242,11 +1226,7 @@ async fn route(
             rlevels.extend([&route.headers, &vhost.headers, &rc.headers]);
             router::apply_response_headers(&mut head.headers, &rlevels);
             let inner = incoming.map_err(|e| Box::new(e) as BoxError).boxed_unsync();
-            let timers = Timers {
-                deadline,
-                idle: idle.map(|i| IdleTimer::new(i, activity.clone())),
-            };
-            (Response::from_parts(head, inner), Some(timers), tunnel)
+            (Response::from_parts(head, inner), true, tunnel)
         }
     }
 }
@@ -1272,8 +1252,9 @@ enum AttemptResult {
 
 struct Attempts<'a> {
     parts: &'a Parts,
-    authority: &'a str,
-    host_rewrite_auto: bool,
+    /// The request headers sent upstream (`parts.headers` is left empty).
+    headers: HeaderMap,
+    authority: Authority<'a>,
     cluster: &'a Arc<ClusterState>,
     policy: Option<&'a RetryPolicy>,
     source: &'a RequestSource,
@@ -1290,6 +1271,43 @@ struct Attempts<'a> {
     attempted: Vec<Arc<Host>>,
     /// The route `hash_policy` value, for RING_HASH / MAGLEV clusters.
     hash: Option<u64>,
+}
+
+/// The upstream cluster of a forwarding route, picked once per request when the route is
+/// selected (Envoy resolves weighted and header-named clusters with the route), so the HTTP
+/// filters and the router see the same choice.
+fn pick_cluster<'r>(
+    action: &'r model::ForwardAction,
+    headers: &HeaderMap,
+) -> (Cow<'r, str>, Option<&'r model::HeaderMutations>) {
+    match &action.cluster {
+        ClusterSpecifier::Cluster(n) => (Cow::Borrowed(n.as_str()), None),
+        ClusterSpecifier::Weighted(w) => {
+            let mut r = fastrand::u32(0..w.total_weight.max(1));
+            let mut chosen = w.clusters.last();
+            for c in &w.clusters {
+                if r < c.weight {
+                    chosen = Some(c);
+                    break;
+                }
+                r -= c.weight;
+            }
+            match chosen {
+                Some(c) => (Cow::Borrowed(c.name.as_str()), Some(&c.headers)),
+                None => (Cow::Borrowed(""), None),
+            }
+        }
+        ClusterSpecifier::Header(h) => (
+            Cow::Owned(
+                headers
+                    .get(h)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string(),
+            ),
+            None,
+        ),
+    }
 }
 
 fn retriable_status(p: &RetryPolicy, resp: &Response<Incoming>) -> bool {
@@ -1437,16 +1455,14 @@ impl Attempts<'_> {
                 }
             }
         }
-        let mut host = self.cluster.pick_hashed(self.hash, excluded)?;
-        if p.previous_hosts {
-            for _ in 0..p.host_selection_retry_max_attempts {
-                if !self.attempted.iter().any(|a| a.address == host.address) {
-                    break;
-                }
-                host = self.cluster.pick_hashed(self.hash, excluded)?;
-            }
-        }
-        Some(host)
+        let avoid = if p.previous_hosts {
+            &self.attempted[..]
+        } else {
+            &[]
+        };
+        let attempts = p.host_selection_retry_max_attempts;
+        self.cluster
+            .pick_retry(self.hash, excluded, avoid, attempts)
     }
 
     /// One attempt: pick a host, take a connection, send, wait for the response headers (within
@@ -1457,7 +1473,10 @@ impl Attempts<'_> {
             return (AttemptResult::NoHealthyUpstream, retry_guard);
         };
         self.last_host = Some(host.clone());
-        self.attempted.push(host.clone());
+        if self.policy.is_some() {
+            // Only retries look back at the hosts tried.
+            self.attempted.push(host.clone());
+        }
         let cluster = self.cluster;
         let info = &cluster.info;
         let (breakers, thresholds) = self.breakers();
@@ -1474,7 +1493,7 @@ impl Attempts<'_> {
         };
         let per_try = self.policy.and_then(|p| p.per_try_timeout);
         let exchange = async {
-            let conn = match host.pool.acquire().await {
+            let conn = match host.pool.acquire_for(self.priority).await {
                 Ok(c) => c,
                 Err(PoolError::Overflow) => return Err(ResetReason::Overflow),
                 Err(PoolError::ConnectTimeout) => return Err(ResetReason::ConnectionTimeout),
@@ -1529,6 +1548,14 @@ impl Attempts<'_> {
                 AttemptResult::PerTryTimeout
             }
         };
+        if let AttemptResult::Response(d) = &result {
+            if d.resp
+                .headers()
+                .contains_key("x-envoy-immediate-health-check-fail")
+            {
+                crate::health::on_immediate_fail(cluster, &host);
+            }
+        }
         // Passive health: every upstream answer and local-origin failure counts for the host.
         use crate::outlier::Outcome;
         let outcome = match &result {
@@ -1546,19 +1573,25 @@ impl Attempts<'_> {
         (result, retry_guard)
     }
 
-    fn upstream_request(&self, host: &Host, body: AttemptBody) -> Request<ProxyBody> {
+    fn upstream_request(&mut self, host: &Host, body: AttemptBody) -> Request<ProxyBody> {
         let p = self.parts;
-        let authority = if self.host_rewrite_auto {
-            host.authority()
-        } else {
-            self.authority.to_string()
-        };
-        let pq = p.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let http2 = host.pool.is_http2();
         let uri = if http2 {
+            let pq = p.uri.path_and_query().map_or("/", |pq| pq.as_str());
+            let authority = self.authority.as_str(host);
             format!("http://{authority}{pq}").parse::<Uri>().ok()
+        } else if p.uri.scheme().is_none() && p.uri.authority().is_none() {
+            // Origin form already: shares the downstream URI's bytes.
+            Some(p.uri.clone())
         } else {
-            pq.parse::<Uri>().ok()
+            let mut up = http::uri::Parts::default();
+            up.path_and_query = Some(
+                p.uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            );
+            Uri::from_parts(up).ok()
         };
         let mut req = Request::new(body.boxed_unsync());
         *req.method_mut() = p.method.clone();
@@ -1569,16 +1602,47 @@ impl Attempts<'_> {
             Version::HTTP_11
         };
         let h = req.headers_mut();
-        *h = p.headers.clone();
+        *h = if self.policy.is_some() {
+            self.headers.clone()
+        } else {
+            std::mem::take(&mut self.headers)
+        };
         if http2 {
             h.remove(header::HOST);
             h.remove(header::CONNECTION);
             h.remove(header::UPGRADE);
-        } else if let Ok(v) = HeaderValue::from_str(&authority) {
+        } else if let Some(v) = self.authority.header_value(host) {
             h.insert(header::HOST, v);
         }
         let _ = self.upgrade;
         req
+    }
+}
+
+/// Where the upstream `Host` (`:authority`) comes from.
+enum Authority<'a> {
+    Original(OrigAuthority),
+    /// `host_rewrite_literal`.
+    Literal(&'a str),
+    /// `auto_host_rewrite`: the chosen host's name.
+    Host,
+}
+
+impl Authority<'_> {
+    fn as_str(&self, host: &Host) -> Cow<'_, str> {
+        match self {
+            Authority::Original(o) => Cow::Borrowed(o.as_str()),
+            Authority::Literal(s) => Cow::Borrowed(s),
+            Authority::Host => Cow::Owned(host.authority()),
+        }
+    }
+
+    fn header_value(&self, host: &Host) -> Option<HeaderValue> {
+        match self {
+            Authority::Original(o) => o.header_value(),
+            Authority::Literal(s) => HeaderValue::from_str(s).ok(),
+            Authority::Host => HeaderValue::from_str(&host.authority()).ok(),
+        }
     }
 }
 

@@ -2,7 +2,9 @@
 //! removal, `x-forwarded-for` / `x-forwarded-proto`, and `x-request-id` generation.
 //! Pure functions over `http::HeaderMap`; nothing here does IO.
 
+use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::OnceLock;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -35,44 +37,143 @@ pub fn upgrade_type(headers: &HeaderMap) -> Option<String> {
     Some(up.to_ascii_lowercase())
 }
 
-/// Removes hop-by-hop headers. Headers named in `Connection` go too (RFC 9110 §7.6.1). With
-/// `keep_upgrade`, `Connection: upgrade` and `Upgrade` survive so the next hop sees the upgrade.
-/// `te` is kept only as `trailers`, which gRPC needs end to end.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
+const SEEN_CONNECTION: u16 = 1;
+const SEEN_KEEP_ALIVE: u16 = 2;
+const SEEN_PROXY_CONNECTION: u16 = 4;
+const SEEN_TRANSFER_ENCODING: u16 = 8;
+const SEEN_UPGRADE: u16 = 16;
+const SEEN_TE: u16 = 32;
+const SEEN_XFF: u16 = 64;
+const SEEN_XFP: u16 = 128;
+const SEEN_REQUEST_ID: u16 = 256;
+const SEEN_EXPECT: u16 = 512;
+const HOP_BY_HOP: u16 = SEEN_CONNECTION
+    | SEEN_KEEP_ALIVE
+    | SEEN_PROXY_CONNECTION
+    | SEEN_TRANSFER_ENCODING
+    | SEEN_UPGRADE
+    | SEEN_TE;
+
+/// Which of the headers the connection manager acts on a message carries, from one pass over
+/// its names: the usual request has none of them, and then costs no lookup by name. A header
+/// seen may since have been removed (the lookup then finds nothing); one not seen is absent as
+/// long as only removals happened in between.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Seen(u16);
+
+impl Seen {
+    pub fn of(headers: &HeaderMap) -> Seen {
+        Seen(headers.keys().fold(0, |acc, n| {
+            acc | match n.as_str() {
+                "connection" => SEEN_CONNECTION,
+                "keep-alive" => SEEN_KEEP_ALIVE,
+                "proxy-connection" => SEEN_PROXY_CONNECTION,
+                "transfer-encoding" => SEEN_TRANSFER_ENCODING,
+                "upgrade" => SEEN_UPGRADE,
+                "te" => SEEN_TE,
+                "x-forwarded-for" => SEEN_XFF,
+                "x-forwarded-proto" => SEEN_XFP,
+                "x-request-id" => SEEN_REQUEST_ID,
+                "expect" => SEEN_EXPECT,
+                _ => 0,
+            }
+        }))
+    }
+
+    fn has(self, bit: u16) -> bool {
+        self.0 & bit != 0
+    }
+
+    /// `Expect` is present.
+    pub fn expect(self) -> bool {
+        self.has(SEEN_EXPECT)
+    }
+}
+
+/// `Connection` tokens whose headers go anyway (or are kept on purpose, `te`): no lookup by name.
+const HANDLED_TOKENS: [&str; 5] = [
+    "keep-alive",
+    "upgrade",
+    "te",
+    "proxy-connection",
+    "transfer-encoding",
+];
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(keep_upgrade && *n == header::UPGRADE))
-        .filter(|n| *n != header::TE)
-        .collect();
-    for n in named {
-        headers.remove(n);
+        .map(str::trim)
+}
+
+/// Removes hop-by-hop headers. Headers named in `Connection` go too (RFC 9110 §7.6.1). With
+/// `keep_upgrade`, `Connection: upgrade` and `Upgrade` survive so the next hop sees the upgrade.
+/// `te` is kept only as `trailers`, which gRPC needs end to end.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    remove_hop_by_hop_seen(headers, keep_upgrade, Seen::of(headers));
+}
+
+/// [`remove_hop_by_hop`] with the names already scanned.
+pub fn remove_hop_by_hop_seen(headers: &mut HeaderMap, keep_upgrade: bool, seen: Seen) {
+    if !seen.has(HOP_BY_HOP) && !keep_upgrade {
+        return;
     }
-    headers.remove(header::CONNECTION);
-    headers.remove(KEEP_ALIVE);
-    headers.remove(PROXY_CONNECTION);
-    headers.remove(header::TRANSFER_ENCODING);
+    if seen.has(SEEN_CONNECTION) {
+        // The usual value is one handled token (`keep-alive`): no tokenizing.
+        let mut values = headers.get_all(header::CONNECTION).iter();
+        let single_handled = match (values.next(), values.next()) {
+            (Some(v), None) => HANDLED_TOKENS
+                .iter()
+                .any(|k| v.as_bytes().eq_ignore_ascii_case(k.as_bytes())),
+            _ => false,
+        };
+        let names_others = !single_handled
+            && connection_tokens(headers).any(|t| {
+                !t.is_empty() && !HANDLED_TOKENS.iter().any(|k| t.eq_ignore_ascii_case(k))
+            });
+        if names_others {
+            let named: Vec<HeaderName> = connection_tokens(headers)
+                .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+                .filter(|n| !(keep_upgrade && *n == header::UPGRADE))
+                .filter(|n| *n != header::TE)
+                .collect();
+            for n in named {
+                headers.remove(n);
+            }
+        }
+        headers.remove(header::CONNECTION);
+    }
+    if seen.has(SEEN_KEEP_ALIVE) {
+        headers.remove(KEEP_ALIVE);
+    }
+    if seen.has(SEEN_PROXY_CONNECTION) {
+        headers.remove(PROXY_CONNECTION);
+    }
+    if seen.has(SEEN_TRANSFER_ENCODING) {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
+    } else if seen.has(SEEN_UPGRADE) {
         headers.remove(header::UPGRADE);
     }
-    let te_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| {
-            t.split(';')
-                .next()
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
-    headers.remove(header::TE);
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    if seen.has(SEEN_TE) {
+        let te_trailers = headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| {
+                t.split(';')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
+        headers.remove(header::TE);
+        if te_trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
 }
 
@@ -88,6 +189,30 @@ pub fn forwarded(
     use_remote_address: bool,
     xff_num_trusted_hops: u32,
 ) -> SocketAddr {
+    let seen = Seen::of(headers);
+    forwarded_seen(
+        headers,
+        peer,
+        use_remote_address,
+        xff_num_trusted_hops,
+        seen,
+    )
+}
+
+/// [`forwarded`] with the names already scanned.
+pub fn forwarded_seen(
+    headers: &mut HeaderMap,
+    peer: SocketAddr,
+    use_remote_address: bool,
+    xff_num_trusted_hops: u32,
+    seen: Seen,
+) -> SocketAddr {
+    if !seen.has(SEEN_XFF) && !use_remote_address {
+        if !seen.has(SEEN_XFP) {
+            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        }
+        return peer;
+    }
     let xff: Vec<IpAddr> = headers
         .get_all(&X_FORWARDED_FOR)
         .iter()
@@ -144,31 +269,101 @@ pub fn is_internal(ip: IpAddr) -> bool {
 /// Sets `x-request-id` when missing (or when an external edge request brings its own, which
 /// Envoy replaces unless `preserve_external_request_id`, default false).
 pub fn request_id(headers: &mut HeaderMap, generate: bool, edge_external: bool) {
+    let seen = Seen::of(headers);
+    request_id_seen(headers, generate, edge_external, seen);
+}
+
+/// [`request_id`] with the names already scanned.
+pub fn request_id_seen(headers: &mut HeaderMap, generate: bool, edge_external: bool, seen: Seen) {
     if !generate {
         return;
     }
-    if headers.contains_key(&X_REQUEST_ID) && !edge_external {
+    if seen.has(SEEN_REQUEST_ID) && !edge_external && headers.contains_key(&X_REQUEST_ID) {
         return;
     }
-    if let Ok(v) = HeaderValue::from_str(&uuid_v4()) {
+    if let Ok(v) = HeaderValue::from_bytes(&uuid_v4_bytes()) {
         headers.insert(X_REQUEST_ID, v);
     }
 }
 
 /// A random UUID version 4 in its canonical text form.
 pub fn uuid_v4() -> String {
+    String::from_utf8_lossy(&uuid_v4_bytes()).into_owned()
+}
+
+/// A random UUID version 4 in its canonical text form, on the stack.
+fn uuid_v4_bytes() -> [u8; 36] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut b = fastrand::u128(..).to_be_bytes();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let mut s = String::with_capacity(36);
+    let mut out = [b'-'; 36];
+    let mut o = 0;
     for (i, byte) in b.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
-            s.push('-');
+            o += 1;
         }
-        s.push(char::from_digit(u32::from(byte >> 4), 16).unwrap_or('0'));
-        s.push(char::from_digit(u32::from(byte & 0xf), 16).unwrap_or('0'));
+        out[o] = HEX[usize::from(byte >> 4)];
+        out[o + 1] = HEX[usize::from(byte & 0xf)];
+        o += 2;
     }
-    s
+    out
+}
+
+/// Values below this come from a table built once.
+const SMALL_INTS: u64 = 1024;
+
+/// A decimal header value (`x-envoy-upstream-service-time`, `x-envoy-expected-rq-timeout-ms`)
+/// without a fresh allocation in the common cases: small values come from a static table, and
+/// each thread keeps the last larger one (a route's timeout repeats request after request).
+pub fn int_value(n: u64) -> HeaderValue {
+    static SMALL: OnceLock<Vec<HeaderValue>> = OnceLock::new();
+    if n < SMALL_INTS {
+        let table = SMALL.get_or_init(|| {
+            // One leaked string for the process: the values are `'static`, so cloning one
+            // copies two words, no reference count.
+            let text: &'static str = Box::leak(
+                (0..SMALL_INTS)
+                    .map(|i| i.to_string())
+                    .collect::<String>()
+                    .into_boxed_str(),
+            );
+            let mut at = 0;
+            (0..SMALL_INTS)
+                .map(|i| {
+                    let len = if i < 10 {
+                        1
+                    } else if i < 100 {
+                        2
+                    } else if i < 1000 {
+                        3
+                    } else {
+                        4
+                    };
+                    let v = HeaderValue::from_static(&text[at..at + len]);
+                    at += len;
+                    v
+                })
+                .collect()
+        });
+        if let Some(v) = table.get(n as usize) {
+            return v.clone();
+        }
+    }
+    thread_local! {
+        static LAST: RefCell<Option<(u64, HeaderValue)>> = const { RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((m, v)) if *m == n => v.clone(),
+            _ => {
+                let v = HeaderValue::from(n);
+                *last = Some((n, v.clone()));
+                v
+            }
+        }
+    })
 }
 
 #[cfg(test)]
@@ -210,6 +405,32 @@ mod tests {
     }
 
     #[test]
+    fn connection_named_headers_removed_with_or_without_handled_tokens() {
+        let mut h = map(&[
+            ("connection", "close, X-Custom"),
+            ("close", "1"),
+            ("x-custom", "1"),
+            ("x-keep", "1"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        assert_eq!(names, vec!["x-keep"]);
+
+        let mut h = map(&[
+            ("connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("x-keep", "1"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        let names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        assert_eq!(names, vec!["x-keep"]);
+
+        let mut h = map(&[("x-keep", "1")]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
     fn upgrade_kept_when_upgrading() {
         let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
         assert_eq!(upgrade_type(&h).as_deref(), Some("websocket"));
@@ -238,6 +459,27 @@ mod tests {
         let mut h = map(&[("x-forwarded-proto", "https")]);
         forwarded(&mut h, peer, false, 0);
         assert_eq!(h["x-forwarded-proto"], "https");
+    }
+
+    #[test]
+    fn int_values() {
+        for n in [
+            0u64,
+            7,
+            10,
+            99,
+            100,
+            999,
+            1000,
+            1023,
+            1024,
+            15000,
+            15000,
+            15001,
+            u64::MAX,
+        ] {
+            assert_eq!(int_value(n), n.to_string().as_str(), "{n}");
+        }
     }
 
     #[test]

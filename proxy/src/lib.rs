@@ -23,4 +23,5 @@ pub mod retry;
 pub mod router;
 pub mod server;
 pub mod stats;
+pub mod stream_timer;
 pub mod xds;

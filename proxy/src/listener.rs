@@ -65,6 +65,7 @@ pub async fn accept_loop(
             server: server.clone(),
             peer,
             local,
+            timers: Default::default(),
         });
         let track = server.track();
         tokio::spawn(async move {

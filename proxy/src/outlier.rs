@@ -509,6 +509,15 @@ pub(crate) mod tests {
         build(&[addr], None, vec![hc])
     }
 
+    /// [`cluster_at`] with the config adjusted by `tweak` first.
+    pub(crate) fn cluster_at_with(
+        addr: SocketAddr,
+        hc: model::HealthCheck,
+        tweak: impl FnOnce(&mut model::Cluster),
+    ) -> Arc<ClusterState> {
+        build_with(&[addr], None, vec![hc], tweak)
+    }
+
     pub(crate) fn cluster(n: u16, od: Option<OutlierDetection>, hc: bool) -> Arc<ClusterState> {
         let addrs: Vec<SocketAddr> = (1..=n)
             .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
@@ -521,6 +530,15 @@ pub(crate) mod tests {
         addrs: &[SocketAddr],
         od: Option<OutlierDetection>,
         health_checks: Vec<model::HealthCheck>,
+    ) -> Arc<ClusterState> {
+        build_with(addrs, od, health_checks, |_| {})
+    }
+
+    fn build_with(
+        addrs: &[SocketAddr],
+        od: Option<OutlierDetection>,
+        health_checks: Vec<model::HealthCheck>,
+        tweak: impl FnOnce(&mut model::Cluster),
     ) -> Arc<ClusterState> {
         let eps = addrs
             .iter()
@@ -555,6 +573,8 @@ pub(crate) mod tests {
             outlier_detection: od,
             circuit_breakers_high: Default::default(),
         };
+        let mut cfg = cfg;
+        tweak(&mut cfg);
         ClusterState::new(Arc::new(cfg), &crate::stats::Store::default())
     }
 

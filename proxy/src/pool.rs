@@ -1,7 +1,8 @@
 //! Per-host upstream connection pools: HTTP/1.1 keep-alive reuse (one request per connection at a
 //! time, an idle list) and HTTP/2 multiplexing (streams up to `max_concurrent_streams` per
-//! connection). Enforces the cluster's connection / pending / request circuit breakers, reaps idle
-//! connections after `idle_timeout`, and counts Envoy's `upstream_cx_*` stats.
+//! connection). Enforces the cluster's connection and pending-request circuit breakers of the
+//! request's routing priority (as Envoy, DEFAULT and HIGH requests use separate pools), reaps
+//! idle connections after `idle_timeout`, and counts Envoy's `upstream_cx_*` stats.
 //! No lock is held across an await, except the per-host HTTP/2 connect lock (see `H2Pool`).
 
 use std::future::Future;
@@ -14,7 +15,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use strait_xds::model::UpstreamProtocol;
+use strait_xds::model::{RoutingPriority, Thresholds, UpstreamProtocol};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
@@ -84,10 +85,53 @@ struct PoolShared {
     info: Arc<ClusterInfo>,
     addr: SocketAddr,
     host_stats: Arc<HostStats>,
+    /// Whose circuit breakers this pool counts against (the route's `priority`).
+    priority: RoutingPriority,
     h1: H1Pool,
     h2: H2Pool,
     /// Woken when a connection or stream frees up.
     freed: Notify,
+    /// Connections of this pool, connecting or open.
+    open: AtomicU32,
+    /// The HIGH-priority pool of this host, made on first use (in the DEFAULT pool only):
+    /// Envoy keeps a pool per priority, so HIGH requests never queue behind DEFAULT ones.
+    high: std::sync::OnceLock<Arc<PoolShared>>,
+}
+
+impl PoolShared {
+    fn new(
+        info: Arc<ClusterInfo>,
+        addr: SocketAddr,
+        host_stats: Arc<HostStats>,
+        priority: RoutingPriority,
+    ) -> PoolShared {
+        PoolShared {
+            info,
+            addr,
+            host_stats,
+            priority,
+            h1: H1Pool::default(),
+            h2: H2Pool::default(),
+            freed: Notify::new(),
+            open: AtomicU32::new(0),
+            high: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The cluster's resource counters of this pool's priority.
+    fn breakers(&self) -> &Breakers {
+        match self.priority {
+            RoutingPriority::Default => &self.info.breakers,
+            RoutingPriority::High => &self.info.breakers_high,
+        }
+    }
+
+    fn thresholds(&self) -> &Thresholds {
+        match self.priority {
+            RoutingPriority::Default => &self.info.config.circuit_breakers,
+            RoutingPriority::High => &self.info.config.circuit_breakers_high,
+        }
+    }
 }
 
 /// One host's connections.
@@ -112,14 +156,33 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl HostPool {
     pub fn new(info: Arc<ClusterInfo>, addr: SocketAddr, host_stats: Arc<HostStats>) -> HostPool {
         HostPool {
-            shared: Arc::new(PoolShared {
+            shared: Arc::new(PoolShared::new(
                 info,
                 addr,
                 host_stats,
-                h1: H1Pool::default(),
-                h2: H2Pool::default(),
-                freed: Notify::new(),
-            }),
+                RoutingPriority::Default,
+            )),
+        }
+    }
+
+    /// The pool of the route's routing priority.
+    fn for_priority(&self, priority: RoutingPriority) -> HostPool {
+        match priority {
+            RoutingPriority::Default => self.clone(),
+            RoutingPriority::High => {
+                let s = &self.shared;
+                let high = s.high.get_or_init(|| {
+                    Arc::new(PoolShared::new(
+                        s.info.clone(),
+                        s.addr,
+                        s.host_stats.clone(),
+                        RoutingPriority::High,
+                    ))
+                });
+                HostPool {
+                    shared: high.clone(),
+                }
+            }
         }
     }
 
@@ -130,15 +193,29 @@ impl HostPool {
         )
     }
 
-    /// A connection ready for one request: an idle or not-full one, else a new one (waiting as a
-    /// pending request while the connection breaker is full).
+    /// A connection ready for one DEFAULT-priority request; see [`Self::acquire_for`].
     pub async fn acquire(&self) -> Result<Conn, PoolError> {
+        self.acquire_for(RoutingPriority::Default).await
+    }
+
+    /// A connection ready for one request of the route's `priority`: an idle or not-full one,
+    /// else a new one (waiting as a pending request while that priority's connection breaker
+    /// is full). Envoy's `upstream_cx_overflow` counts a request that found the connection
+    /// breaker full, `upstream_rq_pending_overflow` one turned away by the pending breaker.
+    pub async fn acquire_for(&self, priority: RoutingPriority) -> Result<Conn, PoolError> {
+        if priority != RoutingPriority::Default {
+            return self.for_priority(priority).acquire_pool().await;
+        }
+        self.acquire_pool().await
+    }
+
+    async fn acquire_pool(&self) -> Result<Conn, PoolError> {
         let s = &self.shared;
         if let Some(c) = self.try_existing().await {
             return Ok(c);
         }
-        let cb = &s.info.config.circuit_breakers;
-        if !Breakers::try_acquire(&s.info.breakers.pending, cb.max_pending_requests) {
+        let cb = s.thresholds();
+        if !Breakers::try_acquire(&s.breakers().pending, cb.max_pending_requests) {
             s.info.stats.upstream_rq_pending_overflow.inc();
             return Err(PoolError::Overflow);
         }
@@ -158,18 +235,35 @@ impl HostPool {
                 if let Some(c) = self.try_existing().await {
                     return Ok(c);
                 }
-                if Breakers::try_acquire(&s.info.breakers.connections, cb.max_connections) {
+                if self.connection_slot(&mut overflowed) {
                     return self.connect().await;
                 }
-            } else if Breakers::try_acquire(&s.info.breakers.connections, cb.max_connections) {
+            } else if self.connection_slot(&mut overflowed) {
                 return self.connect().await;
-            }
-            if !overflowed {
-                s.info.stats.upstream_cx_overflow.inc();
-                overflowed = true;
             }
             freed.await;
         }
+    }
+
+    /// Envoy's `tryCreateNewConnection`: a connection within the priority's connection
+    /// breaker, or past it when this pool has no connection at all (else its requests could
+    /// only wait for other hosts' connections to close). Finding the breaker full counts
+    /// `upstream_cx_overflow` (once per waiting request).
+    fn connection_slot(&self, overflowed: &mut bool) -> bool {
+        let s = &self.shared;
+        let connections = &s.breakers().connections;
+        if Breakers::try_acquire(connections, s.thresholds().max_connections) {
+            return true;
+        }
+        if !*overflowed {
+            s.info.stats.upstream_cx_overflow.inc();
+            *overflowed = true;
+        }
+        if s.open.load(Ordering::Acquire) == 0 {
+            connections.fetch_add(1, Ordering::AcqRel);
+            return true;
+        }
+        false
     }
 
     async fn try_existing(&self) -> Option<Conn> {
@@ -215,6 +309,7 @@ impl HostPool {
         let st = &s.info.stats;
         st.upstream_cx_total.inc();
         s.host_stats.cx_total.inc();
+        s.open.fetch_add(1, Ordering::AcqRel);
         let fail = |e: PoolError| {
             // As Envoy counts it: the failed connection is destroyed (remotely) and the
             // request that waited on it is ejected from the pending queue.
@@ -223,7 +318,8 @@ impl HostPool {
             st.upstream_cx_destroy_remote.inc();
             st.upstream_rq_pending_failure_eject.inc();
             s.host_stats.cx_connect_fail.inc();
-            Breakers::release(&s.info.breakers.connections);
+            Breakers::release(&s.breakers().connections);
+            s.open.fetch_sub(1, Ordering::AcqRel);
             s.freed.notify_one();
             e
         };
@@ -329,7 +425,8 @@ impl HostPool {
             st.upstream_cx_destroy.inc();
             st.upstream_cx_active.dec();
             s.host_stats.cx_active.dec();
-            Breakers::release(&s.info.breakers.connections);
+            Breakers::release(&s.breakers().connections);
+            s.open.fetch_sub(1, Ordering::AcqRel);
             s.freed.notify_one();
         });
     }
@@ -339,7 +436,7 @@ struct PendingGuard(Arc<PoolShared>);
 
 impl Drop for PendingGuard {
     fn drop(&mut self) {
-        Breakers::release(&self.0.info.breakers.pending);
+        Breakers::release(&self.0.breakers().pending);
         self.0.info.stats.upstream_rq_pending_active.dec();
     }
 }

@@ -581,6 +581,7 @@ mod tests {
             action: forward(name),
             headers: HeaderMutations::default(),
             filter_configs: None,
+            filter_route: Default::default(),
         }
     }
 

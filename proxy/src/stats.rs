@@ -412,6 +412,19 @@ impl Store {
             out.push(("server.tokio_alive_tasks".to_string(), StatValue::Gauge(n)));
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
+        // One name, two sources: an EDS cluster's `cluster.<name>.update_*` come from both its
+        // block (DNS refreshes) and the xDS subscription's named stats. Envoy has one stat.
+        out.dedup_by(|next, kept| {
+            if next.0 != kept.0 {
+                return false;
+            }
+            kept.1 = match (kept.1, next.1) {
+                (StatValue::Counter(a), StatValue::Counter(b)) => StatValue::Counter(a + b),
+                (StatValue::Gauge(a), StatValue::Gauge(b)) => StatValue::Gauge(a + b),
+                (k, _) => k,
+            };
+            true
+        });
         out
     }
 }

@@ -92,6 +92,50 @@ impl Handler for OffWorker {
     fn versions(&self, type_url: &str) -> HashMap<String, String> {
         self.0.versions(type_url)
     }
+
+    fn connection_failed(&self) {
+        self.0.connection_failed()
+    }
+
+    fn rejected(&self, type_url: &str) {
+        self.0.rejected(type_url)
+    }
+}
+
+/// Applies a configuration without holding a data-plane worker: building 10k clusters and
+/// 100k hosts takes hundreds of milliseconds of CPU, and connections queued on the worker that
+/// runs it would wait behind it. On a multi-threaded runtime this worker hands its queue to a
+/// new one (`block_in_place`) and drives the update itself; tasks the update spawns (accept
+/// loops, health checks, DNS refresh) still go to the runtime's workers.
+async fn apply_off_worker(s: &Arc<ServerShared>, config: model::Bootstrap) {
+    let old = s.snapshot();
+    let handle = tokio::runtime::Handle::current();
+    if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+        tokio::task::block_in_place(|| handle.block_on(s.update(config)))
+    } else {
+        s.update(config).await
+    }
+    // A refused update keeps the old snapshot in service: nothing to release.
+    if !Arc::ptr_eq(&old, &s.snapshot()) {
+        retire(old);
+    }
+}
+
+/// How long a replaced snapshot may stay in use before it is released anyway.
+const RETIRE_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Releases a replaced snapshot on a blocking thread. Requests hold the snapshot they started
+/// with; without this, the last of them would free the old clusters and hosts (100k hosts take
+/// hundreds of milliseconds) on a data-plane worker, stalling every connection queued there.
+fn retire(old: Arc<crate::server::Snapshot>) {
+    tokio::spawn(async move {
+        let until = tokio::time::Instant::now() + RETIRE_LIMIT;
+        // It was swapped out: nobody can take a new reference, so the count only goes down.
+        while Arc::strong_count(&old) > 1 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let _ = tokio::task::spawn_blocking(move || drop(old)).await;
+    });
 }
 
 /// Starts the config plane for `server` on the current runtime.
@@ -108,7 +152,7 @@ pub async fn start(server: &Arc<ServerShared>, dynamic: Dynamic) -> XdsRuntime {
             let next = configs.borrow_and_update().clone();
             if let Some(cfg) = next {
                 let started = std::time::Instant::now();
-                s.update(model::Bootstrap::clone(&cfg)).await;
+                apply_off_worker(&s, model::Bootstrap::clone(&cfg)).await;
                 tracing::debug!(elapsed = ?started.elapsed(), "xDS: configuration applied");
                 if *ready.borrow() {
                     s.set_live();

@@ -46,6 +46,8 @@ pub fn load_full(
     source: &Source,
     overrides: &Overrides,
 ) -> Result<crate::dynamic::Loaded, ConfigErrors> {
+    // One pool for the decode and the config dump; freed when loading ends.
+    let _descriptors = decode::Descriptors::hold();
     let mut bytes = match source {
         Source::Path(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| {

@@ -7,7 +7,7 @@
 //! message is re-encoded and decoded into the typed struct, so the wire format is the only bridge
 //! and the two can never disagree on a field. The same pool prints `/config_dump`.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, Weak};
 
 use prost::Message;
 use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage};
@@ -15,24 +15,59 @@ use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage};
 use crate::error::ConfigError;
 
 /// The `FileDescriptorSet` shipped by `envoy-types` 0.7.7 (see `xds/proto/README.md`).
-static DESCRIPTORS: &[u8] = include_bytes!("../proto/envoy-types-0.7.7.bin");
+static FULL_DESCRIPTORS: &[u8] = include_bytes!("../proto/envoy-types-0.7.7.bin");
+/// The part of it Strait can decode (built by `build.rs`): a few MiB of pool instead of ~45.
+static DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/envoy-pruned.bin"));
 
 pub(crate) const BOOTSTRAP: &str = "envoy.config.bootstrap.v3.Bootstrap";
 pub(crate) const LISTENER: &str = "envoy.config.listener.v3.Listener";
 pub(crate) const CLUSTER: &str = "envoy.config.cluster.v3.Cluster";
 pub(crate) const ROUTE_CONFIGURATION: &str = "envoy.config.route.v3.RouteConfiguration";
 
-/// The descriptor pool, decoded once per process.
-pub(crate) fn pool() -> Result<&'static DescriptorPool, ConfigError> {
-    static POOL: OnceLock<Result<DescriptorPool, String>> = OnceLock::new();
-    POOL.get_or_init(|| DescriptorPool::decode(DESCRIPTORS).map_err(|e| e.to_string()))
-        .as_ref()
-        .map_err(|e| {
-            ConfigError::new(
-                "<descriptors>",
-                format!("cannot load Envoy descriptors: {e}"),
-            )
-        })
+/// The pruned descriptor pool while anyone holds it. It is rebuilt on demand (about a millisecond
+/// for the pruned set) rather than kept for the process's life: a sidecar decodes JSON/YAML only
+/// at start-up, on a file-subscription change or for `/config_dump`, and its memory is better
+/// spent on connections. Callers that decode many messages in a row hold a [`Descriptors`]
+/// lease so the pool is built once for the batch.
+pub(crate) fn pool() -> Result<Arc<DescriptorPool>, ConfigError> {
+    static POOL: Mutex<Weak<DescriptorPool>> = Mutex::new(Weak::new());
+    let mut cached = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = cached.upgrade() {
+        return Ok(p);
+    }
+    let p = Arc::new(
+        DescriptorPool::decode(DESCRIPTORS).map_err(|e| descriptor_error(&e.to_string()))?,
+    );
+    *cached = Arc::downgrade(&p);
+    Ok(p)
+}
+
+/// Keeps the descriptor pool alive for a batch of decodes (a bootstrap and its config dump, a
+/// file subscription's resources, one `/config_dump`); dropping the last lease frees it.
+#[derive(Debug)]
+pub struct Descriptors {
+    _pool: Option<Arc<DescriptorPool>>,
+}
+
+impl Descriptors {
+    pub fn hold() -> Self {
+        Descriptors { _pool: pool().ok() }
+    }
+}
+
+/// The full Envoy descriptor pool, built for one call and dropped after it. Only a config that
+/// names a type outside the pruned set pays for it (it is then usually rejected by translation,
+/// with the same message as if the full set were always loaded).
+fn full_pool() -> Result<DescriptorPool, ConfigError> {
+    tracing::debug!("config names a type outside Strait's descriptor subset: loading the full set");
+    DescriptorPool::decode(FULL_DESCRIPTORS).map_err(|e| descriptor_error(&e.to_string()))
+}
+
+fn descriptor_error(e: &str) -> ConfigError {
+    ConfigError::new(
+        "<descriptors>",
+        format!("cannot load Envoy descriptors: {e}"),
+    )
 }
 
 /// Document syntax: Envoy picks the parser by file extension; `--config-yaml` is always YAML.
@@ -68,7 +103,23 @@ pub(crate) fn json_to_proto(
     value: &serde_json::Value,
     full_name: &str,
 ) -> Result<Vec<u8>, ConfigError> {
-    let desc = pool()?
+    match json_to_proto_in(&*pool()?, value, full_name) {
+        Err(e) if is_unknown_type(&e.message) => json_to_proto_in(&full_pool()?, value, full_name),
+        r => r,
+    }
+}
+
+/// prost-reflect's error for an `Any` whose `@type` is not in the pool.
+fn is_unknown_type(message: &str) -> bool {
+    message.starts_with("message '") && message.contains("' not found")
+}
+
+fn json_to_proto_in(
+    pool: &DescriptorPool,
+    value: &serde_json::Value,
+    full_name: &str,
+) -> Result<Vec<u8>, ConfigError> {
+    let desc = pool
         .get_message_by_name(full_name)
         .ok_or_else(|| ConfigError::new("<descriptors>", format!("no message {full_name}")))?;
     let mut track = serde_path_to_error::Track::new();
@@ -110,16 +161,21 @@ pub(crate) fn decode_json<M: Message + Default>(
 
 /// Canonical proto3 JSON (camelCase names, `@type` on `Any`, defaults omitted) of a message.
 pub(crate) fn to_json<M: Message>(msg: &M, full_name: &str) -> serde_json::Value {
-    let Ok(pool) = pool() else {
-        return serde_json::Value::Null;
-    };
-    let Some(desc) = pool.get_message_by_name(full_name) else {
-        return serde_json::Value::Null;
-    };
-    match DynamicMessage::decode(desc, msg.encode_to_vec().as_slice()) {
-        Ok(dm) => serde_json::to_value(&dm).unwrap_or(serde_json::Value::Null),
-        Err(_) => serde_json::Value::Null,
+    let bytes = msg.encode_to_vec();
+    if let Some(v) = pool().ok().and_then(|p| to_json_in(&p, &bytes, full_name)) {
+        return v;
     }
+    // An `Any` of a type outside the subset (an optional filter Strait skips, say).
+    full_pool()
+        .ok()
+        .and_then(|p| to_json_in(&p, &bytes, full_name))
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn to_json_in(pool: &DescriptorPool, bytes: &[u8], full_name: &str) -> Option<serde_json::Value> {
+    let desc = pool.get_message_by_name(full_name)?;
+    let dm = DynamicMessage::decode(desc, bytes).ok()?;
+    serde_json::to_value(&dm).ok()
 }
 
 #[cfg(test)]
@@ -132,22 +188,61 @@ mod tests {
     }
 
     #[test]
-    fn descriptor_set_has_the_types_we_decode() {
+    fn pruned_descriptor_set_has_the_types_we_decode() {
+        use strait_filters::builtin::*;
+        use strait_filters::FilterFactory;
         let pool = pool().unwrap();
-        for name in [
-            BOOTSTRAP,
-            LISTENER,
-            CLUSTER,
-            ROUTE_CONFIGURATION,
-            "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-            "envoy.extensions.filters.http.router.v3.Router",
-            "envoy.extensions.access_loggers.file.v3.FileAccessLog",
-            "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
-            "envoy.extensions.access_loggers.stream.v3.StderrAccessLog",
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        ] {
+        let factories: [&dyn FilterFactory; 7] = [
+            &buffer::Factory,
+            &cors::Factory,
+            &ext_authz::Factory,
+            &fault::Factory,
+            &header_mutation::Factory,
+            &local_ratelimit::Factory,
+            &rbac::Factory,
+        ];
+        let filter_types = factories
+            .iter()
+            .flat_map(|f| {
+                std::iter::once(f.type_url()).chain(f.per_route_type_urls().iter().copied())
+            })
+            .map(|url| url.trim_start_matches("type.googleapis.com/"));
+        // build.rs fails on a root it cannot find; this catches a filter missing from the roots.
+        for name in filter_types {
             assert!(pool.get_message_by_name(name).is_some(), "{name}");
         }
+        // The point of pruning: a type Strait never decodes is not resident.
+        assert!(pool
+            .get_message_by_name("envoy.extensions.filters.http.lua.v3.Lua")
+            .is_none());
+        assert!(DESCRIPTORS.len() * 10 < FULL_DESCRIPTORS.len());
+    }
+
+    #[test]
+    fn types_outside_the_subset_decode_and_dump_through_the_full_set() {
+        let v = yaml(
+            "static_resources:\n  listeners:\n  - filter_chains:\n    - filters:\n      - name: x\n        typedConfig:\n          '@type': type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua\n          default_source_code: { inline_string: 'x' }\n",
+        );
+        let b = decode_json::<Bootstrap>(&v, BOOTSTRAP).unwrap();
+        let j = to_json(&b, BOOTSTRAP);
+        assert_eq!(
+            j["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]
+                ["defaultSourceCode"]["inlineString"],
+            "x"
+        );
+        // Errors inside such a type still name their path, as with the full set.
+        let bad = yaml(
+            "static_resources:\n  listeners:\n  - filter_chains:\n    - filters:\n      - name: x\n        typedConfig:\n          '@type': type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua\n          no_such_field: 1\n",
+        );
+        let e = decode_json::<Bootstrap>(&bad, BOOTSTRAP).unwrap_err();
+        assert!(e.path.ends_with("typedConfig.no_such_field"), "{e}");
+        assert_eq!(e.message, "unknown field");
+        // A type in no descriptor set at all is still an error.
+        let unknown = yaml(
+            "static_resources:\n  listeners:\n  - filter_chains:\n    - filters:\n      - name: x\n        typedConfig:\n          '@type': type.googleapis.com/no.such.Type\n",
+        );
+        let e = decode_json::<Bootstrap>(&unknown, BOOTSTRAP).unwrap_err();
+        assert!(e.message.contains("no.such.Type"), "{e}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod store;
 pub(crate) mod translate;
 
 pub use bootstrap::{load, Overrides, Source};
+pub use decode::Descriptors;
 pub use error::{ConfigError, ConfigErrors};
 
 #[cfg(test)]

@@ -297,6 +297,9 @@ pub struct Route {
     /// `typed_per_filter_config` resolved over route config, virtual host and route (most
     /// specific wins); `None` when no level names a filter.
     pub filter_configs: Option<Arc<strait_filters::PerFilterConfigs>>,
+    /// What HTTP filters see of this route: name, target cluster, `metadata`, and the
+    /// per-filter configs of every level. Handed to each request's filter context.
+    pub filter_route: Arc<strait_filters::RouteEntry>,
 }
 
 #[derive(Debug)]
@@ -680,6 +683,9 @@ pub struct LbConfig {
     pub local_cluster_name: Option<String>,
     /// `node.locality` of the bootstrap: the locality Strait runs in.
     pub local_locality: Locality,
+    /// `common_lb_config.ignore_new_hosts_until_first_hc`: hosts an EDS / DNS update adds to
+    /// an actively checked cluster are excluded (`/pending_active_hc`) until their first check.
+    pub ignore_new_hosts_until_first_hc: bool,
 }
 
 impl Default for LbConfig {
@@ -693,6 +699,7 @@ impl Default for LbConfig {
             hash_balance_factor: None,
             local_cluster_name: None,
             local_locality: Locality::default(),
+            ignore_new_hosts_until_first_hc: false,
         }
     }
 }
@@ -814,6 +821,9 @@ pub struct HttpHealthCheck {
     pub http2: bool,
     pub request_headers_to_add: Vec<(HeaderName, HeaderValue)>,
     pub request_headers_to_remove: Vec<HeaderName>,
+    /// `service_name_matcher`: when set, a passing answer must also carry an
+    /// `x-envoy-upstream-healthchecked-cluster` header it matches (`health_check.verify_cluster`).
+    pub service_name_matcher: Option<StringMatcher>,
 }
 
 /// `HealthCheck.TcpHealthCheck`: connect, optionally send a payload and expect every `receive`

@@ -1,5 +1,6 @@
 //! The ADS client against hand-driven servers that misbehave: every response is answered, bad
-//! ones are NACKed, and the client keeps its state and reconnects.
+//! ones are NACKed, and the client keeps its state and reconnects. Protocol-level only (a test
+//! handler); `tests/xds_misbehaving.rs` drives the real `strait` binary the same way.
 
 mod common;
 

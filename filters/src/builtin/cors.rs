@@ -1,6 +1,8 @@
 //! `envoy.filters.http.cors`: answers CORS preflight requests and adds the CORS response headers,
 //! following the route's `CorsPolicy` (given per route through `typed_per_filter_config`; the
-//! filter-level `Cors` config has no fields). Without a policy the filter does nothing.
+//! filter-level `Cors` config has no fields). Without a policy the filter does nothing. As Envoy,
+//! the policies of every level combine field by field: each field comes from the most specific
+//! level that sets it.
 
 use std::sync::Arc;
 
@@ -8,7 +10,7 @@ use envoy_types::pb::envoy::extensions::filters::http::cors::v3::{Cors, CorsPoli
 use http::header::{
     ACCESS_CONTROL_ALLOW_CREDENTIALS, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS,
     ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_EXPOSE_HEADERS, ACCESS_CONTROL_MAX_AGE,
-    ACCESS_CONTROL_REQUEST_METHOD, ORIGIN,
+    ACCESS_CONTROL_REQUEST_HEADERS, ACCESS_CONTROL_REQUEST_METHOD, ORIGIN,
 };
 use http::{HeaderValue, Method, StatusCode};
 
@@ -29,9 +31,9 @@ pub struct Policy {
     allow_headers: Option<HeaderValue>,
     expose_headers: Option<HeaderValue>,
     max_age: Option<HeaderValue>,
-    allow_credentials: bool,
+    allow_credentials: Option<bool>,
     enabled: PerMillion,
-    forward_not_matching_preflights: bool,
+    forward_not_matching_preflights: Option<bool>,
 }
 
 fn opt_value(s: &str, path: &str, field: &str) -> Result<Option<HeaderValue>> {
@@ -77,33 +79,58 @@ fn parse(p: &CorsPolicy, path: &str) -> Result<Policy> {
         allow_headers: opt_value(allow_headers, path, "allow_headers")?,
         expose_headers: opt_value(expose_headers, path, "expose_headers")?,
         max_age: opt_value(max_age, path, "max_age")?,
-        allow_credentials: allow_credentials.is_some_and(|b| b.value),
+        allow_credentials: allow_credentials.map(|b| b.value),
         // Envoy: filter_enabled defaults to 100%.
         enabled: runtime_fractional(
             filter_enabled.as_ref(),
             &format!("{path}.filter_enabled"),
             PerMillion::ALL,
         )?,
-        forward_not_matching_preflights: forward_not_matching_preflights.is_none_or(|b| b.value),
+        forward_not_matching_preflights: forward_not_matching_preflights.map(|b| b.value),
     })
 }
 
-impl Policy {
+/// The route's policies, most specific first (at most route, virtual host, route
+/// configuration), read field by field as Envoy's `CorsFilter` does.
+struct Levels<'a>([Option<&'a Policy>; 3]);
+
+impl<'a> Levels<'a> {
+    fn of(ctx: &'a FilterContext) -> Option<Levels<'a>> {
+        let mut levels = [None; 3];
+        for (slot, p) in levels.iter_mut().zip(ctx.route_configs::<Policy>().rev()) {
+            *slot = Some(p);
+        }
+        levels[0].is_some().then_some(Levels(levels))
+    }
+
+    fn first<T>(&self, f: impl Fn(&'a Policy) -> Option<T>) -> Option<T> {
+        self.0.iter().flatten().find_map(|p| f(p))
+    }
+
     /// Envoy also accepts an origin when a matcher matches the literal `*`.
     fn origin_allowed(&self, origin: &str) -> bool {
-        self.allow_origins
-            .iter()
-            .any(|m| m.matches("*") || m.matches(origin))
+        self.first(|p| (!p.allow_origins.is_empty()).then_some(&p.allow_origins))
+            .is_some_and(|ms| ms.iter().any(|m| m.matches("*") || m.matches(origin)))
+    }
+
+    fn allow_credentials(&self) -> bool {
+        self.first(|p| p.allow_credentials).unwrap_or(false)
+    }
+
+    fn forward_not_matching_preflights(&self) -> bool {
+        self.first(|p| p.forward_not_matching_preflights)
+            .unwrap_or(true)
     }
 }
 
-/// Per-request: the request was an allowed CORS request with this origin.
+/// Per-request: the request was an allowed CORS request with this origin; what the response
+/// needs of the policy. Set for preflights too: Envoy runs the filter's response hook on its
+/// own preflight reply, which so also gets `access-control-expose-headers`.
 #[derive(Default)]
 struct CorsRequest {
     origin: Option<HeaderValue>,
-    policy: Option<Arc<Policy>>,
-    /// The preflight reply already carries its headers.
-    answered: bool,
+    allow_credentials: bool,
+    expose_headers: Option<HeaderValue>,
 }
 
 #[derive(Debug)]
@@ -122,10 +149,11 @@ impl HttpFilter for CorsFilter {
         ctx: &mut FilterContext,
         req: &mut http::request::Parts,
     ) -> Action {
-        let Some(policy) = ctx.route_config::<Policy>() else {
+        let Some(levels) = Levels::of(ctx) else {
             return Action::Continue;
         };
-        if !policy.enabled.sample() {
+        // `filter_enabled` is the most specific policy's (Envoy reads `policies_[0]`).
+        if !levels.0[0].is_some_and(|p| p.enabled.sample()) {
             return Action::Continue;
         }
         let Some(origin) = req.headers.get(ORIGIN).filter(|o| !o.is_empty()) else {
@@ -136,40 +164,64 @@ impl HttpFilter for CorsFilter {
                 .headers
                 .get(ACCESS_CONTROL_REQUEST_METHOD)
                 .is_some_and(|m| !m.is_empty());
-        if !policy.origin_allowed(origin.to_str().unwrap_or("")) {
+        let allowed = levels.origin_allowed(origin.to_str().unwrap_or(""));
+        if allowed {
+            self.origin_valid.inc();
+        } else {
             self.origin_invalid.inc();
-            if is_preflight && !policy.forward_not_matching_preflights {
-                return Action::reply(LocalReply::new(StatusCode::OK, "", "cors_response"));
+        }
+        let state = allowed.then(|| CorsRequest {
+            origin: Some(origin.clone()),
+            allow_credentials: levels.allow_credentials(),
+            expose_headers: levels.first(|p| p.expose_headers.clone()),
+        });
+        if !is_preflight || (!allowed && levels.forward_not_matching_preflights()) {
+            if let Some(state) = state {
+                *ctx.local::<CorsRequest>() = state;
             }
             return Action::Continue;
         }
-        self.origin_valid.inc();
-        let origin = origin.clone();
-        if !is_preflight {
-            let state = ctx.local::<CorsRequest>();
-            state.origin = Some(origin);
-            state.policy = Some(policy);
-            return Action::Continue;
-        }
+        // Envoy answers a preflight it does not forward with the policy's headers, and the
+        // allowed origin only when it matched.
         let mut reply = LocalReply::new(StatusCode::OK, "", "cors_response");
         let h = &mut reply.headers;
-        h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-        if policy.allow_credentials {
+        if allowed {
+            h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+        }
+        if levels.allow_credentials() {
             h.insert(
                 ACCESS_CONTROL_ALLOW_CREDENTIALS,
                 HeaderValue::from_static("true"),
             );
         }
-        if let Some(v) = &policy.allow_methods {
-            h.insert(ACCESS_CONTROL_ALLOW_METHODS, v.clone());
+        // `*` echoes what the preflight asks for.
+        let echo = |v: &HeaderValue, asked: Option<&HeaderValue>| {
+            if v.as_bytes() == b"*" {
+                asked
+                    .cloned()
+                    .unwrap_or_else(|| HeaderValue::from_static(""))
+            } else {
+                v.clone()
+            }
+        };
+        if let Some(v) = levels.first(|p| p.allow_methods.as_ref()) {
+            h.insert(
+                ACCESS_CONTROL_ALLOW_METHODS,
+                echo(v, req.headers.get(ACCESS_CONTROL_REQUEST_METHOD)),
+            );
         }
-        if let Some(v) = &policy.allow_headers {
-            h.insert(ACCESS_CONTROL_ALLOW_HEADERS, v.clone());
+        if let Some(v) = levels.first(|p| p.allow_headers.as_ref()) {
+            h.insert(
+                ACCESS_CONTROL_ALLOW_HEADERS,
+                echo(v, req.headers.get(ACCESS_CONTROL_REQUEST_HEADERS)),
+            );
         }
-        if let Some(v) = &policy.max_age {
+        if let Some(v) = levels.first(|p| p.max_age.as_ref()) {
             h.insert(ACCESS_CONTROL_MAX_AGE, v.clone());
         }
-        ctx.local::<CorsRequest>().answered = true;
+        if let Some(state) = state {
+            *ctx.local::<CorsRequest>() = state;
+        }
         Action::reply(reply)
     }
 
@@ -180,21 +232,21 @@ impl HttpFilter for CorsFilter {
     ) -> Action {
         let Some(CorsRequest {
             origin: Some(origin),
-            policy: Some(policy),
-            answered: false,
+            allow_credentials,
+            expose_headers,
         }) = ctx.local_ref::<CorsRequest>()
         else {
             return Action::Continue;
         };
         resp.headers
             .insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
-        if policy.allow_credentials {
+        if *allow_credentials {
             resp.headers.insert(
                 ACCESS_CONTROL_ALLOW_CREDENTIALS,
                 HeaderValue::from_static("true"),
             );
         }
-        if let Some(v) = &policy.expose_headers {
+        if let Some(v) = expose_headers {
             resp.headers
                 .insert(ACCESS_CONTROL_EXPOSE_HEADERS, v.clone());
         }

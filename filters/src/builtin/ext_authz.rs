@@ -11,7 +11,7 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::core::v3::{
     address::Address as AddressKind, grpc_service::EnvoyGrpc, grpc_service::TargetSpecifier,
     header_value_option::HeaderAppendAction, socket_address::PortSpecifier, Address, ApiVersion,
-    GrpcService, HeaderValueOption, SocketAddress,
+    GrpcService, HeaderValueOption, Metadata as PbMetadata, SocketAddress,
 };
 use envoy_types::pb::envoy::extensions::filters::http::ext_authz::v3::{
     ext_authz::Services, ext_authz_per_route::Override, CheckSettings, ExtAuthz, ExtAuthzPerRoute,
@@ -30,6 +30,7 @@ use crate::convert::{duration, header_value_pair, invalid, reject_set, unsupport
 use crate::registry::{
     decode, per_route, BuildContext, ClusterConnector, FilterConfigError, FilterFactory,
 };
+use crate::route::{Metadata, RouteEntry};
 use crate::stats::Counter;
 
 pub const TYPE_URL: &str =
@@ -48,9 +49,29 @@ struct Stats {
     failure_mode_allowed: Arc<Counter>,
 }
 
+/// Counters Envoy 1.40 creates with the filter (so /stats lists them at 0) for features
+/// Strait rejects or never triggers (`filter_enabled`, `shadow_mode`, header limits, ...).
+const IDLE_COUNTERS: [&str; 9] = [
+    "disabled",
+    "filter_state_name_collision",
+    "ignored_dynamic_metadata",
+    "invalid",
+    "omitted_response_headers",
+    "request_header_limits_reached",
+    "response_header_limits_reached",
+    "shadow_denied",
+    "shadow_error",
+];
+
 #[derive(Debug)]
 struct Config {
     channel: tonic::transport::Channel,
+    /// `ext_authz.` or `ext_authz.<stat_prefix>.`: the names under the route's target cluster
+    /// (`cluster.<name>.ext_authz.ok`) where Envoy also counts.
+    cluster_stat_prefix: String,
+    /// `route_metadata_context_namespaces` / `route_typed_metadata_context_namespaces`.
+    route_metadata_namespaces: Vec<String>,
+    route_typed_metadata_namespaces: Vec<String>,
     timeout: Duration,
     failure_mode_allow: bool,
     failure_mode_allow_header_add: bool,
@@ -172,16 +193,6 @@ fn parse(cfg: &ExtAuthz, path: &str, cx: &BuildContext<'_>) -> Result<Config> {
         path,
         "typed_metadata_context_namespaces",
     )?;
-    reject_set(
-        !route_metadata_context_namespaces.is_empty(),
-        path,
-        "route_metadata_context_namespaces",
-    )?;
-    reject_set(
-        !route_typed_metadata_context_namespaces.is_empty(),
-        path,
-        "route_typed_metadata_context_namespaces",
-    )?;
     reject_set(filter_enabled.is_some(), path, "filter_enabled")?;
     reject_set(
         filter_enabled_metadata.is_some(),
@@ -254,8 +265,18 @@ fn parse(cfg: &ExtAuthz, path: &str, cx: &BuildContext<'_>) -> Result<Config> {
     } else {
         format!("http.{}.ext_authz.{stat_prefix}.", cx.stat_prefix)
     };
+    for name in IDLE_COUNTERS {
+        cx.stats.counter(&format!("{p}{name}"));
+    }
     Ok(Config {
         channel,
+        cluster_stat_prefix: if stat_prefix.is_empty() {
+            "ext_authz.".to_string()
+        } else {
+            format!("ext_authz.{stat_prefix}.")
+        },
+        route_metadata_namespaces: route_metadata_context_namespaces.clone(),
+        route_typed_metadata_namespaces: route_typed_metadata_context_namespaces.clone(),
         timeout,
         failure_mode_allow: *failure_mode_allow,
         failure_mode_allow_header_add: *failure_mode_allow_header_add,
@@ -282,10 +303,34 @@ fn peer(addr: SocketAddr) -> Peer {
     }
 }
 
+/// The route metadata namespaces the authz server asked for (Envoy's
+/// `route_metadata_context`); `None` when none are configured or the route has none.
+fn route_metadata_context(config: &Config, route: Option<&RouteEntry>) -> Option<PbMetadata> {
+    if config.route_metadata_namespaces.is_empty()
+        && config.route_typed_metadata_namespaces.is_empty()
+    {
+        return None;
+    }
+    let md = &route?.metadata;
+    let mut out = Metadata::default();
+    for ns in &config.route_metadata_namespaces {
+        if let Some(v) = md.filter_metadata.get(ns) {
+            out.filter_metadata.insert(ns.clone(), v.clone());
+        }
+    }
+    for ns in &config.route_typed_metadata_namespaces {
+        if let Some(v) = md.typed_filter_metadata.get(ns) {
+            out.typed_filter_metadata.insert(ns.clone(), v.clone());
+        }
+    }
+    Some(out.to_proto())
+}
+
 fn check_request(
     ctx: &FilterContext,
     req: &http::request::Parts,
     context_extensions: HashMap<String, String>,
+    route_metadata_context: Option<PbMetadata>,
 ) -> CheckRequest {
     let mut headers: HashMap<String, String> = HashMap::with_capacity(req.headers.keys_len() + 4);
     for (name, value) in &req.headers {
@@ -357,6 +402,7 @@ fn check_request(
                 http: Some(http),
             }),
             context_extensions,
+            route_metadata_context,
             ..Default::default()
         }),
     }
@@ -434,7 +480,24 @@ fn ok_edits(ok: Option<&OkHttpResponse>) -> HeaderEdits {
     edits
 }
 
-async fn call(config: Arc<Config>, request: CheckRequest) -> Action {
+/// Counts `name` under the request's upstream cluster too (`cluster.<c>.ext_authz.<name>`), as
+/// Envoy does. The lookup takes the stats sink's lock once per check, next to a gRPC round trip.
+fn count_cluster(config: &Config, route: Option<&RouteEntry>, cluster: Option<&str>, name: &str) {
+    if let (Some(scope), Some(cluster)) = (route.and_then(|r| r.upstream_stats.as_ref()), cluster) {
+        scope
+            .counter(&format!("{cluster}.{}{name}", config.cluster_stat_prefix))
+            .inc();
+    }
+}
+
+async fn call(
+    config: Arc<Config>,
+    route: Option<Arc<RouteEntry>>,
+    cluster: Option<String>,
+    request: CheckRequest,
+) -> Action {
+    let route = route.as_deref();
+    let cluster = cluster.as_deref();
     let mut client = AuthorizationClient::new(config.channel.clone());
     let mut req = tonic::Request::new(request);
     req.set_timeout(config.timeout);
@@ -452,8 +515,10 @@ async fn call(config: Arc<Config>, request: CheckRequest) -> Action {
     };
     let on_error = |config: &Config| {
         config.stats.error.inc();
+        count_cluster(config, route, cluster, "error");
         if config.failure_mode_allow {
             config.stats.failure_mode_allowed.inc();
+            count_cluster(config, route, cluster, "failure_mode_allowed");
             let mut edits = HeaderEdits::default();
             if config.failure_mode_allow_header_add {
                 edits.set.push((
@@ -480,6 +545,7 @@ async fn call(config: Arc<Config>, request: CheckRequest) -> Action {
         Some(HttpResponse::ErrorResponse(_)) => on_error(&config),
         _ if code == 0 => {
             config.stats.ok.inc();
+            count_cluster(&config, route, cluster, "ok");
             let ok = match &http_response {
                 Some(HttpResponse::OkResponse(ok)) => Some(ok),
                 _ => None,
@@ -488,6 +554,7 @@ async fn call(config: Arc<Config>, request: CheckRequest) -> Action {
         }
         _ => {
             config.stats.denied.inc();
+            count_cluster(&config, route, cluster, "denied");
             let denied = match &http_response {
                 Some(HttpResponse::DeniedResponse(d)) => Some(d),
                 _ => None,
@@ -507,12 +574,21 @@ impl HttpFilter for ExtAuthzFilter {
         ctx: &mut FilterContext,
         req: &mut http::request::Parts,
     ) -> Action {
-        let extensions = ctx
-            .route_config::<RouteSettings>()
-            .map(|r| r.context_extensions.clone())
-            .unwrap_or_default();
-        let request = check_request(ctx, req, extensions);
-        Action::Wait(Box::pin(call(self.config.clone(), request)))
+        // Envoy merges `context_extensions` over every level, the most specific winning per key.
+        let mut extensions = HashMap::new();
+        for level in ctx.route_configs::<RouteSettings>() {
+            extensions.extend(
+                level
+                    .context_extensions
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
+        }
+        let route = ctx.route().cloned();
+        let md = route_metadata_context(&self.config, route.as_deref());
+        let request = check_request(ctx, req, extensions, md);
+        let cluster = ctx.cluster_name.clone();
+        Action::Wait(Box::pin(call(self.config.clone(), route, cluster, request)))
     }
 }
 

@@ -127,19 +127,23 @@ pub struct HeaderMutationFilter {
 }
 
 impl HeaderMutationFilter {
-    /// Envoy's order: by default the route level first and the filter level last (so the
-    /// filter level wins); with `most_specific_header_mutations_wins` the reverse.
+    /// Envoy's order (header_mutation.cc): the filter's own mutations first, then the per-route
+    /// mutations of every level that has them. By default the most specific level (route, then
+    /// virtual host, then route configuration) is applied first, so the least specific one has
+    /// the last word; `most_specific_header_mutations_wins` reverses the levels.
     fn run(&self, ctx: &FilterContext, headers: &mut HeaderMap, pick: fn(&MutationSet) -> &[Op]) {
-        let route = ctx.route_config::<MutationSet>();
-        let route_ops = route.as_deref().map(pick).unwrap_or(&[]);
-        let filter_ops = pick(&self.mutations);
-        let (first, last) = if self.most_specific_wins {
-            (filter_ops, route_ops)
-        } else {
-            (route_ops, filter_ops)
-        };
-        for op in first.iter().chain(last) {
+        for op in pick(&self.mutations) {
             op.apply(headers);
+        }
+        let levels = ctx.route_configs::<MutationSet>();
+        if self.most_specific_wins {
+            for set in levels {
+                pick(set).iter().for_each(|op| op.apply(headers));
+            }
+        } else {
+            for set in levels.rev() {
+                pick(set).iter().for_each(|op| op.apply(headers));
+            }
         }
     }
 }

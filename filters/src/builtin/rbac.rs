@@ -1,5 +1,5 @@
 //! `envoy.filters.http.rbac`: allows or denies requests by policies over request headers, path,
-//! destination port and downstream addresses; shadow rules only count. Policies are compiled
+//! destination port, downstream addresses and route metadata; shadow rules only count. Policies are compiled
 //! into a matcher tree at build time; matching allocates nothing except for joined multi-value
 //! headers.
 
@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::rbac::v3::{
-    permission, principal, rbac::Action as PbAction, Permission, Policy, Principal, Rbac as PbRules,
+    permission, principal, rbac::Action as PbAction, MetadataSource, Permission, Policy, Principal,
+    Rbac as PbRules, SourcedMetadata,
 };
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::{Rbac, RbacPerRoute};
 use envoy_types::pb::envoy::r#type::matcher::v3::{path_matcher::Rule as PathRule, PathMatcher};
@@ -15,7 +16,9 @@ use http::StatusCode;
 
 use crate::api::{Action, FilterContext, Hooks, HttpFilter, LocalReply, PerRoute};
 use crate::convert::{invalid, reject_set, unsupported, Cidr, HeaderMatch, Result, StringMatch};
+use crate::metadata_match::MetadataMatch;
 use crate::registry::{decode, per_route, BuildContext, FilterConfigError, FilterFactory};
+use crate::route::Metadata;
 use crate::stats::{Counter, StatsSink};
 
 pub const TYPE_URL: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
@@ -28,6 +31,7 @@ struct Request<'a> {
     remote: SocketAddr,
     direct_remote: SocketAddr,
     local: SocketAddr,
+    route_metadata: Option<&'a Metadata>,
 }
 
 #[derive(Debug)]
@@ -42,6 +46,8 @@ enum Perm {
     DestinationPort(u16),
     /// `[start, end)`.
     DestinationPortRange(i32, i32),
+    /// `sourced_metadata` with `metadata_source: ROUTE`.
+    RouteMetadata(MetadataMatch),
 }
 
 #[derive(Debug)]
@@ -54,6 +60,7 @@ enum Id {
     UrlPath(StringMatch),
     DirectRemoteIp(Cidr),
     RemoteIp(Cidr),
+    RouteMetadata(MetadataMatch),
 }
 
 /// The URL path without query or fragment, as `PathMatcher` sees it.
@@ -74,6 +81,7 @@ impl Perm {
             Perm::DestinationIp(c) => c.contains(r.local.ip()),
             Perm::DestinationPort(p) => r.local.port() == *p,
             Perm::DestinationPortRange(s, e) => (*s..*e).contains(&i32::from(r.local.port())),
+            Perm::RouteMetadata(m) => m.matches(r.route_metadata),
         }
     }
 }
@@ -89,6 +97,7 @@ impl Id {
             Id::UrlPath(m) => m.matches(url_path(r.req)),
             Id::DirectRemoteIp(c) => c.contains(r.direct_remote.ip()),
             Id::RemoteIp(c) => c.contains(r.remote.ip()),
+            Id::RouteMetadata(m) => m.matches(r.route_metadata),
         }
     }
 }
@@ -98,6 +107,28 @@ fn path_matcher(m: &PathMatcher, path: &str) -> Result<StringMatch> {
     match rule {
         Some(PathRule::Path(s)) => StringMatch::from_proto(s, &format!("{path}.path")),
         None => Err(invalid(path, "rule", "path is required")),
+    }
+}
+
+/// `SourcedMetadata` over the route's metadata; dynamic metadata (the default source) does not
+/// exist in Strait yet.
+fn route_metadata(m: &SourcedMetadata, path: &str) -> Result<MetadataMatch> {
+    let SourcedMetadata {
+        metadata_matcher,
+        metadata_source,
+    } = m;
+    match MetadataSource::try_from(*metadata_source) {
+        Ok(MetadataSource::Route) => {}
+        _ => {
+            return Err(FilterConfigError::new(
+                format!("{path}.metadata_source"),
+                "only ROUTE is supported (dynamic metadata is not supported yet)",
+            ))
+        }
+    }
+    match metadata_matcher {
+        Some(mm) => MetadataMatch::from_proto(mm, &format!("{path}.metadata_matcher")),
+        None => Err(invalid(path, "metadata_matcher", "required")),
     }
 }
 
@@ -133,7 +164,9 @@ fn perm(p: &Permission, path: &str) -> Result<Perm> {
         Some(R::RequestedServerName(_)) => return Err(unsupported(path, "requested_server_name")),
         Some(R::Matcher(_)) => return Err(unsupported(path, "matcher")),
         Some(R::UriTemplate(_)) => return Err(unsupported(path, "uri_template")),
-        Some(R::SourcedMetadata(_)) => return Err(unsupported(path, "sourced_metadata")),
+        Some(R::SourcedMetadata(m)) => {
+            Perm::RouteMetadata(route_metadata(m, &format!("{path}.sourced_metadata"))?)
+        }
         None => return Err(invalid(path, "rule", "required")),
     })
 }
@@ -173,7 +206,9 @@ fn id(p: &Principal, path: &str) -> Result<Id> {
         }
         Some(I::Metadata(_)) => return Err(unsupported(path, "metadata")),
         Some(I::FilterState(_)) => return Err(unsupported(path, "filter_state")),
-        Some(I::SourcedMetadata(_)) => return Err(unsupported(path, "sourced_metadata")),
+        Some(I::SourcedMetadata(m)) => {
+            Id::RouteMetadata(route_metadata(m, &format!("{path}.sourced_metadata"))?)
+        }
         Some(I::Custom(_)) => return Err(unsupported(path, "custom")),
         None => return Err(invalid(path, "identifier", "required")),
     })
@@ -365,6 +400,7 @@ impl HttpFilter for RbacFilter {
             remote: ctx.remote_address,
             direct_remote: ctx.direct_remote_address,
             local: ctx.local_address,
+            route_metadata: ctx.route().map(|r| &r.metadata),
         };
         if let Some(shadow) = &cfg.shadow {
             if shadow.decide(&r).0 {

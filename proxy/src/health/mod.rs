@@ -6,7 +6,7 @@ mod probe;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -25,12 +25,15 @@ pub use probe::{grpc_check_request, grpc_serving, CheckResult};
 pub const FAILED_ACTIVE_HC: u32 = 1 << 0;
 /// `DEGRADED_ACTIVE_HC`: the last check answered `x-envoy-degraded`.
 pub const DEGRADED_ACTIVE_HC: u32 = 1 << 1;
-/// `PENDING_ACTIVE_HC`: not checked yet since it was added.
+/// `PENDING_ACTIVE_HC`: not checked yet since an update added it, with
+/// `ignore_new_hosts_until_first_hc` (the host is excluded from load balancing until then).
 pub const PENDING_ACTIVE_HC: u32 = 1 << 2;
 /// `FAILED_OUTLIER_CHECK`: ejected by outlier detection.
 pub const FAILED_OUTLIER_CHECK: u32 = 1 << 3;
 /// `EXCLUDED_VIA_IMMEDIATE_HC_FAIL`: answered `x-envoy-immediate-health-check-fail`.
 pub const EXCLUDED_VIA_IMMEDIATE_HC_FAIL: u32 = 1 << 4;
+/// `ACTIVE_HC_TIMEOUT`: failing active checks, the last one by timing out.
+pub const ACTIVE_HC_TIMEOUT: u32 = 1 << 5;
 
 /// Health and ejection state of one host address. Shared by every [`Host`] object built for
 /// that address while it stays in the cluster, so state survives EDS / DNS updates.
@@ -38,17 +41,30 @@ pub const EXCLUDED_VIA_IMMEDIATE_HC_FAIL: u32 = 1 << 4;
 pub struct HostHealth {
     flags: AtomicU32,
     pub outlier: HostOutlier,
+    /// A passive failure arrived since the session last ran (it resets the session's counts).
+    passive_failure: AtomicBool,
 }
 
 impl HostHealth {
-    /// A host of a cluster that has active health checks starts unhealthy and pending, as
-    /// Envoy's do, until its first check.
-    pub fn new(active_checks: bool) -> HostHealth {
+    /// A host of a cluster that has active health checks starts unhealthy
+    /// (`/failed_active_hc`) until its first check passes, as Envoy's do; with `pending`
+    /// (Envoy's `ignore_new_hosts_until_first_hc`, for hosts EDS or DNS added) it is also
+    /// `/pending_active_hc`, which excludes it from load balancing until that first check.
+    pub fn new(active_checks: bool, pending: bool) -> HostHealth {
         let h = HostHealth::default();
         if active_checks {
-            h.set(FAILED_ACTIVE_HC | PENDING_ACTIVE_HC);
+            h.set(FAILED_ACTIVE_HC);
+            if pending {
+                h.set(PENDING_ACTIVE_HC);
+            }
         }
         h
+    }
+
+    /// Envoy's `excludeBasedOnHealthFlag`: pending its first check or told to go by
+    /// `x-envoy-immediate-health-check-fail`: counted in no health ratio, picked only in panic.
+    pub fn excluded(&self) -> bool {
+        self.flags() & (PENDING_ACTIVE_HC | EXCLUDED_VIA_IMMEDIATE_HC_FAIL) != 0
     }
 
     pub fn flags(&self) -> u32 {
@@ -73,23 +89,52 @@ impl HostHealth {
             == 0
     }
 
-    /// Envoy's `/clusters` flag suffixes for these flags, in Envoy's order.
-    pub fn flag_names(&self, out: &mut String) {
+    /// Envoy's `/clusters` flag suffixes, in the order of Envoy's `HealthFlag` enum, with the
+    /// EDS flags (`failed`, `degraded`, `draining`) at their places.
+    pub fn flag_names(&self, eds: [bool; 3], out: &mut String) {
         let f = self.flags();
-        for (bit, name) in [
-            (FAILED_ACTIVE_HC, "/failed_active_hc"),
-            (FAILED_OUTLIER_CHECK, "/failed_outlier_check"),
-            (DEGRADED_ACTIVE_HC, "/degraded_active_hc"),
-            (PENDING_ACTIVE_HC, "/pending_active_hc"),
+        let [eds_failed, eds_degraded, eds_draining] = eds;
+        for (set, name) in [
+            (f & FAILED_ACTIVE_HC != 0, "/failed_active_hc"),
+            (f & FAILED_OUTLIER_CHECK != 0, "/failed_outlier_check"),
+            (eds_failed, "/failed_eds_health"),
+            (f & DEGRADED_ACTIVE_HC != 0, "/degraded_active_hc"),
+            (eds_degraded, "/degraded_eds_health"),
+            (f & PENDING_ACTIVE_HC != 0, "/pending_active_hc"),
             (
-                EXCLUDED_VIA_IMMEDIATE_HC_FAIL,
+                f & EXCLUDED_VIA_IMMEDIATE_HC_FAIL != 0,
                 "/excluded_via_immediate_hc_fail",
             ),
+            (f & ACTIVE_HC_TIMEOUT != 0, "/active_hc_timeout"),
+            (eds_draining, "/eds_status_draining"),
         ] {
-            if f & bit != 0 {
+            if set {
                 out.push_str(name);
             }
         }
+    }
+}
+
+// === Passive failure ===
+
+/// Envoy's router on `x-envoy-immediate-health-check-fail` in a proxied response: the host is
+/// excluded (`/excluded_via_immediate_hc_fail`) and its health-check session takes a PASSIVE
+/// failure, which is immediate (`health_check.failure` and `health_check.passive_failure`).
+/// Only hosts of an actively checked cluster have a session; others are left alone.
+pub fn on_immediate_fail(cluster: &ClusterState, host: &Host) {
+    if cluster.info.config.health_checks.is_empty() {
+        return;
+    }
+    let hh = host.health_state();
+    let before = hh.flags();
+    hh.set(EXCLUDED_VIA_IMMEDIATE_HC_FAIL | FAILED_ACTIVE_HC);
+    hh.clear(PENDING_ACTIVE_HC | ACTIVE_HC_TIMEOUT);
+    hh.passive_failure.store(true, Ordering::Release);
+    let st = &cluster.info.stats.health_check;
+    st.failure.inc();
+    st.passive_failure.inc();
+    if hh.flags() != before {
+        cluster.health_changed();
     }
 }
 
@@ -123,6 +168,13 @@ impl Default for Session {
 }
 
 impl Session {
+    /// Envoy's `setUnhealthy(PASSIVE)` on the session: progress toward healthy starts over,
+    /// and a later first check no longer counts as the first.
+    pub fn on_passive_failure(&mut self) {
+        self.num_healthy = 0;
+        self.first_check = false;
+    }
+
     /// Applies one check result to the host's flags; returns the transition and whether the
     /// host is now healthy as far as active checking goes.
     pub fn on_result(
@@ -140,7 +192,9 @@ impl Session {
                     // Envoy: the first check after a host is added marks it healthy at once.
                     self.num_healthy += 1;
                     if self.first_check || self.num_healthy >= cfg.healthy_threshold {
-                        host.clear(FAILED_ACTIVE_HC | EXCLUDED_VIA_IMMEDIATE_HC_FAIL);
+                        host.clear(
+                            FAILED_ACTIVE_HC | EXCLUDED_VIA_IMMEDIATE_HC_FAIL | ACTIVE_HC_TIMEOUT,
+                        );
                         t = Transition::Changed;
                     } else {
                         t = Transition::ChangePending;
@@ -160,6 +214,7 @@ impl Session {
                 network,
                 retriable,
                 immediate,
+                timeout,
             } => {
                 self.num_healthy = 0;
                 if immediate {
@@ -175,6 +230,12 @@ impl Session {
                     } else {
                         t = Transition::ChangePending;
                     }
+                }
+                // Envoy toggles the timeout flag with each failure of a failed host.
+                if timeout && host.has(FAILED_ACTIVE_HC) {
+                    host.set(ACTIVE_HC_TIMEOUT);
+                } else {
+                    host.clear(ACTIVE_HC_TIMEOUT);
                 }
                 stats.failure.inc();
                 if network {
@@ -316,18 +377,22 @@ async fn run_session(
         let authority = cs.name().to_string();
         drop(cs);
         stats.health_check.attempt.inc();
-        let result = match tokio::time::timeout(cfg.timeout, prober.check(&authority)).await {
+        let check = prober.check(&authority, &stats.health_check);
+        let result = match tokio::time::timeout(cfg.timeout, check).await {
             Ok(r) => r,
             Err(_) => {
                 // A timed-out check leaves the connection in an unknown state.
                 prober.reset();
-                CheckResult::network()
+                CheckResult::timeout()
             }
         };
         if !cfg.reuse_connection {
             prober.reset();
         }
         let health = host.health_state();
+        if health.passive_failure.swap(false, Ordering::AcqRel) {
+            session.on_passive_failure();
+        }
         let ok = matches!(result, CheckResult::Healthy { .. });
         let (t, healthy) = session.on_result(&cfg, health, &stats.health_check, result);
         let Some(cs) = cluster.upgrade() else { return };
@@ -382,22 +447,25 @@ mod tests {
         network: true,
         retriable: false,
         immediate: false,
+        timeout: false,
     };
     const ACTIVE: CheckResult = CheckResult::Failed {
         network: false,
         retriable: false,
         immediate: false,
+        timeout: false,
     };
     const RETRIABLE: CheckResult = CheckResult::Failed {
         network: false,
         retriable: true,
         immediate: false,
+        timeout: false,
     };
 
     #[test]
     fn first_success_is_healthy_at_once_then_thresholds_apply() {
         let c = cfg();
-        let h = HostHealth::new(true);
+        let h = HostHealth::new(true, true);
         let st = HealthCheckStats::default();
         let mut s = Session::default();
         assert!(!h.passes() && h.has(PENDING_ACTIVE_HC));
@@ -429,20 +497,57 @@ mod tests {
     #[test]
     fn first_failure_clears_pending_and_stays_unhealthy() {
         let c = cfg();
-        let h = HostHealth::new(true);
+        let h = HostHealth::new(true, true);
         let st = HealthCheckStats::default();
         let mut s = Session::default();
         assert_eq!(s.on_result(&c, &h, &st, NET), (Transition::Changed, false));
         assert!(h.has(FAILED_ACTIVE_HC) && !h.has(PENDING_ACTIVE_HC));
         let mut names = String::new();
-        h.flag_names(&mut names);
+        h.flag_names([false; 3], &mut names);
         assert_eq!(names, "/failed_active_hc");
+    }
+
+    /// Envoy's NETWORK_TIMEOUT: counts toward unhealthy_threshold like any network failure,
+    /// and a failed host shows `/active_hc_timeout` while its failures are timeouts.
+    #[test]
+    fn timeouts_mark_failed_hosts_active_hc_timeout() {
+        let c = cfg();
+        let h = HostHealth::new(false, false);
+        let st = HealthCheckStats::default();
+        let mut s = Session::default();
+        let timeout = CheckResult::timeout();
+        assert_eq!(
+            s.on_result(&c, &h, &st, timeout).0,
+            Transition::ChangePending
+        );
+        assert!(!h.has(ACTIVE_HC_TIMEOUT), "not failed yet");
+        s.on_result(&c, &h, &st, timeout);
+        assert_eq!(
+            s.on_result(&c, &h, &st, timeout),
+            (Transition::Changed, false)
+        );
+        assert!(h.has(ACTIVE_HC_TIMEOUT));
+        assert_eq!(st.network_failure.get(), 3);
+        // A failure of another kind clears it; the next timeout sets it again.
+        s.on_result(&c, &h, &st, ACTIVE);
+        assert!(!h.has(ACTIVE_HC_TIMEOUT));
+        s.on_result(&c, &h, &st, timeout);
+        let mut names = String::new();
+        h.flag_names([false, false, true], &mut names);
+        assert_eq!(
+            names,
+            "/failed_active_hc/active_hc_timeout/eds_status_draining"
+        );
+        // Healthy again (healthy_threshold 2): the flag goes with FAILED_ACTIVE_HC.
+        s.on_result(&c, &h, &st, OK);
+        s.on_result(&c, &h, &st, OK);
+        assert!(h.passes() && !h.has(ACTIVE_HC_TIMEOUT));
     }
 
     #[test]
     fn degraded_and_immediate_fail() {
         let c = cfg();
-        let h = HostHealth::new(false);
+        let h = HostHealth::new(false, false);
         let st = HealthCheckStats::default();
         let mut s = Session::default();
         let t = s.on_result(&c, &h, &st, CheckResult::Healthy { degraded: true });
@@ -456,6 +561,7 @@ mod tests {
                 network: false,
                 retriable: false,
                 immediate: true,
+                timeout: false,
             },
         );
         assert_eq!(t, (Transition::Changed, false));
@@ -530,10 +636,10 @@ mod tests {
     }
 
     /// Health belongs to the address: an EDS update that rebuilds a staying host keeps it; a
-    /// host added later starts failed + pending until its first check; a host that leaves and
-    /// comes back starts afresh.
+    /// host added later starts `/failed_active_hc` (as in Envoy) until its first check; a host
+    /// that leaves and comes back starts afresh.
     #[tokio::test(start_paused = true)]
-    async fn eds_updates_keep_health_and_new_hosts_start_pending() {
+    async fn eds_updates_keep_health_and_new_hosts_start_failed() {
         let a = accepting().await;
         let b = accepting().await;
         let cs = crate::outlier::tests::cluster_at(a, cfg());
@@ -548,21 +654,49 @@ mod tests {
         // A weight change rebuilds `a`'s Host; its health stays. `b` is new.
         cs.update_endpoints(&assignment(&[(a, 2), (b, 1)]));
         assert_eq!(flags(a).as_deref(), Some("healthy"));
-        assert_eq!(
-            flags(b).as_deref(),
-            Some("/failed_active_hc/pending_active_hc")
-        );
+        assert_eq!(flags(b).as_deref(), Some("/failed_active_hc"));
         // `b`'s session was started by the update; its first check passes at once.
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(flags(b).as_deref(), Some("healthy"));
         cs.update_endpoints(&assignment(&[(b, 1)]));
         assert_eq!(flags(a), None);
         cs.update_endpoints(&assignment(&[(a, 1), (b, 1)]));
+        assert_eq!(flags(a).as_deref(), Some("/failed_active_hc"));
+        assert_eq!(flags(b).as_deref(), Some("healthy"));
+    }
+
+    /// `ignore_new_hosts_until_first_hc`: hosts an EDS update adds are also pending, which
+    /// excludes them (Envoy's `excludeBasedOnHealthFlag`) until their first check.
+    #[tokio::test(start_paused = true)]
+    async fn ignore_new_hosts_until_first_hc_excludes_them() {
+        let a = accepting().await;
+        let b = accepting().await;
+        let cs = crate::outlier::tests::cluster_at_with(a, cfg(), |c| {
+            c.discovery = strait_xds::model::DiscoveryType::Eds;
+            c.lb.ignore_new_hosts_until_first_hc = true;
+        });
+        cs.update_endpoints(&assignment(&[(a, 1)]));
+        cs.start_health().await;
+        let flags = |addr: SocketAddr| {
+            cs.hosts()
+                .iter()
+                .find(|h| h.address == addr)
+                .map(|h| h.health_flags())
+        };
+        assert_eq!(flags(a).as_deref(), Some("healthy"));
+        cs.update_endpoints(&assignment(&[(a, 1), (b, 1)]));
         assert_eq!(
-            flags(a).as_deref(),
+            flags(b).as_deref(),
             Some("/failed_active_hc/pending_active_hc")
         );
+        assert_eq!(cs.stats().membership_excluded.get(), 1);
+        // Excluded hosts count in no ratio: `a` alone is 100 % healthy.
+        for _ in 0..20 {
+            assert_eq!(cs.pick().map(|h| h.address), Some(a));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(flags(b).as_deref(), Some("healthy"));
+        assert_eq!(cs.stats().membership_excluded.get(), 0);
     }
 
     #[test]

@@ -15,6 +15,8 @@ use strait_xds::model::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::stats::HealthCheckStats;
+
 /// What one check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckResult {
@@ -29,6 +31,9 @@ pub enum CheckResult {
         retriable: bool,
         /// `x-envoy-immediate-health-check-fail` was in the answer.
         immediate: bool,
+        /// No answer within the check's `timeout` (Envoy's NETWORK_TIMEOUT: a network failure
+        /// that also marks a failed host `/active_hc_timeout`).
+        timeout: bool,
     },
 }
 
@@ -38,6 +43,16 @@ impl CheckResult {
             network: true,
             retriable: false,
             immediate: false,
+            timeout: false,
+        }
+    }
+
+    pub fn timeout() -> CheckResult {
+        CheckResult::Failed {
+            network: true,
+            retriable: false,
+            immediate: false,
+            timeout: true,
         }
     }
 
@@ -46,12 +61,15 @@ impl CheckResult {
             network: false,
             retriable: false,
             immediate: false,
+            timeout: false,
         }
     }
 }
 
 const X_ENVOY_DEGRADED: &str = "x-envoy-degraded";
 const X_ENVOY_IMMEDIATE_HC_FAIL: &str = "x-envoy-immediate-health-check-fail";
+/// What the upstream says it is, for `service_name_matcher`.
+const X_ENVOY_UPSTREAM_HC_CLUSTER: &str = "x-envoy-upstream-healthchecked-cluster";
 /// Envoy's health-check user agent.
 const USER_AGENT: &str = "Envoy/HC";
 /// `grpc.health.v1.HealthCheckResponse.ServingStatus.SERVING`.
@@ -89,10 +107,10 @@ impl Prober {
     }
 
     /// Runs one check; the caller bounds it by the check's `timeout`.
-    pub async fn check(&mut self, cluster: &str) -> CheckResult {
+    pub async fn check(&mut self, cluster: &str, stats: &HealthCheckStats) -> CheckResult {
         let kind = self.kind.clone();
         match &kind {
-            HealthCheckKind::Http(h) => self.http(h, cluster).await,
+            HealthCheckKind::Http(h) => self.http(h, cluster, stats).await,
             HealthCheckKind::Grpc(g) => self.grpc(g, cluster).await,
             HealthCheckKind::Tcp(t) => self.tcp(t).await,
         }
@@ -144,7 +162,12 @@ impl Prober {
         r.map_err(|_| ())
     }
 
-    async fn http(&mut self, h: &HttpHealthCheck, cluster: &str) -> CheckResult {
+    async fn http(
+        &mut self,
+        h: &HttpHealthCheck,
+        cluster: &str,
+        stats: &HealthCheckStats,
+    ) -> CheckResult {
         if self.connect(h.http2).await.is_err() {
             self.reset();
             return CheckResult::network();
@@ -195,6 +218,18 @@ impl Prober {
         let in_ranges = |rs: &[(u16, u16)]| rs.iter().any(|&(a, b)| (a..b).contains(&status));
         let immediate = headers.contains_key(X_ENVOY_IMMEDIATE_HC_FAIL);
         if in_ranges(&h.expected_statuses) && !immediate {
+            // Envoy's cluster verification: only answers with an expected status get that far,
+            // and a mismatch (or no header) is an active, non-retriable failure.
+            if let Some(m) = &h.service_name_matcher {
+                stats.verify_cluster.inc();
+                let named = headers
+                    .get(X_ENVOY_UPSTREAM_HC_CLUSTER)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                if !m.matches(named) {
+                    return CheckResult::active();
+                }
+            }
             CheckResult::Healthy {
                 degraded: headers.contains_key(X_ENVOY_DEGRADED),
             }
@@ -203,6 +238,7 @@ impl Prober {
                 network: false,
                 retriable: in_ranges(&h.retriable_statuses),
                 immediate,
+                timeout: false,
             }
         }
     }

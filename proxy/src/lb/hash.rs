@@ -98,28 +98,115 @@ impl HashTable {
         }
     }
 
-    /// Chooses a host for `hash`. With bounded loads, a host already holding more than its share
-    /// of `hash_balance_factor` × the cluster's active requests passes the request on to the
-    /// next host (in an order fixed by the hash), as Envoy's `BoundedLoadHashingLoadBalancer`.
+    /// Chooses a host for `hash`. With bounded loads (Envoy's
+    /// `BoundedLoadHashingLoadBalancer`), a host holding more than its share of
+    /// `hash_balance_factor` × (the cluster's active requests + 1) passes the request on: the
+    /// other hosts are probed in an order shuffled by `std::mt19937` seeded with the hash (the
+    /// same key always probes the same order), the first one within its share wins, else the
+    /// least overloaded.
     #[inline]
     pub fn choose(&self, hash: u64, attempt: u32, cluster_active: u64) -> &Arc<Host> {
         let first = self.index(hash, attempt);
         let Some(factor) = self.balance_factor else {
             return &self.hosts[first];
         };
-        let n = self.hosts.len();
-        let total_slots = ((cluster_active + 1) * u64::from(factor)).div_ceil(100);
-        let overloaded = |i: usize| {
+        let total_slots = (cluster_active.min(u64::from(u32::MAX)) + 1)
+            .saturating_mul(u64::from(factor))
+            .div_ceil(100);
+        let overload = |i: usize| {
             let slots = ((total_slots as f64 * self.weights[i]).ceil() as u64).max(1);
-            self.hosts[i].stats.rq_active.get().max(0) as u64 >= slots
+            self.hosts[i].stats.rq_active.get().max(0) as f64 / slots as f64
         };
-        if !overloaded(first) {
+        let first_load = overload(first);
+        if first_load <= 1.0 {
             return &self.hosts[first];
         }
-        (1..n)
-            .map(|k| (first + k) % n)
-            .find(|&i| !overloaded(i))
-            .map_or(&self.hosts[first], |i| &self.hosts[i])
+        let n = self.hosts.len();
+        let mut rng = Mt19937::new(hash as u32);
+        let mut probe = |order: &mut Vec<u32>| {
+            order.clear();
+            order.extend(0..n as u32);
+            let (mut best, mut best_load) = (first, first_load);
+            for i in 0..n {
+                let j = rng.below((n - i) as u32) as usize;
+                order.swap(i, i + j);
+                let k = order[i] as usize;
+                if k == first {
+                    continue;
+                }
+                let load = overload(k);
+                if load <= 1.0 {
+                    return k;
+                }
+                if load < best_load {
+                    (best, best_load) = (k, load);
+                }
+            }
+            best
+        };
+        // A per-thread scratch list keeps the overloaded path allocation-free too.
+        let picked = PROBE_ORDER
+            .try_with(|cell| match cell.try_borrow_mut() {
+                Ok(mut order) => probe(&mut order),
+                Err(_) => probe(&mut Vec::with_capacity(n)),
+            })
+            .unwrap_or(first);
+        &self.hosts[picked]
+    }
+}
+
+thread_local! {
+    static PROBE_ORDER: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `std::mt19937` (32-bit Mersenne Twister), as Envoy's bounded loads use it.
+struct Mt19937 {
+    mt: [u32; 624],
+    next: usize,
+}
+
+impl Mt19937 {
+    fn new(seed: u32) -> Mt19937 {
+        let mut mt = [0u32; 624];
+        mt[0] = seed;
+        for i in 1..624 {
+            mt[i] = 1_812_433_253u32
+                .wrapping_mul(mt[i - 1] ^ (mt[i - 1] >> 30))
+                .wrapping_add(i as u32);
+        }
+        Mt19937 { mt, next: 624 }
+    }
+
+    fn next_u32(&mut self) -> u32 {
+        if self.next >= 624 {
+            for i in 0..624 {
+                let y = (self.mt[i] & 0x8000_0000) | (self.mt[(i + 1) % 624] & 0x7fff_ffff);
+                let mut v = self.mt[(i + 397) % 624] ^ (y >> 1);
+                if y & 1 != 0 {
+                    v ^= 0x9908_b0df;
+                }
+                self.mt[i] = v;
+            }
+            self.next = 0;
+        }
+        let mut y = self.mt[self.next];
+        self.next += 1;
+        y ^= y >> 11;
+        y ^= (y << 7) & 0x9d2c_5680;
+        y ^= (y << 15) & 0xefc6_0000;
+        y ^ (y >> 18)
+    }
+
+    /// Envoy's `uniform_int` in `[0, k)` (`k` > 0): a bucket of the 2^32 range, redrawn
+    /// when it falls past `k`.
+    fn below(&mut self, k: u32) -> u32 {
+        let bucket = (1u64 << 32) / u64::from(k.max(1));
+        loop {
+            let x = u64::from(self.next_u32()) / bucket;
+            if x < u64::from(k) {
+                return x as u32;
+            }
+        }
     }
 }
 
@@ -242,5 +329,23 @@ pub fn combine(acc: Option<u64>, new: u64) -> u64 {
     match acc {
         Some(h) => h.rotate_left(1) ^ new,
         None => new,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Mt19937;
+
+    #[test]
+    fn mt19937_matches_the_cpp_standard() {
+        // [rand.predef]: the 10000th output of a default-constructed std::mt19937 (seed 5489).
+        let mut r = Mt19937::new(5489);
+        let mut last = 0;
+        for _ in 0..10000 {
+            last = r.next_u32();
+        }
+        assert_eq!(last, 4_123_659_995);
+        let mut r = Mt19937::new(1);
+        assert!((0..1000).all(|_| r.below(7) < 7));
     }
 }

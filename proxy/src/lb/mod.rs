@@ -1,11 +1,13 @@
 //! Load balancing with Envoy's semantics: priority levels with spill-over and panic, degraded
 //! and excluded hosts, locality-weighted and zone-aware routing, and the policies (weighted round
-//! robin by EDF, least request, random, ring hash, maglev).
+//! robin by EDF, least request (P2C, or EDF over active requests), random, ring hash, maglev).
 //!
 //! [`LbState`] is built off the request path whenever hosts, health or the local cluster change
-//! and is published through an `ArcSwap`; [`LbState::pick`] never locks and never allocates.
+//! and is published through an `ArcSwap`; [`LbState::pick`] never locks and allocates only once
+//! per thread and rebuild, for a weighted least-request bucket's schedule (see [`least`]).
 
 pub mod hash;
+pub mod least;
 pub mod priority;
 pub mod schedule;
 
@@ -27,8 +29,8 @@ pub enum LbHealth {
     Healthy,
     Degraded,
     Unhealthy,
-    /// Counted nowhere (EDS DRAINING, or pending its first active check): not in the health
-    /// ratios, only picked in panic.
+    /// Counted nowhere (EDS DRAINING, pending its first active check, or excluded by
+    /// `x-envoy-immediate-health-check-fail`): not in the health ratios, only picked in panic.
     Excluded,
 }
 
@@ -70,29 +72,31 @@ pub struct BuildInput<'a> {
 
 // === Bucket ===
 
-/// One list of hosts a pick chooses within, with its round-robin position.
+/// One list of hosts a pick chooses within (Envoy's `HostsSource`), with its round-robin
+/// position or its weighted least-request schedule.
 #[derive(Debug, Default)]
 struct Bucket {
     hosts: Box<[Arc<Host>]>,
     wrr: Wrr,
-    /// Prefix sums of weights (weighted least-request draws); empty when weights are equal.
-    cum: Box<[u64]>,
+    /// LEAST_REQUEST with unequal host weights.
+    weighted: Option<least::Weighted>,
     next: AtomicU64,
 }
 
 impl Bucket {
-    fn new(hosts: Vec<Arc<Host>>) -> Bucket {
-        let weights: Vec<u32> = hosts.iter().map(|h| h.weight).collect();
-        let wrr = Wrr::from_weights(&weights);
-        let cum = if matches!(wrr, Wrr::Equal) {
-            Box::default()
-        } else {
-            schedule::prefix_sums(weights.iter().map(|&w| u64::from(w.max(1))))
+    /// `least_request_bias`: the policy is LEAST_REQUEST with this `active_request_bias`.
+    fn new(hosts: Vec<Arc<Host>>, least_request_bias: Option<f64>) -> Bucket {
+        let (wrr, weighted) = match least_request_bias {
+            Some(bias) => (Wrr::Equal, least::Weighted::new(&hosts, bias)),
+            None => {
+                let weights: Vec<u32> = hosts.iter().map(|h| h.weight).collect();
+                (Wrr::from_weights(&weights), None)
+            }
         };
         Bucket {
             hosts: hosts.into_boxed_slice(),
             wrr,
-            cum,
+            weighted,
             // Envoy starts each scheduler at a random point so that proxies do not move in step.
             next: AtomicU64::new(fastrand::u64(..)),
         }
@@ -297,6 +301,10 @@ impl LbState {
             LbPolicy::Maglev { table_size } => Some(HashKind::Maglev { table_size }),
             _ => None,
         };
+        let lr_bias = match input.policy {
+            LbPolicy::LeastRequest { .. } => Some(lb.active_request_bias),
+            _ => None,
+        };
         let mut levels = Vec::with_capacity(n_levels);
         for (p, level_hosts) in per_level.iter().enumerate() {
             let of = |want: LbHealth| -> Vec<Arc<Host>> {
@@ -344,12 +352,24 @@ impl LbState {
                 }
                 localities.push(LocalityGroup {
                     locality,
-                    healthy: Bucket::new(healthy),
-                    degraded: Bucket::new(pick(LbHealth::Degraded)),
+                    healthy: Bucket::new(healthy, lr_bias),
+                    degraded: Bucket::new(pick(LbHealth::Degraded), lr_bias),
                 });
             }
             let table = hash_kind.and_then(|kind| {
-                let weighted = hash::normalize(&hash_groups, lb.locality_weighted);
+                let weighted = if lb.locality_weighted {
+                    // Envoy: per-locality lists, the local locality first.
+                    hash::normalize(&hash_groups, true)
+                } else {
+                    // Envoy: the flat host list in assignment order (Maglev's fill order and
+                    // the bounded-load probe order depend on it).
+                    let members = if plan.panic[p] {
+                        level_hosts.clone()
+                    } else {
+                        of(LbHealth::Healthy)
+                    };
+                    hash::normalize(&[(1, members)], false)
+                };
                 HashTable::build(weighted, kind, lb.hash_balance_factor)
             });
             let (healthy_localities, degraded_localities) = if lb.locality_weighted {
@@ -361,9 +381,9 @@ impl LbState {
                 (None, None)
             };
             levels.push(Level {
-                all: Bucket::new(level_hosts.clone()),
-                healthy: Bucket::new(of(LbHealth::Healthy)),
-                degraded: Bucket::new(of(LbHealth::Degraded)),
+                all: Bucket::new(level_hosts.clone(), lr_bias),
+                healthy: Bucket::new(of(LbHealth::Healthy), lr_bias),
+                degraded: Bucket::new(of(LbHealth::Degraded), lr_bias),
                 localities,
                 has_local,
                 healthy_localities,
@@ -403,9 +423,12 @@ impl LbState {
 
     /// Chooses a host, or `None` (no host, or traffic failed on panic).
     pub fn pick(&self, ctx: &LbContext<'_>, stats: &ClusterStats) -> Option<Arc<Host>> {
+        if self.policy.is_hashing() {
+            return self.pick_hashing(ctx, stats);
+        }
         let mut last = None;
-        for attempt in 0..=ctx.selection_attempts {
-            let host = self.pick_once(ctx, stats, attempt)?;
+        for _ in 0..=ctx.selection_attempts {
+            let host = self.pick_once(ctx, stats)?;
             match ctx.reject {
                 Some(reject) if reject(host) => last = Some(host),
                 _ => return Some(host.clone()),
@@ -415,24 +438,33 @@ impl LbState {
         last.cloned()
     }
 
-    #[inline]
-    fn pick_once(
-        &self,
-        ctx: &LbContext<'_>,
-        stats: &ClusterStats,
-        attempt: u32,
-    ) -> Option<&Arc<Host>> {
-        let load = ctx.priority_load.unwrap_or(&self.plan.load);
-        if self.policy.is_hashing() {
-            let h = ctx.hash.unwrap_or_else(|| fastrand::u64(..));
-            let (p, _) = priority::choose(load, h);
-            if self.plan.panic.get(p).copied().unwrap_or(false) {
-                stats.lb_healthy_panic.inc();
-            }
-            let table = self.levels.get(p)?.table.as_ref()?;
-            let active = stats.upstream_rq_active.get().max(0) as u64;
-            return Some(table.choose(h, attempt, active));
+    /// Envoy's `ThreadAwareLoadBalancerBase::LoadBalancerImpl::chooseHost`: one hash (the
+    /// route's, else random) picks the priority by the cluster's own load (a retry's
+    /// `previous_priorities` load does not apply to hashing policies in Envoy), then attempt
+    /// `i` of the host selection asks the table for `chooseHost(hash, i)`, which moves a
+    /// refused pick to another ring entry / Maglev slot.
+    fn pick_hashing(&self, ctx: &LbContext<'_>, stats: &ClusterStats) -> Option<Arc<Host>> {
+        let h = ctx.hash.unwrap_or_else(|| fastrand::u64(..));
+        let (p, _) = priority::choose(&self.plan.load, h);
+        if self.plan.panic.get(p).copied().unwrap_or(false) {
+            stats.lb_healthy_panic.inc();
         }
+        let table = self.levels.get(p)?.table.as_ref()?;
+        let active = stats.upstream_rq_active.get().max(0) as u64;
+        let mut last = None;
+        for attempt in 0..=ctx.selection_attempts {
+            let host = table.choose(h, attempt, active);
+            match ctx.reject {
+                Some(reject) if reject(host) => last = Some(host),
+                _ => return Some(host.clone()),
+            }
+        }
+        last.cloned()
+    }
+
+    #[inline]
+    fn pick_once(&self, ctx: &LbContext<'_>, stats: &ClusterStats) -> Option<&Arc<Host>> {
+        let load = ctx.priority_load.unwrap_or(&self.plan.load);
         let (p, avail) = priority::choose(load, fastrand::u64(..));
         let level = self.levels.get(p)?;
         if self.plan.panic.get(p).copied().unwrap_or(false) {
@@ -513,7 +545,7 @@ impl LbState {
             return None;
         }
         match self.policy {
-            LbPolicy::LeastRequest { choice_count } => Some(self.least_request(b, choice_count)),
+            LbPolicy::LeastRequest { choice_count } => self.least_request(b, choice_count),
             LbPolicy::Random => Some(&b.hosts[fastrand::usize(..n)]),
             // RoundRobin (and hashing policies never reach here).
             _ => {
@@ -523,48 +555,14 @@ impl LbState {
         }
     }
 
-    /// Envoy's least request: with equal weights, the fewest active requests among
-    /// `choice_count` random hosts (a full scan from a random start when the bucket is that
-    /// small). With unequal weights Envoy runs EDF over weight / (active + 1)^bias; lock-free
-    /// here, the candidates are drawn in proportion to weight and the least loaded wins, which
-    /// gives the same split when idle and favours idle hosts under load (bias 0: weight only).
+    /// Envoy's least request: EDF over weight / (active + 1)^bias when the bucket's host
+    /// weights differ, else P2C over `choice_count` draws (see [`least`]).
     #[inline]
-    fn least_request<'a>(&self, b: &'a Bucket, choice_count: u32) -> &'a Arc<Host> {
-        let n = b.hosts.len();
-        let active = |h: &Host| h.stats.rq_active.get();
-        if !b.cum.is_empty() {
-            let first = &b.hosts[schedule::weighted_draw(&b.cum, fastrand::u64(..))];
-            if self.active_request_bias == 0.0 {
-                return first;
-            }
-            let mut best = first;
-            for _ in 1..choice_count.max(1) {
-                let c = &b.hosts[schedule::weighted_draw(&b.cum, fastrand::u64(..))];
-                if active(c) < active(best) {
-                    best = c;
-                }
-            }
-            return best;
+    fn least_request<'a>(&self, b: &'a Bucket, choice_count: u32) -> Option<&'a Arc<Host>> {
+        match &b.weighted {
+            Some(w) => b.hosts.get(w.pick(&b.hosts, self.active_request_bias)),
+            None => least::p2c(&b.hosts, choice_count),
         }
-        if n <= choice_count as usize {
-            let start = fastrand::usize(..n);
-            let mut best = &b.hosts[start];
-            for k in 1..n {
-                let c = &b.hosts[(start + k) % n];
-                if active(c) < active(best) {
-                    best = c;
-                }
-            }
-            return best;
-        }
-        let mut best = &b.hosts[fastrand::usize(..n)];
-        for _ in 1..choice_count.max(1) {
-            let c = &b.hosts[fastrand::usize(..n)];
-            if active(c) < active(best) {
-                best = c;
-            }
-        }
-        best
     }
 }
 

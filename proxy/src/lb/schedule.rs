@@ -88,7 +88,7 @@ pub fn weighted_draw(cum: &[u64], r: u64) -> usize {
     cum.partition_point(|&c| c <= x).min(cum.len() - 1)
 }
 
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 struct Entry {
     deadline: f64,
     order: u64,
@@ -144,6 +144,82 @@ pub fn edf_cycle(weights: &[f64], len: usize) -> Vec<u32> {
     out
 }
 
+// === Edf ===
+
+/// Envoy's `EdfScheduler` itself, for weights that change between picks (weighted least
+/// request): the earliest deadline is picked and re-queued at `now + 1 / weight`, the weight
+/// computed again at that moment.
+#[derive(Debug, Clone, Default)]
+pub struct Edf {
+    heap: BinaryHeap<Entry>,
+    current: f64,
+    order: u64,
+}
+
+impl Edf {
+    /// Envoy's `EdfScheduler::createWithPicks`: the state after `picks` picks at the given
+    /// (positive) weights, emulated in O(n log n). Each weight gets 1e-13 added, as in Envoy,
+    /// so that weights that are multiples of each other do not tie on floating-point noise.
+    pub fn with_picks(weights: &[f64], picks: u32) -> Edf {
+        let picks = picks % 429_496_729;
+        if weights.is_empty() {
+            return Edf::default();
+        }
+        let aug: Vec<f64> = weights.iter().map(|&w| w + 1e-13).collect();
+        let sum: f64 = aug.iter().sum();
+        let mut heap = BinaryHeap::with_capacity(weights.len());
+        let mut so_far = 0u64;
+        let mut max_pick_time = 0.0f64;
+        for (i, &w) in aug.iter().enumerate() {
+            let mut floor = (w * f64::from(picks) / sum) as u32;
+            // Floating point can put floor(A×B) above A×B; Envoy steps back one pick then.
+            if floor > 0 && f64::from(floor) / w >= f64::from(picks) / sum {
+                floor -= 1;
+            }
+            max_pick_time = max_pick_time.max(f64::from(floor) / w);
+            heap.push(Entry {
+                deadline: f64::from(floor + 1) / w,
+                order: i as u64,
+                index: i as u32,
+            });
+            so_far += u64::from(floor);
+        }
+        let mut edf = Edf {
+            heap,
+            current: max_pick_time,
+            order: weights.len() as u64,
+        };
+        while so_far < u64::from(picks) {
+            edf.pick_and_add(|i| weights[i]);
+            so_far += 1;
+        }
+        edf
+    }
+
+    /// Envoy's `pickAndAdd`: the entry with the earliest deadline (ties to the one queued
+    /// first), re-queued with `weight(index)` (must be positive and finite).
+    pub fn pick_and_add(&mut self, weight: impl Fn(usize) -> f64) -> Option<usize> {
+        let e = self.heap.pop()?;
+        self.current = e.deadline;
+        let i = e.index as usize;
+        let w = weight(i);
+        // A non-positive weight would put the entry at or before `now` forever; Envoy asserts
+        // it cannot happen (host weights are at least 1).
+        let step = if w > 0.0 && w.is_finite() {
+            1.0 / w
+        } else {
+            f64::MAX / 4.0
+        };
+        self.heap.push(Entry {
+            deadline: self.current + step,
+            order: self.order,
+            index: e.index,
+        });
+        self.order += 1;
+        Some(i)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +272,47 @@ mod tests {
             "{c:?}"
         );
         assert!(Wrr::from_real(&[0.0, 0.0]).is_none());
+    }
+
+    #[test]
+    fn edf_picks_by_deadline_and_reweighs_on_add() {
+        // Weights 2 and 1 at the start: deadlines 1/2 and 1/1 (plus Envoy's 1e-13 nudge).
+        let mut e = Edf::with_picks(&[2.0, 1.0], 0);
+        let w = std::cell::Cell::new([2.0, 1.0]);
+        let pick = |e: &mut Edf| e.pick_and_add(|i| w.get()[i]).unwrap();
+        // 0 @0.5 -> 1.0; then 1 (@0.99999..) before 0 (@1.0); 0 @1.0 -> 1.5; 0 @1.5 -> 2.0;
+        // 1 @1.99999.. -> 2.99999..; 0 @2.0.
+        let seq: Vec<usize> = (0..6).map(|_| pick(&mut e)).collect();
+        assert_eq!(seq, [0, 1, 0, 0, 1, 0]);
+        // Host 0 becomes busy: the weight it is re-queued with drops to 2 / 4 = 0.5.
+        w.set([0.5, 1.0]);
+        // 0 was re-queued @2.5 at weight 2; 1 @2.99999..; 0 @2.5 -> 4.5 (weight 0.5 now);
+        // 1 @2.99999.. -> 3.99999..; 1 -> 4.99999..; 0 @4.5.
+        let seq: Vec<usize> = (0..4).map(|_| pick(&mut e)).collect();
+        assert_eq!(seq, [0, 1, 1, 0]);
+    }
+
+    #[test]
+    fn edf_with_picks_matches_picking_one_by_one() {
+        let w = [3.0, 5.0, 1.0, 7.0];
+        for picks in [0u32, 1, 7, 16, 33, 100] {
+            let mut a = Edf::with_picks(&w, picks);
+            let mut b = Edf::with_picks(&w, 0);
+            for _ in 0..picks {
+                b.pick_and_add(|i| w[i]);
+            }
+            let sa: Vec<usize> = (0..64).filter_map(|_| a.pick_and_add(|i| w[i])).collect();
+            let sb: Vec<usize> = (0..64).filter_map(|_| b.pick_and_add(|i| w[i])).collect();
+            let count = |s: &[usize], k| s.iter().filter(|&&x| x == k).count();
+            // Same shares over a window (ties among equal deadlines may order differently).
+            for k in 0..4 {
+                assert!(
+                    count(&sa, k).abs_diff(count(&sb, k)) <= 1,
+                    "{picks}: {sa:?} {sb:?}"
+                );
+            }
+        }
+        assert!(Edf::with_picks(&[], 3).pick_and_add(|_| 1.0).is_none());
     }
 
     #[test]

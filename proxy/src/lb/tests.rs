@@ -356,6 +356,18 @@ fn bounded_load_moves_off_a_busy_host() {
     first.stats.rq_active.set(0);
     c.stats().upstream_rq_active.set(0);
     assert_eq!(c.pick_with(&ctx).expect("host").address, first.address);
+    // Envoy's threshold: 3 active in the cluster gives ceil(4 × 1.5) = 6 slots, a quarter of
+    // which rounds up to 2 per host; a host with 2 active is at (not over) its share.
+    c.stats().upstream_rq_active.set(3);
+    first.stats.rq_active.set(2);
+    assert_eq!(c.pick_with(&ctx).expect("host").address, first.address);
+    first.stats.rq_active.set(3);
+    let moved = c.pick_with(&ctx).expect("host");
+    assert_ne!(moved.address, first.address);
+    // The probe order is fixed by the hash: the same key moves to the same host.
+    for _ in 0..5 {
+        assert_eq!(c.pick_with(&ctx).expect("host").address, moved.address);
+    }
 }
 
 #[test]
@@ -369,6 +381,60 @@ fn least_request_prefers_idle() {
     let m = counts(&c, 3000);
     // Host 1 wins only when both draws land on it (1/9).
     assert!(near(m[&1], 3000, 1.0 / 9.0), "{m:?}");
+}
+
+/// Envoy's weighted least request: EDF where a host's weight is weight / (active + 1)^bias,
+/// taken again each time the host is re-queued after a pick.
+#[test]
+fn weighted_least_request_is_edf_over_active_requests() {
+    let run = |bias: f64, active: i64| {
+        let lb = model::LbConfig {
+            active_request_bias: bias,
+            ..Default::default()
+        };
+        let c = cluster(
+            LbPolicy::LeastRequest { choice_count: 2 },
+            lb,
+            &[("a", 0, None, &[(1, 1, Healthy), (2, 3, Healthy)])],
+        );
+        // Idle: exactly 1:3 over whole EDF periods (from a random starting point).
+        let m = counts(&c, 400);
+        assert!(
+            m[&1].abs_diff(100) <= 1 && m[&2].abs_diff(300) <= 1,
+            "idle, bias {bias}: {m:?}"
+        );
+        let busy = c.hosts().into_iter().find(|h| h.address.port() == 2);
+        busy.expect("host 2").stats.rq_active.set(active);
+        counts(&c, 400)
+    };
+    // Bias 1: 3 / (2 + 1) = 1, level with host 1 once host 2 has been re-queued.
+    let m = run(1.0, 2);
+    assert!(m[&1].abs_diff(200) <= 2, "{m:?}");
+    // Bias 2: 3 / 3^2 = 1/3: host 1 now gets three picks for one.
+    let m = run(2.0, 2);
+    assert!(m[&1].abs_diff(300) <= 2, "{m:?}");
+    // Bias 0: active requests do not count (weighted round robin).
+    let m = run(0.0, 2);
+    assert!(m[&1].abs_diff(100) <= 1, "{m:?}");
+    // Bias 0.5 with 3 active: 3 / 4^0.5 = 1.5 against 1, a 2:3 split.
+    let m = run(0.5, 3);
+    assert!(m[&1].abs_diff(160) <= 2, "{m:?}");
+}
+
+#[test]
+fn least_request_weight_formula() {
+    let c = cluster(
+        LbPolicy::LeastRequest { choice_count: 2 },
+        Default::default(),
+        &[("a", 0, None, &[(1, 4, Healthy)])],
+    );
+    let h = &c.hosts()[0];
+    h.stats.rq_active.set(3);
+    use super::least::host_weight;
+    assert_eq!(host_weight(h, 1.0), 1.0);
+    assert_eq!(host_weight(h, 0.0), 4.0);
+    assert_eq!(host_weight(h, 0.5), 2.0);
+    assert_eq!(host_weight(h, 2.0), 0.25);
 }
 
 #[test]

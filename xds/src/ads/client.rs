@@ -154,6 +154,7 @@ async fn run(cfg: AdsConfig, handler: Arc<dyn Handler>, state: watch::Sender<Con
         match outcome {
             Err(e) => {
                 tracing::warn!(%server, "ADS: cannot open stream: {e}");
+                handler.connection_failed();
                 choice.failed();
             }
             Ok(end) if end.preempted => {
@@ -164,6 +165,7 @@ async fn run(cfg: AdsConfig, handler: Arc<dyn Handler>, state: watch::Sender<Con
             }
             Ok(end) => {
                 tracing::warn!(%server, "ADS: stream closed: {}", end.reason);
+                handler.connection_failed();
                 if end.got_response {
                     choice.succeeded();
                     backoff.reset();
@@ -200,6 +202,20 @@ async fn wait_for_primary(primary: SocketAddr, cfg: &AdsConfig) {
         if let Ok(Some(_)) = tokio::time::timeout(cfg.connect_timeout, probe).await {
             return;
         }
+    }
+}
+
+/// Runs the handling of one response (decoding every resource, then the handler's
+/// validation and apply: hundreds of milliseconds for 100k endpoints) without holding a
+/// runtime worker: on a multi-threaded runtime the worker hands its other tasks to a new one
+/// first, so data-plane connections sharing the runtime do not wait behind an update.
+pub(crate) fn off_worker<T>(f: impl FnOnce() -> T) -> T {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi_thread {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
     }
 }
 

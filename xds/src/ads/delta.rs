@@ -9,7 +9,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use super::client::{open, StreamCtx, StreamEnd};
+use super::client::{off_worker, open, StreamCtx, StreamEnd};
 use super::resource::{check_resources, nack_status, node};
 use super::{is_wildcard, Update, TYPE_ORDER};
 
@@ -63,7 +63,7 @@ pub(crate) async fn run(mut ctx: StreamCtx<'_>) -> Result<StreamEnd, String> {
                     Err(s) => return Ok(end(got_response, &format!("{}: {}", s.code(), s.message()))),
                 };
                 got_response = true;
-                let mut req = respond(&ctx, resp);
+                let mut req = off_worker(|| respond(&ctx, resp));
                 req.node = node.take();
                 if tx.send(req).is_err() {
                     return Ok(end(got_response, "request stream closed"));
@@ -119,6 +119,7 @@ fn respond(ctx: &StreamCtx<'_>, resp: DeltaDiscoveryResponse) -> DeltaDiscoveryR
         Err(format!("unknown type URL {type_url}"))
     } else {
         decode(&type_url, resp)
+            .inspect_err(|_| ctx.handler.rejected(&type_url))
             .and_then(|(version, update)| ctx.handler.apply(&type_url, &version, update))
     };
     match result {

@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 pub use backoff::Backoff;
+pub(crate) use client::off_worker;
 pub use client::{AdsClient, AdsHandle, ConnectionState};
 pub use resource::{references, resource_name};
 
@@ -79,6 +80,15 @@ pub trait Handler: Send + Sync + 'static {
     /// Resource name -> version currently held for `type_url`, sent as Delta's
     /// `initial_resource_versions` when a stream (re)starts.
     fn versions(&self, type_url: &str) -> HashMap<String, String>;
+
+    /// A stream could not be opened, or closed before the server answered (Envoy counts
+    /// `update_failure` on every ADS subscription then). Default: nothing.
+    fn connection_failed(&self) {}
+
+    /// The client refused a response of `type_url` before [`Handler::apply`] saw it (a body
+    /// that does not decode, a duplicate name): counted like a rejected update. Default:
+    /// nothing.
+    fn rejected(&self, _type_url: &str) {}
 }
 
 /// Which ADS RPC to use.

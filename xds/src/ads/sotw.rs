@@ -7,7 +7,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use super::client::{open, StreamCtx, StreamEnd};
+use super::client::{off_worker, open, StreamCtx, StreamEnd};
 use super::resource::{check_resources, nack_status, node, unwrap_sotw};
 use super::{is_wildcard, Update, TYPE_ORDER};
 
@@ -65,7 +65,7 @@ pub(crate) async fn run(
                     Err(s) => return Ok(end(got_response, &format!("{}: {}", s.code(), s.message()))),
                 };
                 got_response = true;
-                let req = respond(&ctx, versions, &mut types, resp, &mut node);
+                let req = off_worker(|| respond(&ctx, versions, &mut types, resp, &mut node));
                 if tx.send(req).is_err() {
                     return Ok(end(got_response, "request stream closed"));
                 }
@@ -143,6 +143,7 @@ fn respond(
         .map(|a| unwrap_sotw(a).map(|a| (None, resp.version_info.clone(), a)))
         .collect::<Result<Vec<_>, _>>()
         .and_then(|items| check_resources(&type_url, items))
+        .inspect_err(|_| ctx.handler.rejected(&type_url))
         .and_then(|resources| {
             ctx.handler
                 .apply(&type_url, &resp.version_info, Update::State(resources))

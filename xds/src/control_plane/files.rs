@@ -54,6 +54,7 @@ pub(super) fn load_with_fingerprint(dir: &Path) -> Result<(Resources, Fingerprin
     // Taken before reading, so a write racing the load is seen by the next poll.
     let fp = fingerprint(dir);
     std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let _descriptors = crate::decode::Descriptors::hold();
     let mut out: Resources = BTreeMap::new();
     let mut origin: BTreeMap<(String, String), String> = BTreeMap::new();
     for (path, _, _) in &fp {

@@ -49,6 +49,7 @@ pub fn read(path: &Path, type_url: &str) -> Result<(String, Vec<Resource>), Stri
     if let Some(k) = o.keys().next() {
         return Err(format!("{file}: {k}: unknown field"));
     }
+    let _descriptors = crate::decode::Descriptors::hold();
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let at = format!("{file}: resources[{i}]");
@@ -77,6 +78,9 @@ fn fingerprint(path: &Path) -> Fingerprint {
 /// Loads `path` into `d` now and whenever it changes; a file that does not load is logged and
 /// the previous resources stay.
 async fn watch_file(d: Dynamic, type_url: String, path: PathBuf) {
+    // A watched file is decoded again on every change: keep the descriptor pool for as long as
+    // it is watched rather than rebuild (and free) it per change.
+    let _descriptors = crate::decode::Descriptors::hold();
     let mut last: Fingerprint = None;
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -90,12 +94,15 @@ async fn watch_file(d: Dynamic, type_url: String, path: PathBuf) {
         let (p, t) = (path.clone(), type_url.clone());
         let read = tokio::task::spawn_blocking(move || read(&p, &t)).await;
         let result = match read {
-            Ok(Ok((version, resources))) => d.apply_source(
-                &type_url,
-                &version,
-                Update::State(resources),
-                ResourceSource::File,
-            ),
+            // Validation and apply off the runtime's workers, as for ADS.
+            Ok(Ok((version, resources))) => crate::ads::off_worker(|| {
+                d.apply_source(
+                    &type_url,
+                    &version,
+                    Update::State(resources),
+                    ResourceSource::File,
+                )
+            }),
             Ok(Err(e)) => Err(e),
             Err(e) => Err(e.to_string()),
         };

@@ -6,6 +6,7 @@
 
 pub mod files;
 pub mod resources;
+mod stats;
 #[cfg(test)]
 mod tests;
 
@@ -20,7 +21,7 @@ use tokio::time::Instant;
 use envoy_types::pb::envoy::config::cluster::v3 as cl;
 use envoy_types::pb::envoy::config::listener::v3 as lst;
 use envoy_types::pb::google::protobuf::Any;
-use strait_filters::{Counter, StatsSink};
+use strait_filters::StatsSink;
 use tokio::sync::watch;
 
 use crate::ads::{
@@ -29,7 +30,11 @@ use crate::ads::{
 };
 use crate::model::{self, ConfigSourceKind, ResourceSource};
 use crate::store::Store;
+use crate::translate::config_source::SourceRef;
 use resources::{AnyBody, Env};
+use stats::{Kind, Registry, SubStats};
+
+pub use stats::version_hash;
 
 /// Envoy's default `initial_fetch_timeout`, for sources that do not say.
 const DEFAULT_INITIAL_FETCH: Duration = Duration::from_secs(15);
@@ -79,7 +84,9 @@ struct ListenerVal {
     path: String,
     /// Translated with a placeholder route configuration when it uses RDS.
     base: Arc<model::Listener>,
-    rds: Option<(String, ConfigSourceKind)>,
+    rds: Option<SourceRef>,
+    /// `http.<stat_prefix>.rds.<name>.*` of `rds`.
+    rds_stats: Option<Arc<SubStats>>,
     /// The last listener published with real routes, and those routes.
     composed: Option<(Arc<model::RouteConfig>, Arc<model::Listener>)>,
     /// The previous version's published listener, served while this version warms
@@ -90,7 +97,9 @@ struct ListenerVal {
 #[derive(Debug, Clone)]
 struct ClusterVal {
     cluster: Arc<model::Cluster>,
-    eds: Option<(String, ConfigSourceKind)>,
+    eds: Option<SourceRef>,
+    /// `cluster.<name>.*` subscription stats of `eds`.
+    eds_stats: Option<Arc<SubStats>>,
 }
 
 #[derive(Debug, Default)]
@@ -105,22 +114,18 @@ struct State {
     received: HashSet<String>,
     /// Dynamic resources are published (a control plane answered, or the initial fetch timed out).
     gate_open: bool,
+    /// RDS/EDS subscriptions whose `init_fetch_timeout` was already counted.
+    fetch_timeouts: HashSet<(&'static str, String)>,
 }
 
-struct TypeStats {
-    attempt: Arc<Counter>,
-    success: Arc<Counter>,
-    rejected: Arc<Counter>,
-}
-
-impl TypeStats {
-    fn new(sink: &dyn StatsSink, prefix: &str) -> TypeStats {
-        TypeStats {
-            attempt: sink.counter(&format!("{prefix}.update_attempt")),
-            success: sink.counter(&format!("{prefix}.update_success")),
-            rejected: sink.counter(&format!("{prefix}.update_rejected")),
-        }
-    }
+/// What one accepted update did to its type's set.
+#[derive(Debug, Default)]
+struct Staged {
+    /// Added, or with a different body.
+    changed: Vec<String>,
+    /// Sent again with the same body.
+    unchanged: Vec<String>,
+    removed: Vec<String>,
 }
 
 struct Inner {
@@ -136,7 +141,10 @@ struct Inner {
     subs: watch::Sender<Subscriptions>,
     files: watch::Sender<BTreeSet<FileSubscription>>,
     store: Option<Arc<StoreWriter>>,
-    stats: HashMap<&'static str, TypeStats>,
+    stats: Registry,
+    /// `cluster_manager.cds.*` and `listener_manager.lds.*`, when CDS / LDS are configured.
+    cds_stats: Option<Arc<SubStats>>,
+    lds_stats: Option<Arc<SubStats>>,
     timer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -211,17 +219,13 @@ impl Dynamic {
             .map(|s| s.initial_fetch_timeout)
             .max()
             .unwrap_or(Some(DEFAULT_INITIAL_FETCH));
-        let mut stats_map = HashMap::new();
-        stats_map.insert(
-            CLUSTER_TYPE,
-            TypeStats::new(stats.as_ref(), "cluster_manager.cds"),
-        );
-        stats_map.insert(
-            LISTENER_TYPE,
-            TypeStats::new(stats.as_ref(), "listener_manager.lds"),
-        );
-        // Envoy counts RDS and EDS per resource (`http.<prefix>.rds.<name>.*`,
-        // `cluster.<name>.update_*`); Strait does not have those yet.
+        let registry = Registry::new(stats);
+        let cds_stats = cds
+            .as_ref()
+            .map(|_| registry.get("cluster_manager.cds", Kind::Cds));
+        let lds_stats = lds
+            .as_ref()
+            .map(|_| registry.get("listener_manager.lds", Kind::Lds));
         let store = match store_dir {
             Some(dir) => Some(Arc::new(StoreWriter {
                 store: Store::open(&dir).map_err(|e| format!("--xds-state-dir: {e}"))?,
@@ -244,7 +248,9 @@ impl Dynamic {
             subs: watch::channel(Subscriptions::new()).0,
             files: watch::channel(BTreeSet::new()).0,
             store,
-            stats: stats_map,
+            stats: registry,
+            cds_stats,
+            lds_stats,
             timer: Mutex::new(None),
         });
         let d = Dynamic { inner };
@@ -284,6 +290,7 @@ impl Dynamic {
             let i = st.clusters.len();
             let env = self.env(&st);
             let t = resources::cluster(&env, &format!("static_resources.clusters[{i}]"), c)?;
+            let eds_stats = self.eds_stats(&name, &t.eds);
             st.clusters.insert(
                 name,
                 Entry {
@@ -293,6 +300,7 @@ impl Dynamic {
                     added: now,
                     origin: Origin::Static,
                     value: ClusterVal {
+                        eds_stats,
                         cluster: Arc::new(t.cluster),
                         eds: t.eds,
                     },
@@ -316,6 +324,7 @@ impl Dynamic {
                         index: i,
                         path,
                         base: Arc::new(t.listener),
+                        rds_stats: self.rds_stats(&t.rds),
                         rds: t.rds,
                         composed: None,
                         previous: None,
@@ -385,6 +394,22 @@ impl Dynamic {
         }
     }
 
+    fn eds_stats(&self, cluster: &str, eds: &Option<SourceRef>) -> Option<Arc<SubStats>> {
+        eds.as_ref().map(|_| {
+            self.inner
+                .stats
+                .get(&format!("cluster.{cluster}"), Kind::Eds)
+        })
+    }
+
+    fn rds_stats(&self, rds: &Option<SourceRef>) -> Option<Arc<SubStats>> {
+        rds.as_ref().map(|r| {
+            self.inner
+                .stats
+                .get(&stats::rds_prefix(&r.stat_prefix, &r.name), Kind::Rds)
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every mutation builds the next state before committing it, so a poisoned lock still
         // holds a consistent state.
@@ -450,16 +475,14 @@ impl Dynamic {
         update: Update,
         source: ResourceSource,
     ) -> Result<(), String> {
-        let stats = self.inner.stats.get(type_url);
-        if let Some(s) = stats {
-            s.attempt.inc();
-        }
         let mut st = self.lock();
         let result = self.stage(&mut st, type_url, version_info, update, source);
-        match &result {
-            Ok(()) => {
-                if let Some(s) = stats {
-                    s.success.inc();
+        // Loading the store is not a fetch: Envoy's subscription stats count fetches only.
+        let counted = source != ResourceSource::Store;
+        match result {
+            Ok(staged) => {
+                if counted {
+                    self.count_accepted(&st, type_url, version_info, &staged);
                 }
                 if source != ResourceSource::Store {
                     st.received.insert(type_url.to_string());
@@ -468,14 +491,120 @@ impl Dynamic {
                 if source == ResourceSource::ControlPlane {
                     self.save(&st, type_url);
                 }
+                Ok(())
             }
-            Err(_) => {
-                if let Some(s) = stats {
-                    s.rejected.inc();
+            Err(e) => {
+                if counted {
+                    self.count_rejected(&st, type_url);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The subscriptions of `type_url`: the type's block for CDS/LDS, every RDS/EDS block.
+    fn blocks_of(&self, st: &State, type_url: &str) -> Vec<Arc<SubStats>> {
+        let mut out: Vec<Arc<SubStats>> = match type_url {
+            CLUSTER_TYPE => self.inner.cds_stats.iter().cloned().collect(),
+            LISTENER_TYPE => self.inner.lds_stats.iter().cloned().collect(),
+            ROUTE_TYPE => st
+                .listeners
+                .values()
+                .filter_map(|e| e.value.rds_stats.clone())
+                .collect(),
+            ENDPOINT_TYPE => st
+                .clusters
+                .values()
+                .filter_map(|e| e.value.eds_stats.clone())
+                .collect(),
+            _ => Vec::new(),
+        };
+        dedup_arcs(&mut out);
+        out
+    }
+
+    /// Envoy's per-subscription counting: CDS/LDS count every response; RDS/EDS count a
+    /// response for each subscription whose resource it carries.
+    fn count_accepted(&self, st: &State, type_url: &str, version_info: &str, staged: &Staged) {
+        let reloaded = !staged.changed.is_empty() || !staged.removed.is_empty();
+        // Subscription blocks by resource name, built once per update (10k names in a push).
+        let mut index: HashMap<&str, Vec<Arc<SubStats>>> = HashMap::new();
+        match type_url {
+            CLUSTER_TYPE | LISTENER_TYPE => {
+                for b in self.blocks_of(st, type_url) {
+                    b.accepted(version_info, reloaded);
+                }
+                return;
+            }
+            ROUTE_TYPE => {
+                for e in st.listeners.values() {
+                    if let (Some(r), Some(b)) = (&e.value.rds, &e.value.rds_stats) {
+                        index.entry(r.name.as_str()).or_default().push(b.clone());
+                    }
+                }
+            }
+            ENDPOINT_TYPE => {
+                for e in st.clusters.values() {
+                    if let (Some(r), Some(b)) = (&e.value.eds, &e.value.eds_stats) {
+                        index.entry(r.name.as_str()).or_default().push(b.clone());
+                    }
+                }
+            }
+            _ => return,
+        }
+        index.values_mut().for_each(dedup_arcs);
+        let blocks = |n: &String| index.get(n.as_str()).into_iter().flatten();
+        for b in staged.changed.iter().flat_map(blocks) {
+            b.accepted(version_info, true);
+        }
+        for b in staged.unchanged.iter().flat_map(blocks) {
+            b.accepted(version_info, false);
+        }
+        for b in staged.removed.iter().flat_map(blocks) {
+            b.emptied();
+        }
+    }
+
+    /// A rejected response fails every subscription of its type, as Envoy's mux does.
+    fn count_rejected(&self, st: &State, type_url: &str) {
+        for b in self.blocks_of(st, type_url) {
+            b.rejected();
+        }
+    }
+
+    /// The ADS stream could not be opened or broke: Envoy counts `update_failure` on every
+    /// subscription carried over ADS.
+    pub fn connection_failed(&self) {
+        let st = self.lock();
+        let ads = |s: &Option<model::ConfigSource>| {
+            s.as_ref().is_some_and(|s| s.kind == ConfigSourceKind::Ads)
+        };
+        let mut blocks = Vec::new();
+        if ads(&self.inner.cds) {
+            blocks.extend(self.inner.cds_stats.iter().cloned());
+        }
+        if ads(&self.inner.lds) {
+            blocks.extend(self.inner.lds_stats.iter().cloned());
+        }
+        for e in st.listeners.values() {
+            if let (Some(r), Some(b)) = (&e.value.rds, &e.value.rds_stats) {
+                if r.source.kind == ConfigSourceKind::Ads {
+                    blocks.push(b.clone());
                 }
             }
         }
-        result
+        for e in st.clusters.values() {
+            if let (Some(r), Some(b)) = (&e.value.eds, &e.value.eds_stats) {
+                if r.source.kind == ConfigSourceKind::Ads {
+                    blocks.push(b.clone());
+                }
+            }
+        }
+        drop(st);
+        dedup_arcs(&mut blocks);
+        for b in blocks {
+            b.connection_failed();
+        }
     }
 
     /// Builds the next set for `type_url` and commits it only if all of it is valid.
@@ -486,7 +615,8 @@ impl Dynamic {
         version_info: &str,
         update: Update,
         source: ResourceSource,
-    ) -> Result<(), String> {
+    ) -> Result<Staged, String> {
+        let mut staged = Staged::default();
         let (upserts, removed, replace) = match update {
             Update::State(rs) => (rs, Vec::new(), ads::is_wildcard(type_url)),
             Update::Delta { added, removed } => (added, removed, false),
@@ -505,11 +635,18 @@ impl Dynamic {
                 let mut next = $map.clone();
                 let names: HashSet<&str> = upserts.iter().map(|r| r.name.as_str()).collect();
                 if replace {
-                    next.retain(|n, e| !same_source(e.origin) || names.contains(n.as_str()));
+                    next.retain(|n, e| {
+                        let keep = !same_source(e.origin) || names.contains(n.as_str());
+                        if !keep {
+                            staged.removed.push(n.clone());
+                        }
+                        keep
+                    });
                 }
                 for n in &removed {
                     if next.get(n).is_some_and(|e| same_source(e.origin)) {
                         next.remove(n);
+                        staged.removed.push(n.clone());
                     }
                 }
                 for r in &upserts {
@@ -524,6 +661,7 @@ impl Dynamic {
                         if old.body.as_deref() == Some(&r.body) {
                             old.version = r.version.clone();
                             old.origin = Origin::Dynamic(source);
+                            staged.unchanged.push(r.name.clone());
                             continue;
                         }
                     }
@@ -542,6 +680,7 @@ impl Dynamic {
                                     value,
                                 },
                             );
+                            staged.changed.push(r.name.clone());
                         }
                         Err(e) => errors.push(e),
                     }
@@ -560,6 +699,7 @@ impl Dynamic {
                         index: 0,
                         path: String::new(),
                         base: Arc::new(t.listener),
+                        rds_stats: self.rds_stats(&t.rds),
                         rds: t.rds,
                         composed: None,
                         previous: None,
@@ -613,6 +753,7 @@ impl Dynamic {
                     let proto = resources::decode_cluster(&r.name, &r.body)?;
                     let t = resources::cluster(&env, "", proto)?;
                     Ok::<_, String>(ClusterVal {
+                        eds_stats: self.eds_stats(&r.name, &t.eds),
                         cluster: Arc::new(t.cluster),
                         eds: t.eds,
                     })
@@ -636,7 +777,7 @@ impl Dynamic {
         }
         st.versions
             .insert(type_url.to_string(), version_info.to_string());
-        Ok(())
+        Ok(staged)
     }
 
     /// Recomputes subscriptions, composes and publishes, and schedules the next warming
@@ -662,13 +803,13 @@ impl Dynamic {
             }
         };
         for e in st.listeners.values() {
-            if let Some((n, k)) = &e.value.rds {
-                want(ROUTE_TYPE, n, k);
+            if let Some(r) = &e.value.rds {
+                want(ROUTE_TYPE, &r.name, &r.source.kind);
             }
         }
         for e in st.clusters.values() {
-            if let Some((n, k)) = &e.value.eds {
-                want(ENDPOINT_TYPE, n, k);
+            if let Some(r) = &e.value.eds {
+                want(ENDPOINT_TYPE, &r.name, &r.source.kind);
             }
         }
         for (t, s) in [
@@ -701,18 +842,14 @@ impl Dynamic {
         self.schedule(deadline);
     }
 
-    fn timed_out(&self, added: Instant, now: Instant) -> bool {
-        self.inner.initial_timeout.is_some_and(|t| now >= added + t)
-    }
-
     /// Publishes the warm resources (when the gate is open); returns the next instant at which
     /// warming or the initial-fetch gate times out.
     fn compose(&self, st: &mut State) -> Option<Instant> {
         let now = Instant::now();
         let mut next_deadline: Option<Instant> = None;
-        let mut note = |added: Instant| {
-            if let Some(t) = self.inner.initial_timeout {
-                let d = added + t;
+        let mut note = |since: Instant, timeout: Option<Duration>| {
+            if let Some(t) = timeout {
+                let d = since + t;
                 next_deadline = Some(next_deadline.map_or(d, |n: Instant| n.min(d)));
             }
         };
@@ -720,16 +857,24 @@ impl Dynamic {
             let all_received = [LISTENER_TYPE, CLUSTER_TYPE]
                 .iter()
                 .all(|t| st.received.contains(*t));
-            if all_received || self.timed_out(self.inner.started, now) {
+            if all_received || timed_out(self.inner.started, self.inner.initial_timeout, now) {
                 st.gate_open = true;
                 if !all_received {
                     tracing::warn!(
                         "xDS: no complete answer within initial_fetch_timeout; serving what is held \
                          (static resources and the last-known-good store)"
                     );
+                    for (t, b) in [
+                        (CLUSTER_TYPE, &self.inner.cds_stats),
+                        (LISTENER_TYPE, &self.inner.lds_stats),
+                    ] {
+                        if let Some(b) = b.as_ref().filter(|_| !st.received.contains(t)) {
+                            b.init_fetch_timeout.inc();
+                        }
+                    }
                 }
             } else {
-                note(self.inner.started);
+                note(self.inner.started, self.inner.initial_timeout);
             }
         }
         // Clusters: warm once their endpoints arrived, or their fetch timed out.
@@ -740,17 +885,23 @@ impl Dynamic {
         for (name, e) in &st.clusters {
             let warm = match &e.value.eds {
                 None => true,
-                Some((svc, _)) => match st.endpoints.get(svc) {
+                Some(r) => match st.endpoints.get(&r.name) {
                     Some(la) => {
                         eds.insert(name.clone(), la.value.clone());
                         true
                     }
-                    None if self.timed_out(e.added, now) => {
+                    // The cluster's own `eds_config.initial_fetch_timeout`, as in Envoy.
+                    None if timed_out(e.added, r.source.initial_fetch_timeout, now) => {
                         eds.insert(name.clone(), Arc::new(model::LoadAssignment::default()));
+                        if st.fetch_timeouts.insert((ENDPOINT_TYPE, name.clone())) {
+                            if let Some(b) = &e.value.eds_stats {
+                                b.init_fetch_timeout.inc();
+                            }
+                        }
                         true
                     }
                     None => {
-                        note(e.added);
+                        note(e.added, r.source.initial_fetch_timeout);
                         false
                     }
                 },
@@ -770,13 +921,15 @@ impl Dynamic {
         let mut all_warm = warm_clusters.len() == st.clusters.len();
         for (name, e) in st.listeners.iter_mut() {
             let v = &mut e.value;
-            let Some((rds, _)) = &v.rds else {
+            let Some(rds_ref) = &v.rds else {
                 listeners.push(v.base.clone());
                 if let Some(d) = dump_entry(name, e, false) {
                     listener_dump.push(d);
                 }
                 continue;
             };
+            let rds = &rds_ref.name;
+            let fetch_timeout = rds_ref.source.initial_fetch_timeout;
             let route = st.routes.get(rds).map(|r| r.value.clone());
             let usable = route.as_ref().filter(|rc| {
                 resources::route_clusters(rc)
@@ -807,17 +960,23 @@ impl Dynamic {
                 }
                 None => {
                     warming = true;
-                    if self.timed_out(e.added, now) && v.composed.is_none() {
+                    // The listener's own `rds.config_source.initial_fetch_timeout`.
+                    if timed_out(e.added, fetch_timeout, now) && v.composed.is_none() {
                         // Envoy starts the listener with no routes when RDS never answers.
                         warming = false;
                         v.composed =
                             Some((Arc::new(model::RouteConfig::default()), v.base.clone()));
+                        if let Some(b) = &v.rds_stats {
+                            b.init_fetch_timeout.inc();
+                        }
                     } else if v.composed.is_none() {
-                        note(e.added);
+                        note(e.added, fetch_timeout);
                     }
                 }
             }
-            if warming {
+            // A listener whose RDS timed out serves with no routes: warm, as in Envoy, even
+            // while it still waits for the routes.
+            if warming && v.composed.is_none() {
                 all_warm = false;
             }
             if let Some((_, l)) = &v.composed {
@@ -889,9 +1048,10 @@ impl Dynamic {
             tokio::time::sleep_until(deadline).await;
             if let Some(inner) = weak.upgrade() {
                 let d = Dynamic { inner };
-                let mut st = d.lock();
-                let next = d.compose(&mut st);
-                drop(st);
+                let next = ads::off_worker(|| {
+                    let mut st = d.lock();
+                    d.compose(&mut st)
+                });
                 d.schedule(next);
             }
         }));
@@ -985,6 +1145,17 @@ struct Rollback {
     versions: HashMap<String, String>,
 }
 
+/// Whether a fetch that started at `since` with `timeout` (`None`: wait forever) gave up.
+fn timed_out(since: Instant, timeout: Option<Duration>, now: Instant) -> bool {
+    timeout.is_some_and(|t| now >= since + t)
+}
+
+/// Keeps one of each block (listeners sharing a route configuration and prefix share it).
+fn dedup_arcs(v: &mut Vec<Arc<SubStats>>) {
+    let mut seen = HashSet::new();
+    v.retain(|b| seen.insert(Arc::as_ptr(b)));
+}
+
 fn dump_entry<T>(name: &str, e: &Entry<T>, warming: bool) -> Option<model::DynamicEntry> {
     let Origin::Dynamic(source) = e.origin else {
         return None;
@@ -1007,6 +1178,15 @@ impl Handler for Dynamic {
 
     fn subscriptions(&self) -> watch::Receiver<Subscriptions> {
         self.inner.subs.subscribe()
+    }
+
+    fn connection_failed(&self) {
+        Dynamic::connection_failed(self);
+    }
+
+    fn rejected(&self, type_url: &str) {
+        let st = self.lock();
+        self.count_rejected(&st, type_url);
     }
 
     fn versions(&self, type_url: &str) -> HashMap<String, String> {

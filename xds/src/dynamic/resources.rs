@@ -13,20 +13,21 @@ use envoy_types::pb::google::protobuf::{Any, BoolValue};
 use prost::Message;
 
 use crate::model;
+use crate::translate::config_source::SourceRef;
 use crate::translate::{self, Ctx};
 
-/// A listener with the RDS name (and its source) it routes through, if any.
+/// A listener with the RDS resource (name, source, stat prefix) it routes through, if any.
 #[derive(Debug)]
 pub struct TranslatedListener {
     pub listener: model::Listener,
-    pub rds: Option<(String, model::ConfigSourceKind)>,
+    pub rds: Option<SourceRef>,
 }
 
-/// A cluster with the EDS service name (and its source) it takes endpoints from, if any.
+/// A cluster with the EDS resource (service name, source) it takes endpoints from, if any.
 #[derive(Debug)]
 pub struct TranslatedCluster {
     pub cluster: model::Cluster,
-    pub eds: Option<(String, model::ConfigSourceKind)>,
+    pub eds: Option<SourceRef>,
 }
 
 /// What translating one resource may depend on.

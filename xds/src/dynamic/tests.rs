@@ -367,3 +367,188 @@ static_resources:
         .expect("the CDS cluster is published once warm");
     assert_eq!(remote.lb.local_cluster_name.as_deref(), Some("local"));
 }
+
+fn cluster_with_timeout(name: &str, timeout: &str) -> Resource {
+    res(
+        CLUSTER_TYPE,
+        &format!(
+            "'@type': type.googleapis.com/envoy.config.cluster.v3.Cluster
+name: {name}
+type: EDS
+eds_cluster_config: {{eds_config: {{ads: {{}}, initial_fetch_timeout: {timeout}}}}}"
+        ),
+        "1",
+    )
+}
+
+fn listener_with_timeout(name: &str, route: &str, timeout: &str) -> Resource {
+    res(
+        LISTENER_TYPE,
+        &format!(
+            "'@type': type.googleapis.com/envoy.config.listener.v3.Listener
+name: {name}
+address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
+filter_chains:
+- filters:
+  - name: hcm
+    typed_config:
+      '@type': type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+      stat_prefix: x
+      rds: {{route_config_name: {route}, config_source: {{ads: {{}}, initial_fetch_timeout: {timeout}}}}}
+      http_filters: [{{name: envoy.filters.http.router}}]"
+        ),
+        "1",
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn rds_and_eds_warm_with_their_own_initial_fetch_timeout() {
+    let stats = Arc::new(MemoryStats::default());
+    // LDS and CDS wait 60 s; the RDS and EDS sources say otherwise.
+    let d = Dynamic::new(ads_bootstrap(), None, stats.clone()).unwrap();
+    d.apply(
+        CLUSTER_TYPE,
+        "1",
+        state(vec![
+            cluster_with_timeout("fast", "2s"),
+            // 0 disables the timeout: warm only when the endpoints come.
+            cluster_with_timeout("never", "0s"),
+        ]),
+    )
+    .unwrap();
+    d.apply(
+        LISTENER_TYPE,
+        "1",
+        state(vec![listener_with_timeout("l", "r", "5s")]),
+    )
+    .unwrap();
+    let p = published(&d).unwrap();
+    assert!(p.clusters.is_empty() && p.listeners.is_empty());
+
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let p = published(&d).unwrap();
+    let names: Vec<_> = p.clusters.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["fast"],
+        "EDS timed out after its own 2 s, not CDS's 60 s"
+    );
+    assert!(p.eds["fast"].endpoints.is_empty());
+    assert!(p.listeners.is_empty(), "RDS waits 5 s");
+    assert_eq!(stats.counter_value("cluster.fast.init_fetch_timeout"), 1);
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let p = published(&d).unwrap();
+    assert_eq!(p.listeners.len(), 1, "the listener starts with no routes");
+    assert!(p.listeners[0].hcm.route_config.virtual_hosts.is_empty());
+    assert_eq!(stats.counter_value("http.x.rds.r.init_fetch_timeout"), 1);
+
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let p = published(&d).unwrap();
+    assert_eq!(p.clusters.len(), 1, "`never` still warms");
+    assert_eq!(stats.counter_value("cluster.never.init_fetch_timeout"), 0);
+    assert!(!*d.ready().borrow());
+    d.apply(ENDPOINT_TYPE, "1", state(vec![cla("never", 1)]))
+        .unwrap();
+    assert_eq!(published(&d).unwrap().clusters.len(), 2);
+    assert!(*d.ready().borrow());
+    // Counted once, however often the configuration is composed again.
+    assert_eq!(stats.counter_value("cluster.fast.init_fetch_timeout"), 1);
+    assert_eq!(
+        stats.counter_value("cluster_manager.cds.init_fetch_timeout"),
+        0
+    );
+}
+
+#[tokio::test]
+async fn subscription_stats_use_envoys_names_and_counting() {
+    let stats = Arc::new(MemoryStats::default());
+    let d = Dynamic::new(ads_bootstrap(), None, stats.clone()).unwrap();
+    let c = |n: &str| stats.counter_value(n);
+    let g = |n: &str| stats.gauge_value(n);
+    // Subscribing counts one attempt, as Envoy shows `update_attempt: 2` after one response.
+    assert_eq!(c("cluster_manager.cds.update_attempt"), 1);
+    d.apply(CLUSTER_TYPE, "v1", state(vec![cluster("a"), cluster("b")]))
+        .unwrap();
+    assert_eq!(c("cluster_manager.cds.update_attempt"), 2);
+    assert_eq!(c("cluster_manager.cds.update_success"), 1);
+    assert_eq!(c("cluster_manager.cds.config_reload"), 1);
+    assert_eq!(g("cluster_manager.cds.version"), stats::version_hash("v1"));
+    assert!(g("cluster_manager.cds.update_time") > 0);
+    // The same set again: a success, but no reload.
+    d.apply(CLUSTER_TYPE, "v2", state(vec![cluster("a"), cluster("b")]))
+        .unwrap();
+    assert_eq!(c("cluster_manager.cds.config_reload"), 1);
+    assert_eq!(g("cluster_manager.cds.version"), stats::version_hash("v2"));
+
+    // EDS: per cluster, only for the resources a response carries.
+    d.apply(ENDPOINT_TYPE, "e1", state(vec![cla("a", 1), cla("b", 1)]))
+        .unwrap();
+    d.apply(ENDPOINT_TYPE, "e2", state(vec![cla("a", 1), cla("b", 2)]))
+        .unwrap();
+    d.apply(ENDPOINT_TYPE, "e3", state(vec![cla("b", 3)]))
+        .unwrap();
+    assert_eq!(c("cluster.a.update_attempt"), 3);
+    assert_eq!(c("cluster.a.update_success"), 2);
+    assert_eq!(c("cluster.a.update_no_rebuild"), 1);
+    assert_eq!(c("cluster.b.update_success"), 3);
+    assert_eq!(c("cluster.b.update_no_rebuild"), 0);
+    assert_eq!(g("cluster.a.version"), stats::version_hash("e2"));
+    assert_eq!(g("cluster.b.version"), stats::version_hash("e3"));
+    d.apply(
+        ENDPOINT_TYPE,
+        "e4",
+        Update::Delta {
+            added: vec![],
+            removed: vec!["b".into()],
+        },
+    )
+    .unwrap();
+    assert_eq!(c("cluster.b.update_empty"), 1);
+
+    // RDS: `http.<stat_prefix>.rds.<name>.*`; config_reload only when the routes change.
+    d.apply(LISTENER_TYPE, "l1", state(vec![listener("l", "r", 0)]))
+        .unwrap();
+    assert_eq!(c("listener_manager.lds.update_success"), 1);
+    assert_eq!(c("http.x.rds.r.update_attempt"), 1);
+    d.apply(ROUTE_TYPE, "r1", state(vec![route("r", "a")]))
+        .unwrap();
+    d.apply(ROUTE_TYPE, "r2", state(vec![route("r", "a")]))
+        .unwrap();
+    assert_eq!(c("http.x.rds.r.update_success"), 2);
+    assert_eq!(c("http.x.rds.r.config_reload"), 1);
+    assert!(g("http.x.rds.r.config_reload_time_ms") > 0);
+    assert_eq!(g("http.x.rds.r.version"), stats::version_hash("r2"));
+    // A rejected response fails every subscription of its type.
+    let bad = res(
+        ROUTE_TYPE,
+        "'@type': type.googleapis.com/envoy.config.route.v3.RouteConfiguration
+name: r
+virtual_hosts: [{name: v, domains: ['*'], routes: [{match: {prefix: /}, route: {cluster: a, timeout: -1s}}]}]",
+        "r3",
+    );
+    d.apply(ROUTE_TYPE, "r3", state(vec![bad])).unwrap_err();
+    assert_eq!(c("http.x.rds.r.update_rejected"), 1);
+    assert_eq!(c("http.x.rds.r.update_attempt"), 4);
+    assert_eq!(g("http.x.rds.r.version"), stats::version_hash("r2"));
+    d.apply(CLUSTER_TYPE, "v3", state(vec![cluster("a"), bad_cluster()]))
+        .unwrap_err();
+    assert_eq!(c("cluster_manager.cds.update_rejected"), 1);
+
+    // A broken ADS stream: update_failure on every ADS subscription.
+    d.connection_failed();
+    assert_eq!(c("cluster_manager.cds.update_failure"), 1);
+    assert_eq!(c("listener_manager.lds.update_failure"), 1);
+    assert_eq!(c("http.x.rds.r.update_failure"), 1);
+    assert_eq!(c("cluster.a.update_failure"), 1);
+}
+
+fn bad_cluster() -> Resource {
+    res(
+        CLUSTER_TYPE,
+        "'@type': type.googleapis.com/envoy.config.cluster.v3.Cluster
+name: bad
+connect_timeout: -1s",
+        "1",
+    )
+}

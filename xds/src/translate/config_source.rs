@@ -15,6 +15,16 @@ use crate::model;
 /// Envoy's default `initial_fetch_timeout`.
 const INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// An RDS or EDS resource that a listener or cluster uses: its name, the source it comes from
+/// (with that source's own `initial_fetch_timeout`) and, for RDS, the connection manager's
+/// `stat_prefix` (Envoy counts RDS under `http.<stat_prefix>.rds.<name>.`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceRef {
+    pub name: String,
+    pub source: model::ConfigSource,
+    pub stat_prefix: String,
+}
+
 /// `dynamic_resources` at `path`.
 pub(crate) fn dynamic_resources(
     cx: &mut Ctx,
@@ -244,7 +254,11 @@ pub(crate) fn eds_cluster(
                 } else {
                     service_name
                 };
-                cx.eds_refs.push((service, s.kind));
+                cx.eds_refs.push(SourceRef {
+                    name: service,
+                    source: s,
+                    stat_prefix: String::new(),
+                });
             }
         }
         (Some(model::DiscoveryType::Eds), None) => {
@@ -281,7 +295,11 @@ pub(crate) fn rds(
         return None;
     }
     let source = source?;
-    cx.rds_refs.push((route_config_name.clone(), source.kind));
+    cx.rds_refs.push(SourceRef {
+        name: route_config_name.clone(),
+        source,
+        stat_prefix: cx.stat_prefix.clone(),
+    });
     Some(match cx.rds_routes.get(&route_config_name) {
         Some(rc) => rc.clone(),
         None => std::sync::Arc::new(model::RouteConfig {

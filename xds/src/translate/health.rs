@@ -225,7 +225,9 @@ fn http(
     if hc_path.is_empty() {
         cx.err(at(path, "path"), "required");
     }
-    reject_set!(cx, path; send, receive, response_buffer_size, service_name_matcher, method);
+    reject_set!(cx, path; send, receive, response_buffer_size, method);
+    let service_name_matcher = service_name_matcher
+        .and_then(|m| super::route::string_matcher(cx, &at(path, "service_name_matcher"), m));
     let mut add = Vec::new();
     for (i, o) in request_headers_to_add.into_iter().enumerate() {
         let opath = ix(path, "request_headers_to_add", i);
@@ -280,6 +282,7 @@ fn http(
         http2,
         request_headers_to_add: add,
         request_headers_to_remove: remove,
+        service_name_matcher,
     }))
 }
 

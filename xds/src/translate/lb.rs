@@ -210,8 +210,8 @@ fn common_lb(cx: &mut Ctx, path: &str, c: cl::cluster::CommonLbConfig, lb: &mut 
     );
     // Strait rebuilds LB state on every change at once; the merge window only batches updates.
     let _ = update_merge_window;
-    reject_set!(cx, path; ignore_new_hosts_until_first_hc, close_connections_on_host_set_change,
-        override_host_status);
+    lb.ignore_new_hosts_until_first_hc = ignore_new_hosts_until_first_hc;
+    reject_set!(cx, path; close_connections_on_host_set_change, override_host_status);
     if let Some(ch) = consistent_hashing_lb_config {
         let hpath = at(path, "consistent_hashing_lb_config");
         let cl::cluster::common_lb_config::ConsistentHashingLbConfig {

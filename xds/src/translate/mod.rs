@@ -48,9 +48,9 @@ pub(crate) struct Ctx {
     /// placeholder (the listener is still warming).
     pub rds_routes: std::collections::HashMap<String, std::sync::Arc<crate::model::RouteConfig>>,
     /// RDS names the translated listeners use, with their source.
-    pub rds_refs: Vec<(String, crate::model::ConfigSourceKind)>,
+    pub rds_refs: Vec<config_source::SourceRef>,
     /// EDS service names the translated clusters use, with their source.
-    pub eds_refs: Vec<(String, crate::model::ConfigSourceKind)>,
+    pub eds_refs: Vec<config_source::SourceRef>,
     /// `cluster_manager.local_cluster_name` and `node.locality` of the bootstrap, copied into
     /// each cluster's LB config for zone-aware routing.
     pub local_cluster_name: Option<String>,

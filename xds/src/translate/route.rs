@@ -37,6 +37,7 @@ pub(crate) fn translate(
         vhost_header,
         ignore_path_parameters_in_path_matching,
         typed_per_filter_config,
+        // Accepted: filters see the route's own metadata (Envoy's `route->metadata()`).
         metadata: _,
         route_specifiers,
     } = rc;
@@ -134,6 +135,7 @@ fn virtual_host(
         per_request_buffer_limit_bytes,
         request_body_buffer_limit,
         request_mirror_policies,
+        // Accepted: filters see the route's own metadata (Envoy's `route->metadata()`).
         metadata: _,
         route_specifiers,
     } = vh;
@@ -211,7 +213,7 @@ fn route(
     let rt::Route {
         name,
         r#match,
-        metadata: _,
+        metadata,
         decorator,
         typed_per_filter_config,
         request_headers_to_add,
@@ -240,6 +242,10 @@ fn route(
         &cx.per_filter_vh[..],
         &route_level[..],
     ]);
+    let metadata = metadata
+        .map(|m| strait_filters::Metadata::from_proto(&m))
+        .unwrap_or_default();
+    let per_filter_configs = filter_configs.clone();
     let filter_configs = (!filter_configs.is_empty()).then(|| Arc::new(filter_configs));
     let headers = header_mutations(
         cx,
@@ -277,12 +283,30 @@ fn route(
     if cx.errors.len() > start {
         return None;
     }
+    let action = action?;
+    let cluster = match &action {
+        model::RouteAction::Forward(model::ForwardAction {
+            cluster: model::ClusterSpecifier::Cluster(c),
+            ..
+        }) => Some(c.clone()),
+        _ => None,
+    };
+    let upstream_stats = matches!(action, model::RouteAction::Forward(_))
+        .then(|| strait_filters::StatsScope::new("cluster.", cx.filter_env.0.stats.clone()));
+    let filter_route = Arc::new(strait_filters::RouteEntry {
+        name: name.clone(),
+        cluster,
+        upstream_stats,
+        metadata,
+        per_filter_configs,
+    });
     Some(model::Route {
         name,
         matcher: matcher?,
-        action: action?,
+        action,
         headers,
         filter_configs,
+        filter_route,
     })
 }
 
@@ -518,7 +542,7 @@ fn query_matcher(
     Some(model::QueryParameterMatcher { name, spec: spec? })
 }
 
-fn string_matcher(
+pub(super) fn string_matcher(
     cx: &mut Ctx,
     path: &str,
     m: matcher::StringMatcher,
