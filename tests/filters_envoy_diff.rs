@@ -2,7 +2,8 @@
 //! installed (`ENVOY_BIN`, else `envoy` on `PATH`), through Envoy. Compared: the order in which
 //! header_mutation applies its per-route levels (request and response headers), and where
 //! ext_authz counts its outcomes (`http.<prefix>.ext_authz.*` and
-//! `cluster.<route target>.ext_authz.*`), how CORS policies of several levels combine, and
+//! `cluster.<route target>.ext_authz.*`, and the `upstream_rq_4xx` it charges the cluster on a
+//! denial), how CORS policies of several levels combine, and
 //! RBAC permissions over route metadata (`sourced_metadata`), and which per-route configs
 //! enable a filter the connection manager disables.
 //! Each result must also equal the literal expectation
@@ -358,7 +359,13 @@ async fn ext_authz_case(yaml: &str, requests: &[(&str, StatusCode)]) -> Vec<(Str
         .stats()
         .await
         .into_iter()
-        .filter(|(k, v)| k.contains("ext_authz") && *v != 0)
+        // A denial is also charged to the route's cluster (`charge_cluster_response_stats`);
+        // the proxied 200s' own `upstream_rq_*` and Envoy's `external.*` twins are left out.
+        .filter(|(k, v)| {
+            let charged = k.starts_with("cluster.backend.internal.upstream_rq_")
+                || k.starts_with("cluster.backend.upstream_rq_4");
+            (k.contains("ext_authz") || charged) && *v != 0
+        })
         .collect();
     got.sort();
     got
@@ -474,6 +481,11 @@ async fn filters_match_envoy() {
         counts(&[
             ("cluster.backend.ext_authz.waf.denied", 1),
             ("cluster.backend.ext_authz.waf.ok", 1),
+            ("cluster.backend.internal.upstream_rq_403", 1),
+            ("cluster.backend.internal.upstream_rq_4xx", 1),
+            ("cluster.backend.internal.upstream_rq_completed", 1),
+            ("cluster.backend.upstream_rq_403", 1),
+            ("cluster.backend.upstream_rq_4xx", 1),
             ("http.ingress.ext_authz.waf.denied", 1),
             ("http.ingress.ext_authz.waf.ok", 1),
         ]),

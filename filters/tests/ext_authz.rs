@@ -469,3 +469,45 @@ fn config_errors_name_their_field() {
         format!("{PATH}.with_request_body")
     );
 }
+
+/// A denial is charged to the request's cluster unless `charge_cluster_response_stats` is false.
+#[tokio::test]
+async fn denials_charge_the_cluster_unless_disabled() {
+    use envoy_types::pb::google::protobuf::BoolValue;
+    use strait_filters::{RouteEntry, StatsScope};
+
+    let (addr, _svc) = start_authz().await;
+    for charge in [None, Some(false)] {
+        let env = Env::with_clusters(Arc::new(OneCluster(addr)));
+        let mut cfg = config(Some(5000));
+        cfg.charge_cluster_response_stats = charge.map(|value| BoolValue { value });
+        let chain = env.chain("authz", TYPE_URL, &cfg);
+        let route = Arc::new(RouteEntry {
+            upstream_stats: Some(StatsScope::new("cluster.", env.stats.clone())),
+            ..RouteEntry::default()
+        });
+        let mut c = ctx();
+        c.set_route_entry(route);
+        c.cluster_name = Some("backend".into());
+        let reply = run(&chain, &mut c, &mut req("GET", "/", &[("x-authz", "deny")]))
+            .await
+            .unwrap_err();
+        // The test server denies with its own status (401), which is what gets charged.
+        assert_eq!(reply.status, http::StatusCode::UNAUTHORIZED);
+        let want = u64::from(charge.is_none());
+        for name in [
+            "upstream_rq_401",
+            "upstream_rq_4xx",
+            "upstream_rq_completed",
+            "internal.upstream_rq_401",
+            "internal.upstream_rq_4xx",
+            "internal.upstream_rq_completed",
+        ] {
+            assert_eq!(
+                env.counter(&format!("cluster.backend.{name}")),
+                want,
+                "{name} with charge_cluster_response_stats {charge:?}"
+            );
+        }
+    }
+}

@@ -76,6 +76,10 @@ struct Config {
     failure_mode_allow: bool,
     failure_mode_allow_header_add: bool,
     status_on_error: StatusCode,
+    /// `charge_cluster_response_stats` (default true): a denial also counts as a response of
+    /// the request's cluster (`upstream_rq_<code>`, `_<class>xx`, `_completed` and their
+    /// `internal.` twins, Envoy's `CodeStats::chargeResponseStat` for an internal request).
+    charge_cluster_response_stats: bool,
     stats: Stats,
 }
 
@@ -209,11 +213,6 @@ fn parse(cfg: &ExtAuthz, path: &str, cx: &BuildContext<'_>) -> Result<Config> {
     reject_set(allowed_headers.is_some(), path, "allowed_headers")?;
     reject_set(disallowed_headers.is_some(), path, "disallowed_headers")?;
     reject_set(*include_tls_session, path, "include_tls_session")?;
-    reject_set(
-        charge_cluster_response_stats.is_some(),
-        path,
-        "charge_cluster_response_stats",
-    )?;
     reject_set(*encode_raw_headers, path, "encode_raw_headers")?;
     reject_set(
         decoder_header_mutation_rules.is_some(),
@@ -281,6 +280,7 @@ fn parse(cfg: &ExtAuthz, path: &str, cx: &BuildContext<'_>) -> Result<Config> {
         failure_mode_allow: *failure_mode_allow,
         failure_mode_allow_header_add: *failure_mode_allow_header_add,
         status_on_error,
+        charge_cluster_response_stats: charge_cluster_response_stats.is_none_or(|b| b.value),
         stats: Stats {
             ok: cx.stats.counter(&format!("{p}ok")),
             denied: cx.stats.counter(&format!("{p}denied")),
@@ -490,6 +490,25 @@ fn count_cluster(config: &Config, route: Option<&RouteEntry>, cluster: Option<&s
     }
 }
 
+/// Counts a denial as `cluster` answering `status`, as Envoy's `chargeResponseStat` does for an
+/// internal request.
+fn charge_response(route: Option<&RouteEntry>, cluster: Option<&str>, status: StatusCode) {
+    let (Some(scope), Some(cluster)) = (route.and_then(|r| r.upstream_stats.as_ref()), cluster)
+    else {
+        return;
+    };
+    let code = status.as_u16();
+    for prefix in ["", "internal."] {
+        for name in [
+            format!("upstream_rq_{code}"),
+            format!("upstream_rq_{}xx", code / 100),
+            "upstream_rq_completed".to_string(),
+        ] {
+            scope.counter(&format!("{cluster}.{prefix}{name}")).inc();
+        }
+    }
+}
+
 async fn call(
     config: Arc<Config>,
     route: Option<Arc<RouteEntry>>,
@@ -559,7 +578,11 @@ async fn call(
                 Some(HttpResponse::DeniedResponse(d)) => Some(d),
                 _ => None,
             };
-            Action::reply(denied_reply(denied, StatusCode::FORBIDDEN))
+            let reply = denied_reply(denied, StatusCode::FORBIDDEN);
+            if config.charge_cluster_response_stats {
+                charge_response(route, cluster, reply.status);
+            }
+            Action::reply(reply)
         }
     }
 }
