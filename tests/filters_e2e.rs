@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::filters::*;
 use common::*;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue as PbHeaderValue, HeaderValueOption};
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
@@ -22,23 +23,6 @@ use envoy_types::pb::envoy::service::auth::v3::{
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use http::{Method, StatusCode};
 use serde_json::{json, Value};
-
-const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
-
-/// `http_filters`: these, then the router.
-fn chain(filters: Vec<Value>) -> Value {
-    let mut v = filters;
-    v.push(json!({"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}));
-    Value::Array(v)
-}
-
-fn filter(name: &str, type_name: &str, config: Value) -> Value {
-    let mut typed = json!({"@type": format!("type.googleapis.com/{type_name}")});
-    if let (Some(t), Value::Object(c)) = (typed.as_object_mut(), config) {
-        t.extend(c);
-    }
-    json!({"name": name, "typed_config": typed})
-}
 
 fn route(prefix: &str, cluster: &str) -> Value {
     json!({"match": {"prefix": prefix}, "route": {"cluster": cluster}})
@@ -336,55 +320,6 @@ async fn header_mutation_edits_both_directions() {
         Some(&b"1"[..])
     );
     assert!(seen.headers.get("x-remove-me").is_none());
-}
-
-/// `typed_per_filter_config` for the header_mutation filter `hm` at one level: append `level` to
-/// `x-order` on the request and the response, and overwrite `x-last` on the request.
-fn hm_level(level: &str) -> Value {
-    let add = |key: &str, action: &str| json!({"append": {"header": {"key": key, "value": level}, "append_action": action}});
-    json!({"hm": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutationPerRoute",
-        "mutations": {
-            "request_mutations": [add("x-order", "APPEND_IF_EXISTS_OR_ADD"),
-                                  add("x-last", "OVERWRITE_IF_EXISTS_OR_ADD")],
-            "response_mutations": [add("x-order", "APPEND_IF_EXISTS_OR_ADD")]
-        }
-    }})
-}
-
-/// header_mutation with per-route configs at the route configuration, virtual host and route
-/// levels, the filter's own level appending `filter`; the route carries metadata too (accepted).
-fn header_mutation_levels(up: SocketAddr, most_specific_wins: bool) -> Config {
-    let add = json!({"append": {"header": {"key": "x-order", "value": "filter"},
-                                "append_action": "APPEND_IF_EXISTS_OR_ADD"}});
-    Config::new()
-        .cluster("backend", &[up])
-        .route_config(json!({
-            "name": "local",
-            "typed_per_filter_config": hm_level("rc"),
-            "virtual_hosts": [{
-                "name": "default",
-                "domains": ["*"],
-                "typed_per_filter_config": hm_level("vhost"),
-                "routes": [{
-                    "name": "r",
-                    "match": {"prefix": "/"},
-                    "route": {"cluster": "backend"},
-                    "metadata": {"filter_metadata": {"acme.team": {"owner": "payments"}}},
-                    "typed_per_filter_config": hm_level("route")
-                }]
-            }]
-        }))
-        .hcm(
-            "http_filters",
-            chain(vec![filter(
-                "hm",
-                "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-                json!({"most_specific_header_mutations_wins": most_specific_wins,
-                       "mutations": {"request_mutations": [add.clone()],
-                                     "response_mutations": [add]}}),
-            )]),
-        )
 }
 
 /// Every per-route level applies, in the order Envoy 1.40 applies them (observed on the real

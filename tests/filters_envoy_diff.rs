@@ -16,6 +16,7 @@ mod common;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use common::filters::{chain, header_mutation_levels};
 use common::{bind, local_addr, Client, Config, Upstream};
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::envoy::service::auth::v3::{
@@ -27,58 +28,7 @@ use envoy_types::pb::google::rpc::Status as RpcStatus;
 use http::StatusCode;
 use serde_json::{json, Value};
 
-const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
-
-fn chain(filter: Value) -> Value {
-    json!([filter, {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}])
-}
-
 // === header_mutation levels ===
-
-fn hm_level(level: &str) -> Value {
-    let add = |key: &str, action: &str| json!({"append": {"header": {"key": key, "value": level}, "append_action": action}});
-    json!({"hm": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutationPerRoute",
-        "mutations": {
-            "request_mutations": [add("x-order", "APPEND_IF_EXISTS_OR_ADD"),
-                                  add("x-last", "OVERWRITE_IF_EXISTS_OR_ADD")],
-            "response_mutations": [add("x-order", "APPEND_IF_EXISTS_OR_ADD")]
-        }
-    }})
-}
-
-fn header_mutation_levels(up: SocketAddr, most_specific_wins: bool) -> String {
-    let add = json!({"append": {"header": {"key": "x-order", "value": "filter"},
-                                "append_action": "APPEND_IF_EXISTS_OR_ADD"}});
-    Config::new()
-        .cluster("backend", &[up])
-        .route_config(json!({
-            "name": "local",
-            "typed_per_filter_config": hm_level("rc"),
-            "virtual_hosts": [{
-                "name": "default",
-                "domains": ["*"],
-                "typed_per_filter_config": hm_level("vhost"),
-                "routes": [{
-                    "name": "r",
-                    "match": {"prefix": "/"},
-                    "route": {"cluster": "backend"},
-                    "metadata": {"filter_metadata": {"acme.team": {"owner": "payments"}}},
-                    "typed_per_filter_config": hm_level("route")
-                }]
-            }]
-        }))
-        .hcm(
-            "http_filters",
-            chain(json!({"name": "hm", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-                "most_specific_header_mutations_wins": most_specific_wins,
-                "mutations": {"request_mutations": [add.clone()], "response_mutations": [add]}
-            }})),
-        )
-        .access_logs(vec![])
-        .yaml()
-}
 
 /// `x-order` as the upstream saw it, `x-last` there, and `x-order` on the response.
 type HmResult = (Vec<String>, Option<String>, Vec<String>);
@@ -132,9 +82,11 @@ fn cors_levels(up: SocketAddr) -> String {
         }]))
         .hcm(
             "http_filters",
-            chain(json!({"name": "envoy.filters.http.cors", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"
-            }})),
+            chain(vec![
+                json!({"name": "envoy.filters.http.cors", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors"
+                }}),
+            ]),
         )
         .access_logs(vec![])
         .yaml()
@@ -197,7 +149,7 @@ fn rbac_route_metadata(up: SocketAddr) -> String {
         ]))
         .hcm(
             "http_filters",
-            chain(json!({"name": "envoy.filters.http.rbac", "typed_config": {
+            chain(vec![json!({"name": "envoy.filters.http.rbac", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
                 "rules": {"action": "ALLOW", "policies": {"public-routes": {
                     "permissions": [{"sourced_metadata": {
@@ -207,7 +159,7 @@ fn rbac_route_metadata(up: SocketAddr) -> String {
                     }}],
                     "principals": [{"any": true}]
                 }}}
-            }})),
+            }})]),
         )
         .access_logs(vec![])
         .yaml()
@@ -259,7 +211,7 @@ fn enable_per_route(up: SocketAddr) -> String {
                 ]
             }]
         }))
-        .hcm("http_filters", chain(hm))
+        .hcm("http_filters", chain(vec![hm]))
         .access_logs(vec![])
         .yaml()
 }
@@ -334,13 +286,13 @@ fn ext_authz_config(up: SocketAddr, authz: SocketAddr, failure_mode_allow: bool)
         .routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "backend"}}]))
         .hcm(
             "http_filters",
-            chain(json!({"name": "envoy.filters.http.ext_authz", "typed_config": {
+            chain(vec![json!({"name": "envoy.filters.http.ext_authz", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
                 "transport_api_version": "V3",
                 "stat_prefix": "waf",
                 "failure_mode_allow": failure_mode_allow,
                 "grpc_service": {"envoy_grpc": {"cluster_name": "authz"}, "timeout": "2s"}
-            }})),
+            }})]),
         )
         .access_logs(vec![])
         .yaml()
@@ -382,7 +334,15 @@ struct Outcome {
 async fn run_all(up: &Upstream, authz: SocketAddr, down: SocketAddr) -> Outcome {
     let mut hm = Vec::new();
     for wins in [false, true] {
-        hm.push(header_mutation_case(up, &header_mutation_levels(up.addr, wins)).await);
+        hm.push(
+            header_mutation_case(
+                up,
+                &header_mutation_levels(up.addr, wins)
+                    .access_logs(vec![])
+                    .yaml(),
+            )
+            .await,
+        );
     }
     let cors = cors_case(&cors_levels(up.addr)).await;
     let rbac = rbac_case(&rbac_route_metadata(up.addr)).await;

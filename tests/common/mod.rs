@@ -6,6 +6,8 @@
 //! tests against Envoy itself (the spec), which checks the tests' expectations.
 #![allow(dead_code)]
 
+pub mod filters;
+
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
