@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::xds::{eds_cluster, endpoints, listener};
 use common::{Client, Strait, Upstream};
 use serde_json::Value;
 use strait_xds::control_plane::{load_dir, ControlPlane, Resources, ServerHandle};
@@ -17,37 +18,6 @@ use strait_xds::control_plane::{load_dir, ControlPlane, Resources, ServerHandle}
 const LIMIT: Duration = Duration::from_secs(15);
 
 // === resources (proto3 YAML, as a control plane's directory holds them) ===
-
-fn eds_cluster(name: &str) -> String {
-    format!(
-        "'@type': type.googleapis.com/envoy.config.cluster.v3.Cluster
-name: {name}
-type: EDS
-connect_timeout: 1s
-eds_cluster_config: {{eds_config: {{ads: {{}}, resource_api_version: V3}}}}
-"
-    )
-}
-
-fn endpoints(cluster: &str, addrs: &[SocketAddr]) -> String {
-    let eps: Vec<String> = addrs
-        .iter()
-        .map(|a| {
-            format!(
-                "{{endpoint: {{address: {{socket_address: {{address: '{}', port_value: {}}}}}}}}}",
-                a.ip(),
-                a.port()
-            )
-        })
-        .collect();
-    format!(
-        "'@type': type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment
-cluster_name: {cluster}
-endpoints: [{{lb_endpoints: [{}]}}]
-",
-        eps.join(", ")
-    )
-}
 
 fn route(name: &str, cluster: &str) -> String {
     format!(
@@ -57,25 +27,6 @@ virtual_hosts:
 - name: all
   domains: ['*']
   routes: [{{match: {{prefix: /}}, route: {{cluster: {cluster}}}}}]
-"
-    )
-}
-
-fn listener(name: &str, route: &str) -> String {
-    format!(
-        "'@type': type.googleapis.com/envoy.config.listener.v3.Listener
-name: {name}
-address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-filter_chains:
-- filters:
-  - name: envoy.filters.network.http_connection_manager
-    typed_config:
-      '@type': type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-      stat_prefix: {name}
-      rds: {{route_config_name: {route}, config_source: {{ads: {{}}, resource_api_version: V3}}}}
-      http_filters:
-      - name: envoy.filters.http.router
-        typed_config: {{'@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
 "
     )
 }

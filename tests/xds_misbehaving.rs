@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::xds::{eds_cluster, endpoints, listener};
 use common::{Client, Strait, Upstream};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
@@ -29,28 +30,6 @@ const LIMIT: Duration = Duration::from_secs(15);
 
 // === resources ===
 
-fn eds_cluster(name: &str) -> String {
-    format!(
-        "'@type': type.googleapis.com/envoy.config.cluster.v3.Cluster
-name: {name}
-type: EDS
-connect_timeout: 1s
-eds_cluster_config: {{eds_config: {{ads: {{}}, resource_api_version: V3}}}}
-"
-    )
-}
-
-fn endpoints(cluster: &str, addr: SocketAddr) -> String {
-    format!(
-        "'@type': type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment
-cluster_name: {cluster}
-endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: '{}', port_value: {}}}}}}}}}]}}]
-",
-        addr.ip(),
-        addr.port()
-    )
-}
-
 /// A route configuration: `/` goes to `cluster`, and each `(prefix, cluster)` of `extra`.
 fn route(name: &str, cluster: &str, extra: &[(&str, &str)], validate: bool) -> String {
     let mut routes = String::new();
@@ -68,25 +47,6 @@ virtual_hosts:
   domains: ['*']
   routes:
 {routes}  - {{match: {{prefix: /}}, route: {{cluster: {cluster}}}}}
-"
-    )
-}
-
-fn listener(name: &str, route: &str) -> String {
-    format!(
-        "'@type': type.googleapis.com/envoy.config.listener.v3.Listener
-name: {name}
-address: {{socket_address: {{address: 127.0.0.1, port_value: 0}}}}
-filter_chains:
-- filters:
-  - name: envoy.filters.network.http_connection_manager
-    typed_config:
-      '@type': type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-      stat_prefix: {name}
-      rds: {{route_config_name: {route}, config_source: {{ads: {{}}, resource_api_version: V3}}}}
-      http_filters:
-      - name: envoy.filters.http.router
-        typed_config: {{'@type': type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
 "
     )
 }
@@ -207,7 +167,7 @@ struct Docs {
 fn good(a: SocketAddr) -> Docs {
     Docs {
         clusters: vec![eds_cluster("up")],
-        endpoints: vec![endpoints("up", a)],
+        endpoints: vec![endpoints("up", &[a])],
         listeners: vec![listener("ingress", "rc")],
         routes: vec![route("rc", "up", &[], false)],
     }
@@ -385,7 +345,7 @@ async fn bad_responses_are_nacked_precisely_and_the_last_good_config_serves() {
             CLUSTER_TYPE,
             "2",
             "wrong-type",
-            &[endpoints("up", a.addr)],
+            &[endpoints("up", &[a.addr])],
         ))
         .await;
     assert_nack(&nack, "1", &["resources[0]", "ClusterLoadAssignment"]);
@@ -463,7 +423,7 @@ async fn bad_responses_are_nacked_precisely_and_the_last_good_config_serves() {
             ENDPOINT_TYPE,
             "2",
             "e2",
-            &[endpoints("up", a.addr), endpoints("b", b.addr)],
+            &[endpoints("up", &[a.addr]), endpoints("b", &[b.addr])],
         ))
         .await;
     assert_ack(&ack, "2");
@@ -677,7 +637,7 @@ async fn a_flapping_control_plane_never_fails_a_request() {
         if flap == 2 {
             docs.routes = vec![route("rc", "b", &[], false)];
             docs.clusters.push(eds_cluster("b"));
-            docs.endpoints.push(endpoints("b", b.addr));
+            docs.endpoints.push(endpoints("b", &[b.addr]));
         }
         next.push_good(&(flap + 2).to_string(), &docs).await;
         st = Some(next);

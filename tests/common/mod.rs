@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod filters;
+pub mod xds;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
