@@ -43,6 +43,13 @@ impl Default for Activity {
 }
 
 impl Activity {
+    /// Last active at `t`.
+    fn at(t: Instant) -> Activity {
+        Activity(AtomicU64::new(
+            t.saturating_duration_since(base()).as_millis() as u64,
+        ))
+    }
+
     pub fn new() -> Arc<Activity> {
         Arc::new(Activity::default())
     }
@@ -90,7 +97,11 @@ pub struct EndSignal {
 
 impl EndSignal {
     pub fn set(&self) {
-        if self.when.set(Instant::now()).is_ok() {
+        self.set_at(Instant::now());
+    }
+
+    fn set_at(&self, t: Instant) {
+        if self.when.set(t).is_ok() {
             self.waker.wake();
         }
     }
@@ -161,11 +172,21 @@ pub struct RequestSource {
 impl RequestSource {
     /// `retry_buffer` is the replay limit in bytes (0 when the request will not be retried).
     pub fn new(src: impl Into<Downstream>, retry_buffer: usize) -> RequestSource {
+        RequestSource::new_at(src, retry_buffer, Instant::now())
+    }
+
+    /// [`Self::new`] for a stream that started at `start` (its first activity, and its end
+    /// when the request has no body): saves reading the clock again.
+    pub fn new_at(
+        src: impl Into<Downstream>,
+        retry_buffer: usize,
+        start: Instant,
+    ) -> RequestSource {
         let src = src.into();
         let end = EndSignal::default();
         let eos = src.is_end_stream();
         if eos {
-            end.set();
+            end.set_at(start);
         }
         let exact_len = src.size_hint().exact();
         RequestSource {
@@ -184,7 +205,7 @@ impl RequestSource {
                     exact_len,
                 }),
                 end,
-                activity: Activity::default(),
+                activity: Activity::at(start),
             }),
         }
     }

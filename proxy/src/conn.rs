@@ -179,16 +179,15 @@ macro_rules! serve_until_drained {
     };
 }
 
-/// Wakes the connection task on behalf of the drain signal and remembers that it did, so the
-/// drain future is polled only after its own wake-up, not on every wake-up of the connection
-/// (several per request; each poll of a pending `watch` wait takes its waiter-list lock).
-#[derive(Default)]
-struct DrainWake {
+/// Wakes a task on behalf of a secondary future (a drain signal, an idle timer) and remembers
+/// that it did, so that future is polled only after its own wake-up, not on every wake-up of the
+/// task (several per request; polling a pending `watch` wait or `Sleep` is not free).
+struct SideWake {
     fired: AtomicBool,
     task: AtomicWaker,
 }
 
-impl Wake for DrainWake {
+impl Wake for SideWake {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
@@ -199,30 +198,55 @@ impl Wake for DrainWake {
     }
 }
 
+/// The task side of a [`SideWake`].
+pub(crate) struct Side {
+    wake: Arc<SideWake>,
+    waker: Waker,
+}
+
+impl Side {
+    /// Starts fired: the secondary future must be polled once to register.
+    pub(crate) fn new() -> Side {
+        let wake = Arc::new(SideWake {
+            fired: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        let waker = Waker::from(wake.clone());
+        Side { wake, waker }
+    }
+
+    /// Polls `fut` if it woke (or was never polled) since its last poll, else reports pending.
+    pub(crate) fn poll<F: Future + ?Sized>(
+        &self,
+        fut: Pin<&mut F>,
+        cx: &mut Context<'_>,
+    ) -> Poll<F::Output> {
+        // Register before reading the flag: a wake in between still reaches this task.
+        self.wake.task.register(cx.waker());
+        if !self.wake.fired.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        fut.poll(&mut Context::from_waker(&self.waker))
+    }
+
+    /// Makes the next [`Self::poll`] poll the future (after it was reset, for instance).
+    pub(crate) fn rearm(&self) {
+        self.wake.fired.store(true, Ordering::Release);
+    }
+}
+
 /// Drives `conn` until it ends (`Some`) or `drained` resolves first (`None`).
 async fn until_drained<C: Future>(
     mut conn: Pin<&mut C>,
     drained: impl Future<Output = ()>,
 ) -> Option<C::Output> {
     let mut drained = std::pin::pin!(drained);
-    let wake = Arc::new(DrainWake {
-        // Polled once up front, which registers it with the signal.
-        fired: AtomicBool::new(true),
-        task: AtomicWaker::new(),
-    });
-    let waker = Waker::from(wake.clone());
+    let side = Side::new();
     std::future::poll_fn(|cx| {
         if let Poll::Ready(r) = conn.as_mut().poll(cx) {
             return Poll::Ready(Some(r));
         }
-        // Register before reading the flag: a wake in between still reaches this task.
-        wake.task.register(cx.waker());
-        if wake.fired.swap(false, Ordering::AcqRel)
-            && drained
-                .as_mut()
-                .poll(&mut Context::from_waker(&waker))
-                .is_ready()
-        {
+        if side.poll(drained.as_mut(), cx).is_ready() {
             return Poll::Ready(None);
         }
         Poll::Pending

@@ -616,7 +616,7 @@ pub async fn handle(
     req: Request<Incoming>,
     cx: Arc<ConnCtx>,
 ) -> Result<Response<RespBody>, Infallible> {
-    let hs = cx.listener.http_stats.clone();
+    let hs = &cx.listener.http_stats;
     hs.downstream_rq_total.inc();
     hs.downstream_rq_active.inc();
     match req.version() {
@@ -624,7 +624,9 @@ pub async fn handle(
         _ => hs.downstream_rq_http1_total.inc(),
     }
     let mut req = req;
-    let upgrade = if req.version() == Version::HTTP_11 {
+    // One pass over the names decides which lookups by name the request needs.
+    let seen = headers::Seen::of(req.headers());
+    let upgrade = if req.version() == Version::HTTP_11 && seen.connection() {
         headers::upgrade_type(req.headers())
     } else {
         None
@@ -632,7 +634,7 @@ pub async fn handle(
     let down_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let mut fin = Box::new(Finisher::new(cx.clone(), &parts));
-    let (resp, timed, tunnel) = route(parts, body, upgrade, &cx, &mut fin).await;
+    let (resp, timed, tunnel) = route(parts, seen, body, upgrade, &cx, &mut fin).await;
     if timed {
         fin.timer.response_started();
     } else {
@@ -642,9 +644,10 @@ pub async fn handle(
     let (mut head, mut inner) = resp.into_parts();
     let mut tunnel = tunnel;
     if let Some(mut run) = fin.filters.take() {
-        if let Some(reply) = run
-            .response(&mut head, &mut inner, tunnel.is_some(), &mut fin)
-            .await
+        // Boxed, as every path taken only with filters or retries: inline, its state would
+        // size the request's future (moved and copied whole) even when it never runs.
+        if let Some(reply) =
+            Box::pin(run.response(&mut head, &mut inner, tunnel.is_some(), &mut fin)).await
         {
             // A response hook answered instead of the upstream: its body is dropped unread.
             let (h, b) = filter_reply(&mut fin, reply).into_parts();
@@ -819,6 +822,7 @@ type Routed = (Response<ProxyBody>, bool, Option<hyper::upgrade::OnUpgrade>);
 
 async fn route(
     mut parts: Parts,
+    seen: headers::Seen,
     body: Incoming,
     upgrade: Option<String>,
     cx: &Arc<ConnCtx>,
@@ -829,8 +833,6 @@ async fn route(
     // As received: filters and header mutations below do not change the upstream Host.
     let orig_authority = OrigAuthority::of(&parts);
 
-    // One pass over the names decides which of the lookups below are needed.
-    let seen = headers::Seen::of(&parts.headers);
     headers::remove_hop_by_hop_seen(&mut parts.headers, upgrade.is_some(), seen);
     fin.client = headers::forwarded_seen(
         &mut parts.headers,
@@ -910,14 +912,16 @@ async fn route(
         let run = fin
             .filters
             .insert(FilterRun::new(hcm.filter_chain.clone(), fcx));
-        let result = {
+        let flags = &mut fin.flags;
+        let result = Box::pin(async {
             let mut g = run.fcx.lock().await;
             let r = run.chain.run_request_headers(&mut g, &mut parts).await;
             for code in g.response_flags.drain(..) {
-                fin.flags.set(ResponseFlags::from_code(code));
+                flags.set(ResponseFlags::from_code(code));
             }
             r
-        };
+        })
+        .await;
         if let Err(reply) = result {
             return (filter_reply(fin, reply), false, None);
         }
@@ -1035,19 +1039,27 @@ async fn route(
 
     let idle = action.idle_timeout.or(hcm.stream_idle_timeout);
     let (body, filter_slot) = match fin.filters.as_mut() {
-        Some(run) => match run.request_body(body, hcm.request_timeout.or(idle)).await {
+        Some(run) => match Box::pin(run.request_body(body, hcm.request_timeout.or(idle))).await {
             Ok(b) => b,
             Err(reply) => return (filter_reply(fin, reply), false, None),
         },
         None => (body.into(), None),
     };
-    let source = RequestSource::new(
+    // Without filters nothing above waited: the stream's start is still "now" (one clock read
+    // fewer). Filters may have held the request; then the activity and end are from now.
+    let source_start = if fin.filters.is_some() {
+        Instant::now()
+    } else {
+        fin.start
+    };
+    let source = RequestSource::new_at(
         body,
         if policy.is_some() {
             RETRY_BUFFER_LIMIT
         } else {
             0
         },
+        source_start,
     );
     // The route timeout runs from the end of the downstream request to the end of the response;
     // HCM `request_timeout` until the whole request has arrived (from the stream's start).
@@ -1199,6 +1211,7 @@ async fn route(
                 lease,
                 rq,
                 started,
+                seen,
             } = *ok;
             let now = Instant::now();
             fin.response_duration = Some(now.saturating_duration_since(fin.start));
@@ -1214,17 +1227,21 @@ async fn route(
                 None
             };
             let (mut head, incoming) = resp.into_parts();
-            headers::remove_hop_by_hop(&mut head.headers, tunnel.is_some());
+            headers::remove_hop_by_hop_seen(&mut head.headers, tunnel.is_some(), seen);
             head.headers.insert(
                 headers::X_ENVOY_UPSTREAM_SERVICE_TIME,
                 headers::int_value(now.saturating_duration_since(started).as_millis() as u64),
             );
-            let mut rlevels: Vec<&model::HeaderMutations> = Vec::with_capacity(4);
-            if let Some(w) = wc_headers {
-                rlevels.push(w);
+            match wc_headers {
+                Some(w) => router::apply_response_headers(
+                    &mut head.headers,
+                    &[w, &route.headers, &vhost.headers, &rc.headers],
+                ),
+                None => router::apply_response_headers(
+                    &mut head.headers,
+                    &[&route.headers, &vhost.headers, &rc.headers],
+                ),
             }
-            rlevels.extend([&route.headers, &vhost.headers, &rc.headers]);
-            router::apply_response_headers(&mut head.headers, &rlevels);
             let inner = incoming.map_err(|e| Box::new(e) as BoxError).boxed_unsync();
             (Response::from_parts(head, inner), true, tunnel)
         }
@@ -1238,6 +1255,8 @@ struct Done {
     lease: Lease,
     rq: RqGuard,
     started: Instant,
+    /// The response's header names, scanned once (health-check header, hop-by-hop removal).
+    seen: headers::Seen,
 }
 
 enum AttemptResult {
@@ -1416,7 +1435,7 @@ impl Attempts<'_> {
             drop(result);
             stats.upstream_rq_retry.inc();
             stats.upstream_rq_retry_backoff_exponential.inc();
-            tokio::time::sleep(back_off(p, retry)).await;
+            Box::pin(tokio::time::sleep(back_off(p, retry))).await;
             retry += 1;
             self.retried = true;
             self.pending_retry_guard = Some(guard);
@@ -1492,40 +1511,18 @@ impl Attempts<'_> {
             );
         };
         let per_try = self.policy.and_then(|p| p.per_try_timeout);
-        let exchange = async {
-            let conn = match host.pool.acquire_for(self.priority).await {
-                Ok(c) => c,
-                Err(PoolError::Overflow) => return Err(ResetReason::Overflow),
-                Err(PoolError::ConnectTimeout) => return Err(ResetReason::ConnectionTimeout),
-                Err(PoolError::ConnectFailure(e)) => {
-                    self.transport_failure = Some(e);
-                    return Err(ResetReason::ConnectionFailure);
-                }
-            };
-            crate::outlier::report(cluster, &host, crate::outlier::Outcome::LocalSuccess);
-            // Envoy counts a request upstream once it has a connection to go on.
-            host.stats.rq_total.inc();
-            info.stats.upstream_rq_total.inc();
-            let req = self.upstream_request(&host, body);
-            let started = Instant::now();
-            let (fut, lease) = conn.send(req);
-            match fut.await {
-                Ok(resp) => Ok((resp, lease, started)),
-                Err(e) => {
-                    tracing::debug!(upstream = %host.address, error = %e, "upstream request failed");
-                    Err(reset_reason(&e))
-                }
-            }
-        };
         let r = match per_try {
-            None => exchange.await.map_err(Some),
-            Some(t) => match tokio::time::timeout(t, exchange).await {
+            None => self.exchange(&host, body).await.map_err(Some),
+            // Boxed: the per-try timer and a second copy of the exchange state would otherwise
+            // size every request's future.
+            Some(t) => match Box::pin(tokio::time::timeout(t, self.exchange(&host, body))).await {
                 Ok(r) => r.map_err(Some),
                 Err(_) => Err(None),
             },
         };
         let result = match r {
             Ok((resp, lease, started)) => AttemptResult::Response(Box::new(Done {
+                seen: headers::Seen::of(resp.headers()),
                 resp,
                 lease,
                 rq,
@@ -1549,10 +1546,7 @@ impl Attempts<'_> {
             }
         };
         if let AttemptResult::Response(d) = &result {
-            if d.resp
-                .headers()
-                .contains_key("x-envoy-immediate-health-check-fail")
-            {
+            if d.seen.immediate_hc_fail() {
                 crate::health::on_immediate_fail(cluster, &host);
             }
         }
@@ -1571,6 +1565,38 @@ impl Attempts<'_> {
             crate::outlier::report(cluster, &host, o);
         }
         (result, retry_guard)
+    }
+
+    /// Takes a connection to `host`, sends the request, waits for the response headers.
+    async fn exchange(
+        &mut self,
+        host: &Arc<Host>,
+        body: AttemptBody,
+    ) -> Result<(Response<Incoming>, Lease, Instant), ResetReason> {
+        let cluster = self.cluster;
+        let conn = match host.pool.acquire_for(self.priority).await {
+            Ok(c) => c,
+            Err(PoolError::Overflow) => return Err(ResetReason::Overflow),
+            Err(PoolError::ConnectTimeout) => return Err(ResetReason::ConnectionTimeout),
+            Err(PoolError::ConnectFailure(e)) => {
+                self.transport_failure = Some(e);
+                return Err(ResetReason::ConnectionFailure);
+            }
+        };
+        crate::outlier::report(cluster, host, crate::outlier::Outcome::LocalSuccess);
+        // Envoy counts a request upstream once it has a connection to go on.
+        host.stats.rq_total.inc();
+        cluster.info.stats.upstream_rq_total.inc();
+        let req = self.upstream_request(host, body);
+        let started = Instant::now();
+        let (fut, lease) = conn.send(req);
+        match fut.await {
+            Ok(resp) => Ok((resp, lease, started)),
+            Err(e) => {
+                tracing::debug!(upstream = %host.address, error = %e, "upstream request failed");
+                Err(reset_reason(&e))
+            }
+        }
     }
 
     fn upstream_request(&mut self, host: &Host, body: AttemptBody) -> Request<ProxyBody> {

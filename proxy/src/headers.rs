@@ -47,6 +47,7 @@ const SEEN_XFF: u16 = 64;
 const SEEN_XFP: u16 = 128;
 const SEEN_REQUEST_ID: u16 = 256;
 const SEEN_EXPECT: u16 = 512;
+const SEEN_IMMEDIATE_HC_FAIL: u16 = 1024;
 const HOP_BY_HOP: u16 = SEEN_CONNECTION
     | SEEN_KEEP_ALIVE
     | SEEN_PROXY_CONNECTION
@@ -75,6 +76,7 @@ impl Seen {
                 "x-forwarded-proto" => SEEN_XFP,
                 "x-request-id" => SEEN_REQUEST_ID,
                 "expect" => SEEN_EXPECT,
+                "x-envoy-immediate-health-check-fail" => SEEN_IMMEDIATE_HC_FAIL,
                 _ => 0,
             }
         }))
@@ -82,6 +84,16 @@ impl Seen {
 
     fn has(self, bit: u16) -> bool {
         self.0 & bit != 0
+    }
+
+    /// `Connection` is present.
+    pub fn connection(self) -> bool {
+        self.has(SEEN_CONNECTION)
+    }
+
+    /// `x-envoy-immediate-health-check-fail` is present (in an upstream response).
+    pub fn immediate_hc_fail(self) -> bool {
+        self.has(SEEN_IMMEDIATE_HC_FAIL)
     }
 
     /// `Expect` is present.
@@ -294,18 +306,15 @@ pub fn uuid_v4() -> String {
 /// A random UUID version 4 in its canonical text form, on the stack.
 fn uuid_v4_bytes() -> [u8; 36] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
+    // Where each byte's two digits go in the 8-4-4-4-12 form: fixed positions, no branches.
+    const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
     let mut b = fastrand::u128(..).to_be_bytes();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let mut out = [b'-'; 36];
-    let mut o = 0;
-    for (i, byte) in b.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            o += 1;
-        }
-        out[o] = HEX[usize::from(byte >> 4)];
-        out[o + 1] = HEX[usize::from(byte & 0xf)];
-        o += 2;
+    for (byte, at) in b.iter().zip(AT) {
+        out[at] = HEX[usize::from(byte >> 4)];
+        out[at + 1] = HEX[usize::from(byte & 0xf)];
     }
     out
 }
@@ -488,6 +497,13 @@ mod tests {
         request_id(&mut h, true, false);
         let id = h["x-request-id"].to_str().unwrap().to_string();
         assert_eq!(id.len(), 36);
+        for (i, c) in id.char_indices() {
+            if matches!(i, 8 | 13 | 18 | 23) {
+                assert_eq!(c, '-', "{id}");
+            } else {
+                assert!(matches!(c, '0'..='9' | 'a'..='f'), "{id}");
+            }
+        }
         assert_eq!(&id[14..15], "4");
         assert!(matches!(&id[19..20], "8" | "9" | "a" | "b"));
         request_id(&mut h, true, false);

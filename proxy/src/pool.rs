@@ -9,6 +9,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
@@ -204,12 +205,14 @@ impl HostPool {
     /// breaker full, `upstream_rq_pending_overflow` one turned away by the pending breaker.
     pub async fn acquire_for(&self, priority: RoutingPriority) -> Result<Conn, PoolError> {
         if priority != RoutingPriority::Default {
-            return self.for_priority(priority).acquire_pool().await;
+            return Box::pin(self.for_priority(priority).acquire_pool()).await;
         }
         self.acquire_pool().await
     }
 
     async fn acquire_pool(&self) -> Result<Conn, PoolError> {
+        // A new connection's future (connect, handshake) is boxed: inline it would size every
+        // request's future (and each move of one) for that rare path.
         let s = &self.shared;
         if let Some(c) = self.try_existing().await {
             return Ok(c);
@@ -236,10 +239,10 @@ impl HostPool {
                     return Ok(c);
                 }
                 if self.connection_slot(&mut overflowed) {
-                    return self.connect().await;
+                    return Box::pin(self.connect()).await;
                 }
             } else if self.connection_slot(&mut overflowed) {
-                return self.connect().await;
+                return Box::pin(self.connect()).await;
             }
             freed.await;
         }
@@ -387,38 +390,48 @@ impl HostPool {
     {
         let s = self.shared.clone();
         tokio::spawn(async move {
-            tokio::pin!(conn);
+            let mut conn = std::pin::pin!(conn);
             let idle = s.info.config.idle_timeout;
             let st = &s.info.stats;
-            loop {
-                let deadline = idle.map(|d| {
-                    if meta.active.load(Ordering::Acquire) > 0 {
-                        // Busy: it cannot expire sooner than `d` after it goes idle.
+            // The connection is busy when spawned: it cannot expire sooner than `d` from now.
+            let mut sleep = idle.map(|d| Box::pin(tokio::time::sleep(d)));
+            // The idle timer is polled only after its own wake-up, not on each of the
+            // connection's (three per request on HTTP/1.1).
+            let side = crate::conn::Side::new();
+            let ended = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = conn.as_mut().poll(cx) {
+                    return Poll::Ready(Some(r));
+                }
+                let (Some(sleep), Some(d)) = (sleep.as_mut(), idle) else {
+                    return Poll::Pending;
+                };
+                while side.poll(sleep.as_mut(), cx).is_ready() {
+                    let since = meta.idle_since_ms.load(Ordering::Acquire);
+                    let busy = meta.active.load(Ordering::Acquire) > 0;
+                    if !busy && now_ms().saturating_sub(since) >= d.as_millis() as u64 {
+                        return Poll::Ready(None);
+                    }
+                    let deadline = if busy {
                         Instant::now() + d
                     } else {
-                        let since = meta.idle_since_ms.load(Ordering::Acquire);
                         base() + Duration::from_millis(since) + d
+                    };
+                    sleep.as_mut().reset(deadline.into());
+                    side.rearm();
+                }
+                Poll::Pending
+            })
+            .await;
+            match ended {
+                Some(r) => {
+                    if let Err(e) = r {
+                        tracing::debug!(upstream = %s.addr, error = %e, "upstream connection failed");
                     }
-                });
-                tokio::select! {
-                    r = &mut conn => {
-                        if let Err(e) = r {
-                            tracing::debug!(upstream = %s.addr, error = %e, "upstream connection failed");
-                        }
-                        st.upstream_cx_destroy_remote.inc();
-                        break;
-                    }
-                    _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() => {
-                        let since = meta.idle_since_ms.load(Ordering::Acquire);
-                        let d = idle.unwrap_or_default();
-                        if meta.active.load(Ordering::Acquire) == 0
-                            && now_ms().saturating_sub(since) >= d.as_millis() as u64
-                        {
-                            st.upstream_cx_idle_timeout.inc();
-                            st.upstream_cx_destroy_local.inc();
-                            break;
-                        }
-                    }
+                    st.upstream_cx_destroy_remote.inc();
+                }
+                None => {
+                    st.upstream_cx_idle_timeout.inc();
+                    st.upstream_cx_destroy_local.inc();
                 }
             }
             meta.closed.store(true, Ordering::Release);
@@ -540,5 +553,106 @@ impl Drop for Lease {
             LeaseKind::H2(meta) => meta.end(),
         }
         self.pool.freed.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+    use strait_xds::model;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn info(addr: SocketAddr, idle: Duration) -> Arc<ClusterInfo> {
+        let config = model::Cluster {
+            name: "c".into(),
+            discovery: model::DiscoveryType::Static,
+            connect_timeout: Duration::from_secs(1),
+            lb_policy: model::LbPolicy::RoundRobin,
+            load_assignment: model::LoadAssignment {
+                endpoints: vec![model::LocalityLbEndpoints {
+                    locality: Default::default(),
+                    priority: 0,
+                    load_balancing_weight: None,
+                    lb_endpoints: vec![model::LbEndpoint {
+                        address: model::EndpointAddress::Ip(addr),
+                        load_balancing_weight: 1,
+                        health_status: model::HealthStatus::Healthy,
+                        hostname: None,
+                    }],
+                }],
+                policy: Default::default(),
+            },
+            protocol: UpstreamProtocol::Http1,
+            circuit_breakers: Default::default(),
+            idle_timeout: Some(idle),
+            dns_refresh_rate: Duration::from_secs(5),
+            dns_lookup_family: model::DnsLookupFamily::Auto,
+            health_checks: Vec::new(),
+            outlier_detection: None,
+            circuit_breakers_high: Default::default(),
+            lb: Default::default(),
+        };
+        Arc::new(ClusterInfo {
+            stats: crate::stats::Store::default().cluster("c"),
+            config: Arc::new(config),
+            breakers: Breakers::default(),
+            breakers_high: Breakers::default(),
+        })
+    }
+
+    /// The driver's idle timer: a connection busy for longer than `idle_timeout` stays open,
+    /// and once idle it is closed after `idle_timeout` (counted as Envoy does).
+    #[tokio::test]
+    async fn idle_connection_closed_after_idle_timeout_busy_one_kept() {
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let mut got = Vec::new();
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "request cut short");
+                got.extend_from_slice(&buf[..n]);
+            }
+            // Busy for three idle timeouts.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            let answered = Instant::now();
+            // The proxy side closes the idle connection: EOF.
+            while s.read(&mut buf).await.unwrap_or(0) > 0 {}
+            let _ = closed_tx.send(answered.elapsed());
+        });
+        let info = info(addr, Duration::from_millis(100));
+        let pool = HostPool::new(info.clone(), addr, Arc::new(HostStats::default()));
+        let conn = pool.acquire().await.unwrap();
+        let req = Request::builder()
+            .uri("/")
+            .header("host", "c")
+            .body(crate::body::empty())
+            .unwrap();
+        let (fut, mut lease) = conn.send(req);
+        let resp = fut.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        lease.set_reusable();
+        drop(resp);
+        drop(lease);
+        let idle_for = tokio::time::timeout(Duration::from_secs(10), closed_rx)
+            .await
+            .expect("idle connection not closed")
+            .unwrap();
+        // Idle time is kept in whole milliseconds.
+        assert!(idle_for >= Duration::from_millis(99), "{idle_for:?}");
+        // The driver counts before it drops the connection (this runtime has one thread).
+        assert_eq!(info.stats.upstream_cx_idle_timeout.get(), 1);
+        assert_eq!(info.stats.upstream_cx_destroy_local.get(), 1);
+        assert_eq!(info.stats.upstream_cx_destroy_remote.get(), 0);
+        assert_eq!(info.stats.upstream_cx_active.get(), 0);
     }
 }
