@@ -4,6 +4,7 @@
 //! Picking a host never locks (see [`crate::lb`] for its one allocation per thread and rebuild).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
@@ -651,7 +652,35 @@ impl ClusterState {
 #[derive(Debug, Default)]
 pub struct ClusterManager {
     clusters: Vec<Arc<ClusterState>>,
-    by_name: HashMap<String, usize>,
+    by_name: HashMap<String, usize, BuildHasherDefault<NameHasher>>,
+}
+
+/// FxHash (rustc's hasher) for the per-request cluster lookup: SipHash was most of its ~260
+/// instructions. The keys are cluster names from config; a request can only look a name up
+/// (`cluster_header`), never insert one, so a weaker hash cannot be used to degrade the table.
+#[derive(Debug, Default, Clone, Copy)]
+struct NameHasher(u64);
+
+impl Hasher for NameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const SEED: u64 = 0x517c_c1b7_2722_0a95;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(SEED);
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(SEED);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 impl ClusterManager {
