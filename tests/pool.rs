@@ -159,32 +159,74 @@ async fn high_priority_breakers_cover_connections_and_pending() {
 /// Envoy's `tryCreateNewConnection`: a host whose pool has no connection opens one even when
 /// other hosts hold every connection `max_connections` allows (counting
 /// `upstream_cx_overflow`), instead of queueing behind connections it can never get.
+///
+/// The two requests must reach different hosts whatever the worker: both clusters use
+/// RING_HASH on `x-key` (placement depends on the host addresses only, and Envoy places keys
+/// as Strait does), and an unbounded `probe` cluster over the same hosts finds a key for each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_without_connections_gets_one_past_the_breaker() {
     let slow = || Reply::Delay(Duration::from_millis(400), Box::new(Reply::Echo));
-    let a = Upstream::start_with("a", slow()).await;
-    let b = Upstream::start_with("b", slow()).await;
-    let mut cluster = common::cluster("up", &[a.addr, b.addr]);
-    cluster["circuit_breakers"] = json!({"thresholds": [{"max_connections": 1}]});
+    let a = Upstream::start_with("a", Reply::Echo).await;
+    let b = Upstream::start_with("b", Reply::Echo).await;
+    let hashed = |name: &str| {
+        let mut c = common::cluster(name, &[a.addr, b.addr]);
+        c["lb_policy"] = json!("RING_HASH");
+        c
+    };
+    let mut up = hashed("up");
+    up["circuit_breakers"] = json!({"thresholds": [{"max_connections": 1}]});
+    let by_key = json!([{"header": {"header_name": "x-key"}}]);
     let strait = Config::new()
-        .routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "up", "timeout": "3s"}}]))
-        .cluster_json(cluster)
+        .routes(json!([
+            {"match": {"prefix": "/probe"}, "route": {"cluster": "probe", "hash_policy": by_key}},
+            {"match": {"prefix": "/"}, "route": {"cluster": "up", "timeout": "3s", "hash_policy": by_key}}
+        ]))
+        .cluster_json(hashed("probe"))
+        .cluster_json(up)
         .start()
         .await;
     let client = Client::http1();
+    let mut keys: [Option<String>; 2] = [None, None];
+    for i in 0..64 {
+        let key = format!("k{i}");
+        let r = client
+            .get_with(&strait.url("/probe"), &[("x-key", key.as_str())])
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let slot = if r.upstream() == Some("a") { 0 } else { 1 };
+        keys[slot].get_or_insert(key);
+        if keys.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let [Some(key_a), Some(key_b)] = keys else {
+        panic!("64 keys all hashed to one host: {keys:?}");
+    };
+    a.set_default(slow());
+    b.set_default(slow());
+    let (before_a, before_b) = (a.requests(), b.requests());
+
     let (c1, url) = (client.clone(), strait.url("/1"));
-    let first = tokio::spawn(async move { c1.get(&url).await.status.as_u16() });
+    let first = tokio::spawn(async move {
+        c1.get_with(&url, &[("x-key", key_a.as_str())])
+            .await
+            .status
+            .as_u16()
+    });
     for _ in 0..500 {
-        if a.requests() + b.requests() == 1 {
+        if a.requests() > before_a {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    // Round robin sends the second request to the other host, whose pool is empty.
-    let r = client.get(&strait.url("/2")).await;
+    // `b` has no connection of `up` while `a` holds the only one the breaker allows.
+    let r = client
+        .get_with(&strait.url("/2"), &[("x-key", key_b.as_str())])
+        .await;
     assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.upstream(), Some("b"));
     assert_eq!(common::within("first", first).await.ok(), Some(200));
-    assert_eq!((a.requests(), b.requests()), (1, 1));
+    assert_eq!((a.requests() - before_a, b.requests() - before_b), (1, 1));
     assert_eq!(
         strait.stat("cluster.up.upstream_cx_overflow").await,
         Some(1)
