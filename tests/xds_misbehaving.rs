@@ -1,7 +1,7 @@
 //! The real `strait` binary against hand-driven ADS servers that misbehave: invalid protos,
 //! unknown type URLs, duplicate names, routes to clusters that do not exist, stale nonces, a
 //! stream reset in the middle of a push, a server that accepts and never answers, and a
-//! flapping server. Each bad response must be NACKed with a precise `error_detail`, and a real
+//! flapping server, and (Delta) bad resources and a reset stream. Each bad response must be NACKed with a precise `error_detail`, and a real
 //! request through the proxy must still be served from the last good configuration.
 
 mod common;
@@ -17,7 +17,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
 use envoy_types::pb::google::protobuf::Any;
 use strait_xds::ads::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
@@ -205,6 +205,7 @@ fn assert_nack(r: &DiscoveryRequest, kept: &str, needles: &[&str]) {
 
 struct Server {
     streams: mpsc::UnboundedSender<Stream>,
+    deltas: mpsc::UnboundedSender<DeltaStream>,
     opened: Arc<AtomicUsize>,
 }
 
@@ -230,15 +231,22 @@ impl AggregatedDiscoveryService for Server {
 
     async fn delta_aggregated_resources(
         &self,
-        _request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+        request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
-        Err(tonic::Status::unimplemented("SotW only"))
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.opened.fetch_add(1, Ordering::SeqCst);
+        let _ = self.deltas.send(DeltaStream {
+            requests: request.into_inner(),
+            responses: tx,
+        });
+        Ok(tonic::Response::new(UnboundedReceiverStream::new(rx)))
     }
 }
 
 struct Scripted {
     addr: SocketAddr,
     streams: mpsc::UnboundedReceiver<Stream>,
+    deltas: mpsc::UnboundedReceiver<DeltaStream>,
     opened: Arc<AtomicUsize>,
     _task: tokio::task::JoinHandle<()>,
 }
@@ -248,9 +256,11 @@ impl Scripted {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let (tx, streams) = mpsc::unbounded_channel();
+        let (delta_tx, deltas) = mpsc::unbounded_channel();
         let opened = Arc::new(AtomicUsize::new(0));
         let svc = Server {
             streams: tx,
+            deltas: delta_tx,
             opened: opened.clone(),
         };
         let task = tokio::spawn(async move {
@@ -262,6 +272,7 @@ impl Scripted {
         Scripted {
             addr,
             streams,
+            deltas,
             opened,
             _task: task,
         }
@@ -653,4 +664,180 @@ async fn a_flapping_control_plane_never_fails_a_request() {
     assert!(n > 0);
     assert_eq!(srv.opened.load(Ordering::SeqCst), 4);
     assert!(s.stat("cluster_manager.cds.update_failure").await >= Some(3));
+}
+
+// === Delta ===
+
+/// One Delta stream as the test drives it.
+struct DeltaStream {
+    requests: tonic::Streaming<DeltaDiscoveryRequest>,
+    responses: mpsc::UnboundedSender<Result<DeltaDiscoveryResponse, tonic::Status>>,
+}
+
+impl DeltaStream {
+    async fn next(&mut self) -> DeltaDiscoveryRequest {
+        match tokio::time::timeout(LIMIT, self.requests.message()).await {
+            Ok(Ok(Some(r))) => r,
+            other => panic!("expected a Delta request from strait, got {other:?}"),
+        }
+    }
+
+    /// Sends `resp` and returns strait's answer to it: the request carrying its nonce.
+    async fn answer(&mut self, resp: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+        let nonce = resp.nonce.clone();
+        self.responses.send(Ok(resp)).expect("stream open");
+        loop {
+            let r = self.next().await;
+            if r.response_nonce == nonce {
+                return r;
+            }
+        }
+    }
+
+    /// Pushes a whole good configuration, every resource at `version`, and checks every ACK.
+    async fn push_good(&mut self, version: &str, docs: &Docs) {
+        for (type_url, set) in [
+            (CLUSTER_TYPE, &docs.clusters),
+            (ENDPOINT_TYPE, &docs.endpoints),
+            (LISTENER_TYPE, &docs.listeners),
+            (ROUTE_TYPE, &docs.routes),
+        ] {
+            let nonce = format!("{version}-{type_url}");
+            let ack = self
+                .answer(delta_response(type_url, version, &nonce, set))
+                .await;
+            assert!(
+                ack.error_detail.is_none(),
+                "expected an ACK for {type_url}, got {:?}",
+                ack.error_detail
+            );
+        }
+    }
+}
+
+/// The resources' names as strait derives them: each document's `name` or `cluster_name`.
+fn doc_name(doc: &str) -> String {
+    doc.lines()
+        .find_map(|l| {
+            l.strip_prefix("name: ")
+                .or_else(|| l.strip_prefix("cluster_name: "))
+        })
+        .expect("a named resource")
+        .trim()
+        .to_string()
+}
+
+fn delta_response(
+    type_url: &str,
+    version: &str,
+    nonce: &str,
+    docs: &[String],
+) -> DeltaDiscoveryResponse {
+    DeltaDiscoveryResponse {
+        system_version_info: version.into(),
+        resources: docs
+            .iter()
+            .map(|d| Resource {
+                name: doc_name(d),
+                version: version.into(),
+                resource: Some(any(d)),
+                ..Default::default()
+            })
+            .collect(),
+        type_url: type_url.into(),
+        nonce: nonce.into(),
+        ..Default::default()
+    }
+}
+
+impl Scripted {
+    /// The next Delta stream strait opens, and its initial requests up to LDS's.
+    async fn delta_stream(&mut self) -> (DeltaStream, Vec<DeltaDiscoveryRequest>) {
+        let mut s = tokio::time::timeout(LIMIT, self.deltas.recv())
+            .await
+            .ok()
+            .flatten()
+            .expect("strait opens a Delta ADS stream");
+        let first = s.next().await;
+        assert_eq!(first.type_url, CLUSTER_TYPE, "CDS first, as Envoy");
+        assert!(first.node.as_ref().is_some_and(|n| n.id == "test-node"));
+        let mut initial = vec![first];
+        loop {
+            let r = s.next().await;
+            let lds = r.type_url == LISTENER_TYPE;
+            initial.push(r);
+            if lds {
+                return (s, initial);
+            }
+        }
+    }
+}
+
+/// Delta: bad resources are NACKed with their name and reason while the last good config
+/// serves, and after a stream reset strait resumes with `initial_resource_versions` naming
+/// what it had accepted, and keeps serving without a new push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_bad_resources_are_nacked_and_a_reset_resumes_from_accepted_versions() {
+    let a = Upstream::start("a").await;
+    let mut srv = Scripted::start().await;
+    let docs = good(a.addr);
+    let yaml = bootstrap(srv.addr, "10s").replace("api_type: GRPC", "api_type: DELTA_GRPC");
+    let (s, mut st) = tokio::join!(Strait::start(&yaml), async {
+        let (mut st, _) = srv.delta_stream().await;
+        st.push_good("1", &docs).await;
+        st
+    });
+    let client = Client::http1();
+    serves(&s, &client, "/", "a").await;
+
+    // A resource whose bytes do not decode.
+    let mut bad = delta_response(CLUSTER_TYPE, "2", "bad-proto", &[]);
+    bad.resources.push(Resource {
+        name: "broken".into(),
+        version: "2".into(),
+        resource: Some(Any {
+            type_url: CLUSTER_TYPE.into(),
+            value: vec![0x0a, 0xff, 0xff],
+        }),
+        ..Default::default()
+    });
+    let nack = st.answer(bad).await;
+    let detail = nack.error_detail.expect("a NACK");
+    assert_eq!(detail.code, 3, "INVALID_ARGUMENT");
+    for needle in ["resources[0]", "cannot decode"] {
+        assert!(detail.message.contains(needle), "{}", detail.message);
+    }
+    serves(&s, &client, "/", "a").await;
+
+    // Two resources with one name in one response.
+    let twice = vec![eds_cluster("dup"), eds_cluster("dup")];
+    let nack = st
+        .answer(delta_response(CLUSTER_TYPE, "3", "dup", &twice))
+        .await;
+    let detail = nack.error_detail.expect("a NACK");
+    assert!(detail.message.contains("dup"), "{}", detail.message);
+    serves(&s, &client, "/", "a").await;
+
+    // The control plane drops the stream; strait reconnects and says what it holds.
+    drop(st);
+    let (_st, initial) = srv.delta_stream().await;
+    let versions = |type_url: &str| {
+        let r = initial
+            .iter()
+            .find(|r| r.type_url == type_url)
+            .unwrap_or_else(|| panic!("no {type_url} request on the new stream"));
+        let mut v: Vec<(String, String)> =
+            r.initial_resource_versions.clone().into_iter().collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        versions(CLUSTER_TYPE),
+        [("up".to_string(), "1".to_string())]
+    );
+    assert_eq!(
+        versions(LISTENER_TYPE),
+        [("ingress".to_string(), "1".to_string())]
+    );
+    serves(&s, &client, "/", "a").await;
 }
