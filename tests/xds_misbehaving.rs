@@ -142,12 +142,7 @@ impl Stream {
 
     /// Pushes a whole good configuration on this stream and checks every ACK.
     async fn push_good(&mut self, version: &str, docs: &Docs) {
-        for (type_url, set) in [
-            (CLUSTER_TYPE, &docs.clusters),
-            (ENDPOINT_TYPE, &docs.endpoints),
-            (LISTENER_TYPE, &docs.listeners),
-            (ROUTE_TYPE, &docs.routes),
-        ] {
+        for (type_url, set) in docs.by_type() {
             let nonce = format!("{version}-{type_url}");
             let ack = self.answer(response(type_url, version, &nonce, set)).await;
             assert_ack(&ack, version);
@@ -162,6 +157,18 @@ struct Docs {
     endpoints: Vec<String>,
     listeners: Vec<String>,
     routes: Vec<String>,
+}
+
+impl Docs {
+    /// Each type's documents, in the order a control plane pushes them (CDS, EDS, LDS, RDS).
+    fn by_type(&self) -> [(&'static str, &[String]); 4] {
+        [
+            (CLUSTER_TYPE, &self.clusters),
+            (ENDPOINT_TYPE, &self.endpoints),
+            (LISTENER_TYPE, &self.listeners),
+            (ROUTE_TYPE, &self.routes),
+        ]
+    }
 }
 
 fn good(a: SocketAddr) -> Docs {
@@ -696,12 +703,7 @@ impl DeltaStream {
 
     /// Pushes a whole good configuration, every resource at `version`, and checks every ACK.
     async fn push_good(&mut self, version: &str, docs: &Docs) {
-        for (type_url, set) in [
-            (CLUSTER_TYPE, &docs.clusters),
-            (ENDPOINT_TYPE, &docs.endpoints),
-            (LISTENER_TYPE, &docs.listeners),
-            (ROUTE_TYPE, &docs.routes),
-        ] {
+        for (type_url, set) in docs.by_type() {
             let nonce = format!("{version}-{type_url}");
             let ack = self
                 .answer(delta_response(type_url, version, &nonce, set))
