@@ -580,7 +580,6 @@ mod tests {
             },
             action: forward(name),
             headers: HeaderMutations::default(),
-            filter_configs: None,
             filter_route: Default::default(),
         }
     }

@@ -30,7 +30,6 @@ fn route(prefix: &str, action: RouteAction) -> Route {
         },
         action,
         headers: HeaderMutations::default(),
-        filter_configs: None,
         filter_route: Default::default(),
     }
 }

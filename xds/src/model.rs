@@ -294,9 +294,6 @@ pub struct Route {
     pub matcher: RouteMatch,
     pub action: RouteAction,
     pub headers: HeaderMutations,
-    /// `typed_per_filter_config` resolved over route config, virtual host and route (most
-    /// specific wins); `None` when no level names a filter.
-    pub filter_configs: Option<Arc<strait_filters::PerFilterConfigs>>,
     /// What HTTP filters see of this route: name, target cluster, `metadata`, and the
     /// per-filter configs of every level. Handed to each request's filter context.
     pub filter_route: Arc<strait_filters::RouteEntry>,

@@ -598,10 +598,8 @@ fn http_filter_rules() {
                 "is_optional": true, "config": {"@type": lua_type}}}),
         ),
     ]));
-    let fc = route0(&b)
-        .filter_configs
-        .clone()
-        .unwrap_or_else(|| panic!("per-route configs expected"));
+    let fc = &route0(&b).filter_route.per_filter_configs;
+    assert!(!fc.is_empty(), "per-route configs expected");
     assert_eq!(
         fc.get("envoy.filters.http.buffer").and_then(|p| p.disabled),
         Some(true)

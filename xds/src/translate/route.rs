@@ -237,7 +237,7 @@ fn route(
     };
     reject_set!(cx, path; decorator);
     let route_level = per_filter_level(cx, path, typed_per_filter_config);
-    let filter_configs = strait_filters::PerFilterConfigs::resolve([
+    let per_filter_configs = strait_filters::PerFilterConfigs::resolve([
         &cx.per_filter_rc[..],
         &cx.per_filter_vh[..],
         &route_level[..],
@@ -245,8 +245,6 @@ fn route(
     let metadata = metadata
         .map(|m| strait_filters::Metadata::from_proto(&m))
         .unwrap_or_default();
-    let per_filter_configs = filter_configs.clone();
-    let filter_configs = (!filter_configs.is_empty()).then(|| Arc::new(filter_configs));
     let headers = header_mutations(
         cx,
         path,
@@ -305,7 +303,6 @@ fn route(
         matcher: matcher?,
         action,
         headers,
-        filter_configs,
         filter_route,
     })
 }
