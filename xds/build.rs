@@ -34,10 +34,10 @@ fn main() {
         .expect("write the pruned descriptor set");
 }
 
-/// Where a message or enum is declared: its file, and the path of nested message indices.
+/// A message or enum: the file that declares it and the types it needs.
 struct Decl {
     file: usize,
-    /// Full names of this message's field types (empty for enums).
+    /// Full names of what it needs: its fields' types and, when nested, its enclosing message.
     refs: Vec<String>,
 }
 
