@@ -70,6 +70,11 @@ impl CountingIo {
             prefix: Bytes::new(),
         }
     }
+
+    /// The socket, for readiness checks on an idle connection.
+    pub fn tcp(&self) -> &TcpStream {
+        &self.inner
+    }
 }
 
 impl AsyncRead for CountingIo {

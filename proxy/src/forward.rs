@@ -30,7 +30,7 @@ use crate::body::{
 use crate::cluster::{Breakers, ClusterState, Host};
 use crate::headers;
 use crate::local_reply::{self, ResetReason};
-use crate::pool::{Lease, PoolError};
+use crate::pool::{Lease, PoolError, SendError, UpstreamBody};
 use crate::response_flags::ResponseFlags;
 use crate::router::{self, Selected};
 use crate::server::{ListenerRuntime, ServerShared};
@@ -177,9 +177,6 @@ impl Finisher {
         hs.downstream_rq_active.dec();
         match outcome {
             Outcome::Complete => {
-                if let Some(l) = self.lease.as_mut() {
-                    l.set_reusable();
-                }
                 if let Some(h) = &self.upstream_host {
                     if self.status >= 500 {
                         h.stats.rq_error.inc();
@@ -696,7 +693,7 @@ pub async fn handle(
 
 fn spawn_tunnel(
     down: hyper::upgrade::OnUpgrade,
-    up: hyper::upgrade::OnUpgrade,
+    up: crate::pool::Upgraded,
     fin: Box<Finisher>,
     idle: Option<(Duration, RequestSource)>,
     cx: &Arc<ConnCtx>,
@@ -712,12 +709,12 @@ fn spawn_tunnel(
         let mut fin = fin;
         let activity = idle.as_ref().map(|(_, a)| a.clone());
         let tunnel = async {
-            let (d, u) = tokio::try_join!(down, up)?;
+            let d = down.await?;
             let mut d = Touching {
                 inner: hyper_util::rt::TokioIo::new(d),
                 activity: activity.clone(),
             };
-            let mut u = hyper_util::rt::TokioIo::new(u);
+            let mut u = up;
             let (rx, tx) = tokio::io::copy_bidirectional(&mut d, &mut u).await?;
             Ok::<_, BoxError>((rx, tx))
         };
@@ -818,7 +815,7 @@ fn local(
 
 /// The response, whether the stream's timeouts go on while its body streams (an upstream
 /// response), and the upstream side of an upgrade.
-type Routed = (Response<ProxyBody>, bool, Option<hyper::upgrade::OnUpgrade>);
+type Routed = (Response<ProxyBody>, bool, Option<crate::pool::Upgraded>);
 
 async fn route(
     mut parts: Parts,
@@ -1222,7 +1219,7 @@ async fn route(
             let status = resp.status();
             cluster.stats().count_response(status.as_u16());
             let tunnel = if status == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some() {
-                Some(hyper::upgrade::on(&mut resp))
+                resp.body_mut().take_upgrade()
             } else {
                 None
             };
@@ -1242,7 +1239,7 @@ async fn route(
                     &[&route.headers, &vhost.headers, &rc.headers],
                 ),
             }
-            let inner = incoming.map_err(|e| Box::new(e) as BoxError).boxed_unsync();
+            let inner = incoming.boxed_unsync();
             (Response::from_parts(head, inner), true, tunnel)
         }
     }
@@ -1251,7 +1248,7 @@ async fn route(
 // === Attempts and retries ===
 
 struct Done {
-    resp: Response<Incoming>,
+    resp: Response<UpstreamBody>,
     lease: Lease,
     rq: RqGuard,
     started: Instant,
@@ -1329,7 +1326,7 @@ fn pick_cluster<'r>(
     }
 }
 
-fn retriable_status(p: &RetryPolicy, resp: &Response<Incoming>) -> bool {
+fn retriable_status(p: &RetryPolicy, resp: &Response<UpstreamBody>) -> bool {
     crate::retry::retriable_response(p, resp.status(), resp.headers())
 }
 
@@ -1363,7 +1360,12 @@ fn back_off(p: &RetryPolicy, retry: u32) -> Duration {
     Duration::from_millis(fastrand::u64(0..ceiling.max(1)))
 }
 
-fn reset_reason(e: &hyper::Error) -> ResetReason {
+fn reset_reason(e: &SendError) -> ResetReason {
+    let e = match e {
+        SendError::H1(e) if e.is_protocol() => return ResetReason::ProtocolError,
+        SendError::H1(_) => return ResetReason::ConnectionTermination,
+        SendError::H2(e) => e,
+    };
     if e.is_parse() || e.is_parse_status() {
         return ResetReason::ProtocolError;
     }
@@ -1572,7 +1574,7 @@ impl Attempts<'_> {
         &mut self,
         host: &Arc<Host>,
         body: AttemptBody,
-    ) -> Result<(Response<Incoming>, Lease, Instant), ResetReason> {
+    ) -> Result<(Response<UpstreamBody>, Lease, Instant), ResetReason> {
         let cluster = self.cluster;
         let conn = match host.pool.acquire_for(self.priority).await {
             Ok(c) => c,
@@ -1589,7 +1591,7 @@ impl Attempts<'_> {
         cluster.info.stats.upstream_rq_total.inc();
         let req = self.upstream_request(host, body);
         let started = Instant::now();
-        let (fut, lease) = conn.send(req);
+        let (fut, lease) = conn.send(req, self.upgrade);
         match fut.await {
             Ok(resp) => Ok((resp, lease, started)),
             Err(e) => {
@@ -1640,7 +1642,6 @@ impl Attempts<'_> {
         } else if let Some(v) = self.authority.header_value(host) {
             h.insert(header::HOST, v);
         }
-        let _ = self.upgrade;
         req
     }
 }

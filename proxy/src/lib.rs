@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod conn;
 pub mod forward;
 pub mod grpc_clusters;
+pub mod h1client;
 pub mod headers;
 pub mod health;
 pub mod lb;

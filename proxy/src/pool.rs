@@ -1,28 +1,34 @@
 //! Per-host upstream connection pools: HTTP/1.1 keep-alive reuse (one request per connection at a
-//! time, an idle list) and HTTP/2 multiplexing (streams up to `max_concurrent_streams` per
-//! connection). Enforces the cluster's connection and pending-request circuit breakers of the
+//! time, an idle list watched by one task per pool; requests drive their connection themselves,
+//! see `h1client`) and HTTP/2 multiplexing (streams up to `max_concurrent_streams` per
+//! connection, hyper's client). Enforces the cluster's connection and pending-request circuit breakers of the
 //! request's routing priority (as Envoy, DEFAULT and HIGH requests use separate pools), reaps
 //! idle connections after `idle_timeout`, and counts Envoy's `upstream_cx_*` stats.
 //! No lock is held across an await, except the per-host HTTP/2 connect lock (see `H2Pool`).
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::Poll;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use futures_util::{FutureExt, TryFutureExt};
 use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use strait_xds::model::{RoutingPriority, Thresholds, UpstreamProtocol};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use crate::body::ProxyBody;
+use crate::body::{BoxError, ProxyBody};
 use crate::cluster::{Breakers, ClusterInfo};
 use crate::conn::{Counted, CountingIo};
+use crate::h1client;
 use crate::stats::HostStats;
 
 /// Why no connection could be had.
@@ -58,10 +64,63 @@ impl ConnMeta {
     }
 }
 
-struct IdleH1 {
-    sender: http1::SendRequest<ProxyBody>,
-    meta: Arc<ConnMeta>,
+/// A pooled HTTP/1.1 connection: idle in its pool's list, or owned by the exchange using it.
+/// Dropping it closes the connection and counts it as Envoy does.
+pub struct H1Conn {
+    conn: h1client::Connection,
+    pool: Arc<PoolShared>,
+    local: Option<SocketAddr>,
+    idle_since_ms: u64,
+    remote: bool,
+    idle_expired: bool,
 }
+
+impl h1client::Pooled for H1Conn {
+    fn conn(&mut self) -> &mut h1client::Connection {
+        &mut self.conn
+    }
+
+    fn release(mut self) {
+        self.idle_since_ms = now_ms();
+        let mut cx = Context::from_waker(self.pool.h1.waker());
+        if self.conn.poll_peer_gone(&mut cx) {
+            self.remote = true;
+            return;
+        }
+        let pool = self.pool.clone();
+        lock(&pool.h1.idle).push(self);
+        pool.freed.notify_one();
+    }
+
+    fn peer_closed(&mut self) {
+        self.remote = true;
+    }
+}
+
+impl Drop for H1Conn {
+    fn drop(&mut self) {
+        // Counted before the socket closes (the field drops after this).
+        let s = &self.pool;
+        let st = &s.info.stats;
+        if self.idle_expired {
+            st.upstream_cx_idle_timeout.inc();
+            st.upstream_cx_destroy_local.inc();
+        } else if self.remote {
+            st.upstream_cx_destroy_remote.inc();
+        } else {
+            st.upstream_cx_destroy_local.inc();
+        }
+        st.upstream_cx_destroy.inc();
+        st.upstream_cx_active.dec();
+        s.host_stats.cx_active.dec();
+        Breakers::release(&s.breakers().connections);
+        s.open.fetch_sub(1, Ordering::AcqRel);
+        s.freed.notify_one();
+    }
+}
+
+/// The upstream side of an upgraded (tunnelled) HTTP/1.1 connection.
+pub type Upgraded = h1client::Upgraded<H1Conn>;
 
 struct H2Conn {
     sender: http2::SendRequest<ProxyBody>,
@@ -71,7 +130,16 @@ struct H2Conn {
 #[derive(Default)]
 struct H1Pool {
     // A short critical section per acquire/release on one host; contention is per host only.
-    idle: Mutex<Vec<IdleH1>>,
+    idle: Mutex<Vec<H1Conn>>,
+    /// The watcher task's waker: idle connections wake it when their peer closes them.
+    watcher: OnceLock<Waker>,
+    watching: AtomicBool,
+}
+
+impl H1Pool {
+    fn waker(&self) -> &Waker {
+        self.watcher.get().unwrap_or(Waker::noop())
+    }
 }
 
 #[derive(Default)]
@@ -97,6 +165,13 @@ struct PoolShared {
     /// The HIGH-priority pool of this host, made on first use (in the DEFAULT pool only):
     /// Envoy keeps a pool per priority, so HIGH requests never queue behind DEFAULT ones.
     high: std::sync::OnceLock<Arc<PoolShared>>,
+}
+
+impl Drop for PoolShared {
+    fn drop(&mut self) {
+        // The watcher ends once it sees the pool gone.
+        self.h1.waker().wake_by_ref();
+    }
 }
 
 impl PoolShared {
@@ -282,27 +357,21 @@ impl HostPool {
                 if active < max_concurrent_streams.max(1) {
                     c.meta.begin();
                     return Some(Conn {
-                        kind: ConnKind::H2(c.sender.clone(), c.meta.clone()),
-                        pool: s.clone(),
+                        kind: ConnKind::H2(c.sender.clone(), c.meta.clone(), s.clone()),
                     });
                 }
             }
             return None;
         }
         loop {
-            let idle = lock(&s.h1.idle).pop()?;
-            let mut sender = idle.sender;
-            if sender.is_closed() || idle.meta.closed.load(Ordering::Acquire) {
+            let mut c = lock(&s.h1.idle).pop()?;
+            let mut cx = Context::from_waker(s.h1.waker());
+            if c.conn.poll_peer_gone(&mut cx) {
+                c.remote = true;
                 continue;
             }
-            // The previous response just ended; the connection turns ready right after.
-            if sender.ready().await.is_err() {
-                continue;
-            }
-            idle.meta.begin();
             return Some(Conn {
-                kind: ConnKind::H1(sender, idle.meta),
-                pool: s.clone(),
+                kind: ConnKind::H1(c),
             });
         }
     }
@@ -343,13 +412,14 @@ impl HostPool {
             };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok();
-        let io = TokioIo::new(CountingIo::new(stream, Counted::Upstream(s.info.clone())));
-        let meta = Arc::new(ConnMeta {
-            local,
-            ..ConnMeta::default()
-        });
-        meta.begin();
+        let io = CountingIo::new(stream, Counted::Upstream(s.info.clone()));
         let kind = if let UpstreamProtocol::Http2 { .. } = s.info.config.protocol {
+            let io = TokioIo::new(io);
+            let meta = Arc::new(ConnMeta {
+                local,
+                ..ConnMeta::default()
+            });
+            meta.begin();
             let (sender, conn) = match http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .handshake(io)
@@ -365,25 +435,25 @@ impl HostPool {
                 meta: meta.clone(),
             });
             lock(&s.h2.conns).push(c);
-            ConnKind::H2(sender, meta)
+            ConnKind::H2(sender, meta, s.clone())
         } else {
-            let (sender, conn) = match http1::Builder::new().handshake(io).await {
-                Ok(x) => x,
-                Err(e) => return Err(fail(PoolError::ConnectFailure(e.to_string()))),
-            };
             st.upstream_cx_http1_total.inc();
-            self.spawn_driver(conn.with_upgrades(), meta.clone());
-            ConnKind::H1(sender, meta)
+            watch_h1(s);
+            ConnKind::H1(H1Conn {
+                conn: h1client::Connection::new(io),
+                pool: s.clone(),
+                local,
+                idle_since_ms: 0,
+                remote: false,
+                idle_expired: false,
+            })
         };
         st.upstream_cx_active.inc();
         s.host_stats.cx_active.inc();
-        Ok(Conn {
-            kind,
-            pool: s.clone(),
-        })
+        Ok(Conn { kind })
     }
 
-    /// Drives one connection until it closes or stays idle for `idle_timeout`.
+    /// Drives one HTTP/2 connection until it closes or stays idle for `idle_timeout`.
     fn spawn_driver<F>(&self, conn: F, meta: Arc<ConnMeta>)
     where
         F: Future<Output = Result<(), hyper::Error>> + Send + 'static,
@@ -396,7 +466,7 @@ impl HostPool {
             // The connection is busy when spawned: it cannot expire sooner than `d` from now.
             let mut sleep = idle.map(|d| Box::pin(tokio::time::sleep(d)));
             // The idle timer is polled only after its own wake-up, not on each of the
-            // connection's (three per request on HTTP/1.1).
+            // connection's (several per request).
             let side = crate::conn::Side::new();
             let ended = std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) = conn.as_mut().poll(cx) {
@@ -454,70 +524,184 @@ impl Drop for PendingGuard {
     }
 }
 
+/// Watches a pool's idle HTTP/1.1 connections (one task per pool, started with its first
+/// connection): closes those idle for `idle_timeout` and those whose peer closed them. It wakes
+/// on its timer and when an idle connection turns readable, never per request.
+fn watch_h1(s: &Arc<PoolShared>) {
+    if s.h1.watching.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let weak: Weak<PoolShared> = Arc::downgrade(s);
+    let idle = s.info.config.idle_timeout;
+    let mut sleep = idle.map(|d| Box::pin(tokio::time::sleep(d)));
+    tokio::spawn(std::future::poll_fn(move |cx| loop {
+        let Some(s) = weak.upgrade() else {
+            return Poll::Ready(());
+        };
+        let _ = s.h1.watcher.set(cx.waker().clone());
+        let now = now_ms();
+        let mut next: Option<u64> = None;
+        let closing: Vec<H1Conn> = lock(&s.h1.idle)
+            .extract_if(.., |c| {
+                if c.conn.poll_peer_gone(cx) {
+                    c.remote = true;
+                    return true;
+                }
+                if let Some(d) = idle {
+                    let expires = c.idle_since_ms + d.as_millis() as u64;
+                    if now >= expires {
+                        c.idle_expired = true;
+                        return true;
+                    }
+                    next = Some(next.map_or(expires, |n| n.min(expires)));
+                }
+                false
+            })
+            .collect();
+        // Closed (and counted) outside the lock.
+        drop(closing);
+        drop(s);
+        let (Some(sleep), Some(d)) = (sleep.as_mut(), idle) else {
+            return Poll::Pending;
+        };
+        let deadline = match next {
+            Some(ms) => base() + Duration::from_millis(ms),
+            None => Instant::now() + d,
+        };
+        sleep.as_mut().reset(deadline.into());
+        if sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+    }));
+}
+
 enum ConnKind {
-    H1(http1::SendRequest<ProxyBody>, Arc<ConnMeta>),
-    H2(http2::SendRequest<ProxyBody>, Arc<ConnMeta>),
+    H1(H1Conn),
+    H2(
+        http2::SendRequest<ProxyBody>,
+        Arc<ConnMeta>,
+        Arc<PoolShared>,
+    ),
 }
 
 /// A connection reserved for one request.
 pub struct Conn {
     kind: ConnKind,
-    pool: Arc<PoolShared>,
+}
+
+/// Why an upstream exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    H1(#[from] h1client::Error),
+    #[error(transparent)]
+    H2(#[from] hyper::Error),
+}
+
+/// An upstream response body: from Strait's HTTP/1.1 client or hyper's HTTP/2 one.
+// The HTTP/1.1 body is the common case and is boxed once, when it is forwarded; boxing the
+// variant too would cost a second allocation per request.
+#[allow(clippy::large_enum_variant)]
+pub enum UpstreamBody {
+    H1(h1client::ResponseBody<H1Conn>),
+    H2(Incoming),
+}
+
+impl UpstreamBody {
+    /// The connection of a 101 answer to an upgrade request (HTTP/1.1 only).
+    pub fn take_upgrade(&mut self) -> Option<Upgraded> {
+        match self {
+            UpstreamBody::H1(b) => b.take_upgrade(),
+            UpstreamBody::H2(_) => None,
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::H2(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::H1(b) => b.is_end_stream(),
+            UpstreamBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::H1(b) => b.size_hint(),
+            UpstreamBody::H2(b) => b.size_hint(),
+        }
+    }
 }
 
 impl Conn {
-    /// Sends the request; the lease must live until the response body ends (HTTP/1.1 reuse).
+    /// Sends the request (`upgrade`: it asks for a protocol upgrade). The lease holds an
+    /// HTTP/2 stream slot until the exchange ends; an HTTP/1.1 connection goes back to its pool
+    /// when the response body ends cleanly.
     pub fn send(
         self,
         req: Request<ProxyBody>,
+        upgrade: bool,
     ) -> (
-        impl Future<Output = Result<Response<Incoming>, hyper::Error>> + Send,
+        impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send,
         Lease,
     ) {
-        let Conn { kind, pool } = self;
-        let (fut, lease) = match kind {
-            ConnKind::H1(mut sender, meta) => {
-                let fut = sender.send_request(req);
+        match self.kind {
+            ConnKind::H1(c) => {
+                let local = c.local;
+                let fut = h1client::send(c, req, upgrade)
+                    .map_ok(|r| r.map(UpstreamBody::H1))
+                    .map_err(SendError::H1);
                 (
                     futures_util::future::Either::Left(fut),
-                    LeaseKind::H1(Some(sender), meta),
+                    Lease {
+                        kind: LeaseKind::H1(local),
+                    },
                 )
             }
-            ConnKind::H2(mut sender, meta) => {
-                let fut = sender.send_request(req);
+            ConnKind::H2(mut sender, meta, pool) => {
+                let fut = sender
+                    .send_request(req)
+                    .map(|r| r.map(|r| r.map(UpstreamBody::H2)).map_err(SendError::H2));
                 (
                     futures_util::future::Either::Right(fut),
-                    LeaseKind::H2(meta),
+                    Lease {
+                        kind: LeaseKind::H2(meta, pool),
+                    },
                 )
             }
-        };
-        (
-            fut,
-            Lease {
-                kind: lease,
-                pool,
-                reusable: false,
-            },
-        )
+        }
     }
 }
 
 enum LeaseKind {
-    H1(Option<http1::SendRequest<ProxyBody>>, Arc<ConnMeta>),
-    H2(Arc<ConnMeta>),
+    H1(Option<SocketAddr>),
+    H2(Arc<ConnMeta>, Arc<PoolShared>),
 }
 
-/// Holds a connection (HTTP/1.1) or a stream slot (HTTP/2) until the exchange ends.
+/// Holds an HTTP/2 stream slot until the exchange ends.
 pub struct Lease {
     kind: LeaseKind,
-    pool: Arc<PoolShared>,
-    reusable: bool,
 }
 
 impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Lease")
-            .field("addr", &self.pool.addr)
+            .field("local", &self.local_addr())
             .finish()
     }
 }
@@ -526,33 +710,18 @@ impl Lease {
     /// The local address of the upstream connection.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         match &self.kind {
-            LeaseKind::H1(_, meta) | LeaseKind::H2(meta) => meta.local,
+            LeaseKind::H1(local) => *local,
+            LeaseKind::H2(meta, _) => meta.local,
         }
-    }
-
-    /// The exchange completed cleanly: an HTTP/1.1 connection may serve the next request.
-    pub fn set_reusable(&mut self) {
-        self.reusable = true;
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        match &mut self.kind {
-            LeaseKind::H1(sender, meta) => {
-                meta.end();
-                if let Some(sender) = sender.take() {
-                    if self.reusable && !sender.is_closed() {
-                        lock(&self.pool.h1.idle).push(IdleH1 {
-                            sender,
-                            meta: meta.clone(),
-                        });
-                    }
-                }
-            }
-            LeaseKind::H2(meta) => meta.end(),
+        if let LeaseKind::H2(meta, pool) = &self.kind {
+            meta.end();
+            pool.freed.notify_one();
         }
-        self.pool.freed.notify_one();
     }
 }
 
@@ -637,10 +806,9 @@ mod tests {
             .header("host", "c")
             .body(crate::body::empty())
             .unwrap();
-        let (fut, mut lease) = conn.send(req);
+        let (fut, lease) = conn.send(req, false);
         let resp = fut.await.unwrap();
         assert_eq!(resp.status(), 200);
-        lease.set_reusable();
         drop(resp);
         drop(lease);
         let idle_for = tokio::time::timeout(Duration::from_secs(10), closed_rx)

@@ -1,0 +1,985 @@
+//! Strait's HTTP/1.1 upstream client: the request's own task writes the request and reads the
+//! response on a pooled connection, with no connection task and no channel in between (hyper's
+//! client puts a task and three channel hops between a request and its connection: about a
+//! third of Strait's instructions per request, BENCHMARKS.md). Framing follows hyper's client
+//! and RFC 9112: a request body as its headers say, else by its known length, else chunked;
+//! a response by HEAD/1xx/204/304, then `Transfer-Encoding`, then `Content-Length`, else read
+//! to EOF. Trailers are not sent or forwarded on HTTP/1.1 (Envoy's `enable_trailers: false`).
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::body::{BoxError, ProxyBody};
+use crate::conn::CountingIo;
+
+/// Envoy 1.40's default response head limit (80 KiB, measured): longer is a protocol error.
+const MAX_HEAD: usize = 80 * 1024;
+/// hyper's default header count limit.
+const MAX_HEADERS: usize = 100;
+const INIT_READ: usize = 8 * 1024;
+const MAX_READ: usize = 256 * 1024;
+/// A chunk-size line (with extensions) longer than this is a protocol error.
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("upstream connection: {0}")]
+    Io(#[from] io::Error),
+    #[error("upstream closed the connection before the response ended")]
+    Closed,
+    #[error("upstream protocol error: {0}")]
+    Protocol(&'static str),
+    #[error("request body: {0}")]
+    Body(BoxError),
+}
+
+impl Error {
+    pub fn is_protocol(&self) -> bool {
+        matches!(self, Error::Protocol(_))
+    }
+}
+
+/// One upstream HTTP/1.1 connection and the buffers it keeps between requests.
+#[derive(Debug)]
+pub struct Connection {
+    io: CountingIo,
+    rbuf: BytesMut,
+    /// Request heads and chunk framing are encoded here.
+    wbuf: BytesMut,
+    read_size: usize,
+}
+
+impl Connection {
+    pub fn new(io: CountingIo) -> Connection {
+        Connection {
+            io,
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            read_size: INIT_READ,
+        }
+    }
+
+    /// Whether the idle connection's peer closed it (or sent something unasked). Registers `cx`
+    /// to be woken when that happens; costs no syscall while the socket has nothing to read.
+    pub fn poll_peer_gone(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.rbuf.is_empty() {
+            return true;
+        }
+        let tcp = self.io.tcp();
+        for _ in 0..2 {
+            match tcp.poll_read_ready(cx) {
+                Poll::Pending => return false,
+                Poll::Ready(Err(_)) => return true,
+                Poll::Ready(Ok(())) => {
+                    let mut b = [0u8; 1];
+                    match tcp.try_read(&mut b) {
+                        // EOF, or bytes nobody asked for: either way the connection is done.
+                        Ok(_) => return true,
+                        // Stale readiness, now cleared: poll again to register the waker.
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(_) => return true,
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.rbuf.capacity() - self.rbuf.len() < self.read_size / 2 {
+            self.rbuf.reserve(self.read_size);
+        }
+        let space = self.rbuf.capacity() - self.rbuf.len();
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.rbuf
+        ))?;
+        // A read that fills the space asks for more next time (large bodies); hyper adapts the
+        // same way.
+        if n == space && self.read_size < MAX_READ {
+            self.read_size *= 2;
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Ready for the next exchange: a buffer grown for a large body is not kept while idle.
+    fn settle(&mut self) {
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 4 * INIT_READ {
+            self.rbuf = BytesMut::new();
+            self.read_size = INIT_READ;
+        }
+        if self.wbuf.capacity() > 4 * INIT_READ {
+            self.wbuf = BytesMut::new();
+        }
+    }
+}
+
+/// The pool's handle on a connection: gives the connection to the exchange and takes it back
+/// when the exchange ends cleanly. Dropping it closes the connection.
+pub trait Pooled: Send + Unpin + 'static {
+    fn conn(&mut self) -> &mut Connection;
+    /// The exchange ended cleanly and the connection may serve another request.
+    fn release(self);
+    /// The peer closed the connection or broke the protocol (counted as a remote close).
+    fn peer_closed(&mut self);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoder {
+    Length(u64),
+    Chunked,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decoder {
+    Length(u64),
+    Chunked(Chunk),
+    Eof,
+    Done,
+}
+
+/// The request side and the connection of one exchange.
+struct State<C: Pooled> {
+    conn: C,
+    body: Option<ProxyBody>,
+    enc: Encoder,
+    /// Pending output, in order: `conn.wbuf[wpos..]`, `data`, `post`.
+    wpos: usize,
+    data: Bytes,
+    post: &'static [u8],
+    /// The request is written to its end.
+    written: bool,
+    /// Writing failed; the response may still come.
+    write_failed: bool,
+    head_request: bool,
+    upgrade: bool,
+}
+
+/// Starts an exchange on `conn`; `upgrade`: the request asks for a protocol upgrade.
+pub fn send<C: Pooled>(mut conn: C, req: Request<ProxyBody>, upgrade: bool) -> Exchange<C> {
+    let (parts, body) = req.into_parts();
+    let http::request::Parts {
+        method,
+        uri,
+        mut headers,
+        ..
+    } = parts;
+    let (enc, body) = framing(&method, &mut headers, body);
+    let w = &mut conn.conn().wbuf;
+    w.clear();
+    w.reserve(256);
+    w.put_slice(method.as_str().as_bytes());
+    w.put_u8(b' ');
+    w.put_slice(
+        uri.path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .as_bytes(),
+    );
+    w.put_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &headers {
+        w.put_slice(name.as_str().as_bytes());
+        w.put_slice(b": ");
+        w.put_slice(value.as_bytes());
+        w.put_slice(b"\r\n");
+    }
+    w.put_slice(b"\r\n");
+    Exchange {
+        state: Some(State {
+            conn,
+            body,
+            enc,
+            wpos: 0,
+            data: Bytes::new(),
+            post: b"",
+            written: false,
+            write_failed: false,
+            head_request: method == Method::HEAD,
+            upgrade,
+        }),
+    }
+}
+
+/// hyper's client framing of a request body (`role::Client::set_length`): headers the caller
+/// set win; else the body's exact length; else chunked, except that GET, HEAD and CONNECT
+/// with a body of unknown length are sent without one.
+fn framing(
+    method: &Method,
+    headers: &mut HeaderMap,
+    body: ProxyBody,
+) -> (Encoder, Option<ProxyBody>) {
+    if body.is_end_stream() {
+        headers.remove(header::TRANSFER_ENCODING);
+        return (Encoder::Length(0), None);
+    }
+    if let Some(last) = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+    {
+        if !ends_in_chunked(last) {
+            // A request may not end its codings with anything but chunked: add it.
+            let mut v = last.as_bytes().to_vec();
+            v.extend_from_slice(b", chunked");
+            if let Ok(v) = HeaderValue::from_bytes(&v) {
+                let mut all: Vec<HeaderValue> = headers
+                    .get_all(header::TRANSFER_ENCODING)
+                    .iter()
+                    .cloned()
+                    .collect();
+                all.pop();
+                all.push(v);
+                headers.remove(header::TRANSFER_ENCODING);
+                for v in all {
+                    headers.append(header::TRANSFER_ENCODING, v);
+                }
+            }
+        }
+        headers.remove(header::CONTENT_LENGTH);
+        return (Encoder::Chunked, Some(body));
+    }
+    if let Some(len) = content_length(headers.get_all(header::CONTENT_LENGTH).iter()) {
+        return match len {
+            Ok(n) => (Encoder::Length(n), Some(body)),
+            // The downstream codec rejects these; never guess a length.
+            Err(_) => {
+                headers.remove(header::CONTENT_LENGTH);
+                headers.insert(
+                    header::TRANSFER_ENCODING,
+                    HeaderValue::from_static("chunked"),
+                );
+                (Encoder::Chunked, Some(body))
+            }
+        };
+    }
+    if let Some(n) = body.size_hint().exact() {
+        headers.insert(header::CONTENT_LENGTH, crate::headers::int_value(n));
+        return (Encoder::Length(n), Some(body));
+    }
+    if matches!(*method, Method::GET | Method::HEAD | Method::CONNECT) {
+        return (Encoder::Length(0), None);
+    }
+    headers.insert(
+        header::TRANSFER_ENCODING,
+        HeaderValue::from_static("chunked"),
+    );
+    (Encoder::Chunked, Some(body))
+}
+
+fn ends_in_chunked(v: &HeaderValue) -> bool {
+    v.as_bytes()
+        .rsplit(|&b| b == b',')
+        .next()
+        .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// All `Content-Length` values (each maybe a list) must be the same number. `None`: absent.
+fn content_length<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Option<Result<u64, ()>> {
+    let mut found: Option<u64> = None;
+    for v in values {
+        for part in v.as_bytes().split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                return Some(Err(()));
+            }
+            let n = part.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+            match found {
+                Some(f) if f != n => return Some(Err(())),
+                _ => found = Some(n),
+            }
+        }
+    }
+    found.map(Ok)
+}
+
+impl<C: Pooled> State<C> {
+    /// Writes what is pending and pulls the request body on. Ready(Ok) once the whole request
+    /// is written; the first body data goes out in the same `writev` as the head.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        loop {
+            let mut body_pending = false;
+            if self.data.is_empty() && self.post.is_empty() {
+                if let Some(b) = self.body.as_mut() {
+                    match Pin::new(b).poll_frame(cx) {
+                        Poll::Pending => body_pending = true,
+                        Poll::Ready(None) => self.end_body()?,
+                        Poll::Ready(Some(Err(e))) => {
+                            self.body = None;
+                            return Poll::Ready(Err(Error::Body(e)));
+                        }
+                        Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                            Ok(data) => self.queue(data)?,
+                            // Trailers end the body; HTTP/1.1 does not carry them upstream.
+                            Err(_) => self.end_body()?,
+                        },
+                    }
+                }
+            }
+            ready!(self.poll_flush(cx))?;
+            if self.body.is_none() {
+                self.written = true;
+                return Poll::Ready(Ok(()));
+            }
+            if body_pending {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn end_body(&mut self) -> Result<(), Error> {
+        self.body = None;
+        match self.enc {
+            Encoder::Length(0) => Ok(()),
+            Encoder::Length(_) => Err(Error::Body(
+                "request body shorter than its content-length".into(),
+            )),
+            Encoder::Chunked => {
+                self.conn.conn().wbuf.put_slice(b"0\r\n\r\n");
+                Ok(())
+            }
+        }
+    }
+
+    fn queue(&mut self, data: Bytes) -> Result<(), Error> {
+        let len = data.len() as u64;
+        if len > 0 {
+            match &mut self.enc {
+                Encoder::Length(rem) => {
+                    if len > *rem {
+                        return Err(Error::Body(
+                            "request body longer than its content-length".into(),
+                        ));
+                    }
+                    *rem -= len;
+                }
+                Encoder::Chunked => {
+                    let w = &mut self.conn.conn().wbuf;
+                    let mut hex = [0u8; 16];
+                    let digits = hex_digits(len, &mut hex);
+                    w.put_slice(digits);
+                    w.put_slice(b"\r\n");
+                    self.post = b"\r\n";
+                }
+            }
+            self.data = data;
+        }
+        // A body known to be over sends its end with its last data.
+        if self.body.as_ref().is_some_and(|b| b.is_end_stream()) {
+            self.body = None;
+            match self.enc {
+                Encoder::Length(0) => {}
+                Encoder::Length(_) => {
+                    return Err(Error::Body(
+                        "request body shorter than its content-length".into(),
+                    ))
+                }
+                Encoder::Chunked if len > 0 => self.post = b"\r\n0\r\n\r\n",
+                Encoder::Chunked => self.conn.conn().wbuf.put_slice(b"0\r\n\r\n"),
+            }
+        }
+        Ok(())
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let State {
+            conn,
+            wpos,
+            data,
+            post,
+            ..
+        } = self;
+        let c = conn.conn();
+        loop {
+            let head = &c.wbuf[*wpos..];
+            if head.is_empty() && data.is_empty() && post.is_empty() {
+                break;
+            }
+            let bufs = [IoSlice::new(head), IoSlice::new(data), IoSlice::new(post)];
+            let mut n = ready!(Pin::new(&mut c.io).poll_write_vectored(cx, &bufs))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            let h = head.len().min(n);
+            *wpos += h;
+            n -= h;
+            let d = data.len().min(n);
+            data.advance(d);
+            n -= d;
+            *post = &post[n.min(post.len())..];
+        }
+        c.wbuf.clear();
+        *wpos = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes on while reading; Ready with the first final (non-1xx) response head.
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Head, Error>> {
+        loop {
+            if !self.written && !self.write_failed {
+                match self.poll_write(cx) {
+                    Poll::Ready(Err(Error::Io(e))) => {
+                        // The peer may have answered and closed: read what it sent.
+                        tracing::debug!(error = %e, "writing the upstream request failed");
+                        self.write_failed = true;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    _ => {}
+                }
+            }
+            let c = self.conn.conn();
+            if !c.rbuf.is_empty() {
+                match parse_head(&mut c.rbuf, self.head_request, self.upgrade) {
+                    Ok(Some(Parsed::Final(h))) => return Poll::Ready(Ok(h)),
+                    Ok(Some(Parsed::Informational)) => continue,
+                    Ok(None) if c.rbuf.len() > MAX_HEAD => {
+                        self.conn.peer_closed();
+                        return Poll::Ready(Err(Error::Protocol("response headers too large")));
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.conn.peer_closed();
+                        return Poll::Ready(Err(e));
+                    }
+                }
+            }
+            let c = self.conn.conn();
+            match ready!(c.poll_read_more(cx)) {
+                Ok(0) => {
+                    self.conn.peer_closed();
+                    return Poll::Ready(Err(Error::Closed));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.conn.peer_closed();
+                    return Poll::Ready(Err(Error::Io(e)));
+                }
+            }
+        }
+    }
+}
+
+fn hex_digits(mut n: u64, buf: &mut [u8; 16]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b"0123456789ABCDEF"[(n & 15) as usize];
+        n >>= 4;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+struct Head {
+    response: Response<()>,
+    dec: Decoder,
+    keep_alive: bool,
+    upgrade: bool,
+}
+
+enum Parsed {
+    Informational,
+    Final(Head),
+}
+
+/// Parses a response head at the start of `buf` and takes it out; `None`: not all there yet.
+fn parse_head(
+    buf: &mut BytesMut,
+    head_request: bool,
+    upgrade: bool,
+) -> Result<Option<Parsed>, Error> {
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut []);
+    // Name and value offsets into `buf`, taken while it is borrowed by the parser.
+    let mut idx = [[0u32; 4]; MAX_HEADERS];
+    let (len, code, version, count) = {
+        let len = match httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut res, buf, &mut slots)
+        {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(Error::Protocol("too many response headers"))
+            }
+            Err(_) => return Err(Error::Protocol("invalid response head")),
+        };
+        let base = buf.as_ptr() as usize;
+        for (i, h) in res.headers.iter().enumerate() {
+            let n = h.name.as_ptr() as usize - base;
+            let v = h.value.as_ptr() as usize - base;
+            idx[i] = [
+                n as u32,
+                (n + h.name.len()) as u32,
+                v as u32,
+                (v + h.value.len()) as u32,
+            ];
+        }
+        (
+            len,
+            res.code.unwrap_or(0),
+            res.version.unwrap_or(1),
+            res.headers.len(),
+        )
+    };
+    if len > MAX_HEAD {
+        return Err(Error::Protocol("response headers too large"));
+    }
+    let status = StatusCode::from_u16(code).map_err(|_| Error::Protocol("invalid status code"))?;
+    if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+        // 100 Continue and friends: the final response follows.
+        buf.advance(len);
+        return Ok(Some(Parsed::Informational));
+    }
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    let mut close = false;
+    let mut keep_alive_token = false;
+    let mut te: Option<bool> = None;
+    let mut cl: Option<u64> = None;
+    for &[ns, ne, vs, ve] in &idx[..count] {
+        let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
+            .map_err(|_| Error::Protocol("invalid response header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
+            .map_err(|_| Error::Protocol("invalid response header value"))?;
+        if name == header::CONTENT_LENGTH {
+            match content_length(std::iter::once(&value)) {
+                Some(Ok(n)) if cl.is_none_or(|c| c == n) => cl = Some(n),
+                _ => return Err(Error::Protocol("invalid content-length")),
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            te = Some(ends_in_chunked(&value));
+        } else if name == header::CONNECTION {
+            for t in value.as_bytes().split(|&b| b == b',') {
+                let t = t.trim_ascii();
+                close |= t.eq_ignore_ascii_case(b"close");
+                keep_alive_token |= t.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+        headers.append(name, value);
+    }
+    let (version, mut keep_alive) = if version == 0 {
+        (Version::HTTP_10, keep_alive_token && !close)
+    } else {
+        (Version::HTTP_11, !close)
+    };
+    let mut upgraded = false;
+    let dec = if status == StatusCode::SWITCHING_PROTOCOLS {
+        if !upgrade {
+            return Err(Error::Protocol("101 without an upgrade request"));
+        }
+        upgraded = true;
+        keep_alive = false;
+        Decoder::Done
+    } else if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED
+    {
+        Decoder::Length(0)
+    } else if let Some(chunked) = te {
+        if chunked {
+            Decoder::Chunked(Chunk::Size)
+        } else {
+            Decoder::Eof
+        }
+    } else if let Some(n) = cl {
+        Decoder::Length(n)
+    } else {
+        Decoder::Eof
+    };
+    if dec == Decoder::Eof {
+        keep_alive = false;
+    }
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    *response.version_mut() = version;
+    *response.headers_mut() = headers;
+    Ok(Some(Parsed::Final(Head {
+        response,
+        dec,
+        keep_alive,
+        upgrade: upgraded,
+    })))
+}
+
+/// The response head's future.
+pub struct Exchange<C: Pooled> {
+    state: Option<State<C>>,
+}
+
+impl<C: Pooled> std::future::Future for Exchange<C> {
+    type Output = Result<Response<ResponseBody<C>>, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let Some(st) = this.state.as_mut() else {
+            return Poll::Ready(Err(Error::Protocol("exchange polled after it ended")));
+        };
+        let head = ready!(st.poll_head(cx));
+        let state = this.state.take();
+        let Head {
+            response,
+            dec,
+            keep_alive,
+            upgrade,
+        } = head?;
+        let mut body = ResponseBody {
+            state,
+            dec,
+            keep_alive,
+            upgrade,
+        };
+        if matches!(body.dec, Decoder::Length(0)) {
+            body.finish();
+        }
+        Poll::Ready(Ok(response.map(|()| body)))
+    }
+}
+
+/// The upstream response body; hands the connection back to its pool at a clean end.
+pub struct ResponseBody<C: Pooled> {
+    state: Option<State<C>>,
+    dec: Decoder,
+    keep_alive: bool,
+    /// A 101 to an upgrade request: the connection is the tunnel's.
+    upgrade: bool,
+}
+
+enum Step {
+    Data(Bytes),
+    More,
+    End,
+}
+
+impl<C: Pooled> ResponseBody<C> {
+    /// The connection of a 101 answer to an upgrade request, with any bytes already read.
+    pub fn take_upgrade(&mut self) -> Option<Upgraded<C>> {
+        if !self.upgrade {
+            return None;
+        }
+        self.upgrade = false;
+        self.state.take().map(|s| Upgraded { conn: s.conn })
+    }
+
+    fn finish(&mut self) {
+        self.dec = Decoder::Done;
+        let Some(mut st) = self.state.take() else {
+            return;
+        };
+        if !self.keep_alive {
+            // The upstream closes (Connection: close, or a body read to EOF).
+            st.conn.peer_closed();
+            return;
+        }
+        let c = st.conn.conn();
+        // A request still being sent, or bytes past the response, leave the connection unusable.
+        if st.written && !st.write_failed && c.rbuf.is_empty() {
+            c.settle();
+            st.conn.release();
+        }
+    }
+
+    fn fail(&mut self, e: Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.dec = Decoder::Done;
+        if let Some(mut st) = self.state.take() {
+            st.conn.peer_closed();
+        }
+        Poll::Ready(Some(Err(e.into())))
+    }
+}
+
+/// One step of chunked decoding over `buf`. Without `data`, stops before chunk data (to see
+/// whether the body ends right after the data just taken).
+fn chunked(buf: &mut BytesMut, st: &mut Chunk, data: bool) -> Result<Step, Error> {
+    loop {
+        match *st {
+            Chunk::Size => {
+                let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+                    if buf.len() > MAX_CHUNK_LINE {
+                        return Err(Error::Protocol("chunk size line too long"));
+                    }
+                    return Ok(Step::More);
+                };
+                let line = buf[..nl]
+                    .strip_suffix(b"\r")
+                    .ok_or(Error::Protocol("chunk size line without CR"))?;
+                let mut size: u64 = 0;
+                let mut digits = 0;
+                for &b in line {
+                    let d = match b {
+                        b'0'..=b'9' => b - b'0',
+                        b'a'..=b'f' => b - b'a' + 10,
+                        b'A'..=b'F' => b - b'A' + 10,
+                        _ => break,
+                    };
+                    size = size
+                        .checked_mul(16)
+                        .map(|s| s + u64::from(d))
+                        .ok_or(Error::Protocol("chunk size too large"))?;
+                    digits += 1;
+                }
+                // Optional whitespace, then the end or an extension.
+                let rest = line[digits..].trim_ascii_start();
+                if digits == 0 || !(rest.is_empty() || rest[0] == b';') {
+                    return Err(Error::Protocol("invalid chunk size"));
+                }
+                buf.advance(nl + 1);
+                *st = if size == 0 {
+                    Chunk::Trailers
+                } else {
+                    Chunk::Data(size)
+                };
+            }
+            Chunk::Data(rem) => {
+                if buf.is_empty() || !data {
+                    return Ok(Step::More);
+                }
+                let n = rem.min(buf.len() as u64) as usize;
+                *st = if n as u64 == rem {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(rem - n as u64)
+                };
+                return Ok(Step::Data(buf.split_to(n).freeze()));
+            }
+            Chunk::DataEnd => {
+                if buf.len() < 2 {
+                    return Ok(Step::More);
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err(Error::Protocol("chunk data not followed by CRLF"));
+                }
+                buf.advance(2);
+                *st = Chunk::Size;
+            }
+            Chunk::Trailers => {
+                let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
+                    if buf.len() > MAX_HEAD {
+                        return Err(Error::Protocol("response trailers too large"));
+                    }
+                    return Ok(Step::More);
+                };
+                let last = nl == 0 || (nl == 1 && buf[0] == b'\r');
+                // Trailer fields are read and dropped (HTTP/1.1 trailers are not forwarded).
+                buf.advance(nl + 1);
+                if last {
+                    return Ok(Step::End);
+                }
+            }
+        }
+    }
+}
+
+impl<C: Pooled> Body for ResponseBody<C> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            let Some(st) = this.state.as_mut() else {
+                return Poll::Ready(None);
+            };
+            if !st.written && !st.write_failed {
+                // The request body streams on while the response does (a body echoed back).
+                if let Poll::Ready(Err(e)) = st.poll_write(cx) {
+                    tracing::debug!(error = %e, "upstream request ended early");
+                    st.write_failed = true;
+                }
+            }
+            let c = st.conn.conn();
+            let step = match &mut this.dec {
+                Decoder::Done => Ok(Step::End),
+                Decoder::Length(rem) => {
+                    if c.rbuf.is_empty() {
+                        Ok(Step::More)
+                    } else {
+                        let n = (*rem).min(c.rbuf.len() as u64) as usize;
+                        *rem -= n as u64;
+                        Ok(Step::Data(c.rbuf.split_to(n).freeze()))
+                    }
+                }
+                Decoder::Eof => {
+                    if c.rbuf.is_empty() {
+                        Ok(Step::More)
+                    } else {
+                        Ok(Step::Data(c.rbuf.split().freeze()))
+                    }
+                }
+                Decoder::Chunked(ch) => chunked(&mut c.rbuf, ch, true),
+            };
+            match step {
+                Err(e) => return this.fail(e),
+                Ok(Step::End) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Step::Data(data)) => {
+                    let ended = match &mut this.dec {
+                        Decoder::Length(0) => true,
+                        Decoder::Chunked(ch) => {
+                            matches!(chunked(&mut c.rbuf, ch, false), Ok(Step::End))
+                        }
+                        _ => false,
+                    };
+                    // Ends the body with its last data, so the connection is back in the
+                    // pool before the response is finished downstream.
+                    if ended {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Step::More) => match ready!(c.poll_read_more(cx)) {
+                    Ok(0) if this.dec == Decoder::Eof => {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(0) => return this.fail(Error::Closed),
+                    Ok(_) => {}
+                    Err(e) => return this.fail(Error::Io(e)),
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state.is_none() || self.dec == Decoder::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.dec {
+            Decoder::Length(n) => SizeHint::with_exact(n),
+            Decoder::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// An upgraded (tunnelled) upstream connection: the bytes read past the 101 come first.
+pub struct Upgraded<C: Pooled> {
+    conn: C,
+}
+
+impl<C: Pooled> AsyncRead for Upgraded<C> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let c = self.conn.conn();
+        if !c.rbuf.is_empty() {
+            let n = c.rbuf.len().min(buf.remaining());
+            buf.put_slice(&c.rbuf[..n]);
+            c.rbuf.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut c.io).poll_read(cx, buf)
+    }
+}
+
+impl<C: Pooled> AsyncWrite for Upgraded<C> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.conn.conn().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.conn.conn().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.conn.conn().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_bytewise(wire: &[u8]) -> Result<(Vec<u8>, bool), Error> {
+        let (mut buf, mut st, mut out) = (BytesMut::new(), Chunk::Size, Vec::new());
+        for &b in wire {
+            buf.put_u8(b);
+            loop {
+                match chunked(&mut buf, &mut st, true)? {
+                    Step::Data(d) => out.extend_from_slice(&d),
+                    Step::More => break,
+                    Step::End => return Ok((out, buf.is_empty())),
+                }
+            }
+        }
+        Err(Error::Closed)
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_read_boundaries() {
+        let wire =
+            b"5;ext=\"a\"\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx-t: 1\r\n\r\n";
+        let (out, drained) = decode_bytewise(wire).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(out, b"helloabcdefghijklmnopqrstuvwxyz");
+        assert!(drained, "the decoder stops at the end of the body");
+    }
+
+    #[test]
+    fn chunked_framing_errors_are_protocol_errors() {
+        for bad in [
+            &b"x\r\n"[..],
+            b"5\r\nhelloXX",
+            b"5\nhello\r\n",
+            b"5 x\r\n",
+            b"1FFFFFFFFFFFFFFFF\r\n",
+        ] {
+            match decode_bytewise(bad) {
+                Err(e) => assert!(e.is_protocol(), "{bad:?}: {e}"),
+                Ok(r) => panic!("{bad:?} decoded as {r:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_head_parses_once_complete_and_leaves_the_body() {
+        let wire =
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\nX-A: b\r\n\r\nabc";
+        let mut buf = BytesMut::new();
+        let mut parsed = None;
+        for &b in wire {
+            buf.put_u8(b);
+            if parsed.is_none() {
+                parsed = parse_head(&mut buf, false, false).unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+        let Some(Parsed::Final(h)) = parsed else {
+            panic!("no final head");
+        };
+        assert_eq!(h.dec, Decoder::Length(3));
+        assert!(!h.keep_alive, "Connection: close");
+        assert_eq!(h.response.headers()["x-a"], "b");
+        assert_eq!(&buf[..], b"abc");
+        // HTTP/1.0 keeps the connection only when asked to; HEAD answers carry no body.
+        let mut buf = BytesMut::from(&b"HTTP/1.0 200 OK\r\ncontent-length: 9\r\n\r\n"[..]);
+        let Ok(Some(Parsed::Final(h))) = parse_head(&mut buf, true, false) else {
+            panic!("HTTP/1.0 head");
+        };
+        assert_eq!((h.dec, h.keep_alive), (Decoder::Length(0), false));
+    }
+}

@@ -1,0 +1,296 @@
+//! The HTTP/1.1 upstream client on the wire: a raw TCP upstream answers with hand-written bytes
+//! (chunked bodies with extensions and trailers, bodies read to EOF, HTTP/1.0, 1xx heads,
+//! malformed and oversized heads, truncated bodies, connections closed while idle), and
+//! request bodies reach a real server framed by length or chunked.
+
+mod common;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use common::{Client, Config, Upstream};
+use http::{Method, StatusCode};
+use http_body_util::StreamBody;
+use hyper::body::Frame;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// One scripted answer: the bytes, written in these pieces, then whether to close.
+struct Answer {
+    pieces: Vec<Vec<u8>>,
+    close: bool,
+}
+
+fn answer(bytes: &[u8], close: bool) -> Answer {
+    Answer {
+        pieces: vec![bytes.to_vec()],
+        close,
+    }
+}
+
+/// Answers each request head it reads with the next scripted answer, on any connection.
+struct Raw {
+    addr: SocketAddr,
+    accepts: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Raw {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Raw {
+    async fn start(script: Vec<Answer>) -> Raw {
+        let listener = common::bind().await;
+        let addr = common::local_addr(&listener);
+        let accepts = Arc::new(AtomicUsize::new(0));
+        let script = Arc::new(Mutex::new(VecDeque::from(script)));
+        let counted = accepts.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let script = script.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        // GET requests only: a head ends the request.
+                        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match s.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => got.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
+                        got.drain(..end);
+                        let next = script.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+                        let Some(a) = next else { return };
+                        for p in &a.pieces {
+                            if s.write_all(p).await.is_err() {
+                                return;
+                            }
+                            let _ = s.flush().await;
+                            tokio::task::yield_now().await;
+                        }
+                        if a.close {
+                            let _ = s.shutdown().await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Raw {
+            addr,
+            accepts,
+            task,
+        }
+    }
+
+    fn accepts(&self) -> usize {
+        self.accepts.load(Ordering::SeqCst)
+    }
+}
+
+async fn proxy(addr: SocketAddr) -> common::Strait {
+    Config::new()
+        .routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "up"}}]))
+        .cluster("up", &[addr])
+        .start()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_body_with_extensions_and_trailers_then_connection_reused() {
+    let chunked = Answer {
+        pieces: vec![
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-a: 1\r\n\r\n5;name=val".to_vec(),
+            b"ue\r\nhel".to_vec(),
+            b"lo\r\n6\r\n world\r".to_vec(),
+            b"\n0\r\nx-trailer: t\r\n\r\n".to_vec(),
+        ],
+        close: false,
+    };
+    let raw = Raw::start(vec![
+        chunked,
+        answer(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecond", false),
+    ])
+    .await;
+    let strait = proxy(raw.addr).await;
+    let mut conn = common::Conn::open(strait.listener("ingress")).await;
+    let url = strait.url("/a");
+    let r = conn
+        .send(common::req(Method::GET, &url, &[], common::empty()))
+        .await
+        .unwrap_or_else(|e| panic!("first: {e}"));
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.text(), "hello world");
+    assert_eq!(r.header("x-a"), Some("1"));
+    let r = conn
+        .send(common::req(Method::GET, &url, &[], common::empty()))
+        .await
+        .unwrap_or_else(|e| panic!("second: {e}"));
+    assert_eq!(r.text(), "second");
+    assert_eq!(
+        raw.accepts(),
+        1,
+        "the connection is reused after a chunked body"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_read_to_eof_and_http10_close_the_connection() {
+    let raw = Raw::start(vec![
+        answer(b"HTTP/1.1 200 OK\r\nx-kind: eof\r\n\r\nuntil the end", true),
+        answer(b"HTTP/1.0 200 OK\r\ncontent-length: 4\r\n\r\nold!", true),
+        answer(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nthird", false),
+    ])
+    .await;
+    let strait = proxy(raw.addr).await;
+    let client = Client::http1();
+    let r = client.get(&strait.url("/eof")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.text(), "until the end");
+    let r = client.get(&strait.url("/old")).await;
+    assert_eq!(r.text(), "old!");
+    let r = client.get(&strait.url("/third")).await;
+    assert_eq!(r.text(), "third");
+    assert_eq!(
+        raw.accepts(),
+        3,
+        "neither answer leaves a reusable connection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn informational_heads_before_the_response_are_skipped() {
+    let raw = Raw::start(vec![answer(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n\
+          HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
+        false,
+    )])
+    .await;
+    let strait = proxy(raw.addr).await;
+    let r = Client::http1().get(&strait.url("/")).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(r.text(), "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_heads_are_502_protocol_errors() {
+    // Envoy 1.40 takes a response head of up to 80 KiB.
+    let head = |headers: usize| {
+        let mut h = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..headers {
+            h.extend_from_slice(format!("x-big-{i}: {}\r\n", "v".repeat(1000)).as_bytes());
+        }
+        h.extend_from_slice(b"content-length: 0\r\n\r\n");
+        h
+    };
+    let raw = Raw::start(vec![
+        answer(&head(75), false),
+        answer(b"HTTP/1.1 2x0 OK\r\n\r\n", true),
+        answer(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\nab",
+            true,
+        ),
+        answer(&head(85), true),
+    ])
+    .await;
+    let strait = proxy(raw.addr).await;
+    let client = Client::http1();
+    let r = client.get(&strait.url("/")).await;
+    assert_eq!(r.status, StatusCode::OK, "a 75 KiB head passes");
+    assert_eq!(r.header("x-big-74").map(str::len), Some(1000));
+    for what in [
+        "bad status",
+        "conflicting content-length",
+        "head over 80 KiB",
+    ] {
+        let r = client.get(&strait.url("/")).await;
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{what}: {}", r.text());
+        assert!(
+            r.text().ends_with("reset reason: protocol error"),
+            "{what}: {}",
+            r.text()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_cut_short_fails_the_downstream_response() {
+    let raw = Raw::start(vec![answer(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc",
+        true,
+    )])
+    .await;
+    let strait = proxy(raw.addr).await;
+    let r = Client::http1()
+        .try_send(common::req(
+            Method::GET,
+            &strait.url("/"),
+            &[],
+            common::empty(),
+        ))
+        .await;
+    assert!(r.is_err(), "a truncated body must not look complete: {r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_closed_by_the_upstream_is_dropped_not_used() {
+    let raw = Raw::start(vec![
+        answer(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\none", true),
+        answer(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\ntwo", false),
+    ])
+    .await;
+    let strait = proxy(raw.addr).await;
+    let client = Client::http1();
+    assert_eq!(client.get(&strait.url("/1")).await.text(), "one");
+    // The proxy notices the close while the connection is idle, before any request needs it.
+    assert_eq!(
+        strait
+            .wait_stat("cluster.up.upstream_cx_destroy_remote", 1)
+            .await,
+        Some(1)
+    );
+    assert_eq!(strait.stat("cluster.up.upstream_cx_active").await, Some(0));
+    let r = client.get(&strait.url("/2")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.text(), "two");
+    assert_eq!(raw.accepts(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_are_framed_by_length_or_chunked() {
+    let up = Upstream::start("up").await;
+    let strait = proxy(up.addr).await;
+    // HTTP/1.1 with a length: sent with that length.
+    let r = Client::http1()
+        .post(&strait.url("/len"), "0123456789")
+        .await;
+    let v = r.json();
+    assert_eq!(v["body"], "0123456789", "{v}");
+    assert_eq!(v["headers"]["content-length"], json!(["10"]), "{v}");
+    // HTTP/2 without a length, in several frames: chunked upstream.
+    let frames = futures_util::stream::iter(
+        ["ab", "cd", "ef"].map(|s| Ok::<_, common::BoxError>(Frame::data(Bytes::from(s)))),
+    );
+    let body = http_body_util::BodyExt::boxed(StreamBody::new(frames));
+    let r = Client::h2c()
+        .send(common::req(
+            Method::POST,
+            &strait.url("/chunked"),
+            &[],
+            body,
+        ))
+        .await;
+    let v = r.json();
+    assert_eq!(v["body"], "abcdef", "{v}");
+    assert_eq!(v["headers"]["transfer-encoding"], json!(["chunked"]), "{v}");
+    assert!(v["headers"]["content-length"].is_null(), "{v}");
+}
