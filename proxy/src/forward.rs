@@ -30,7 +30,7 @@ use crate::body::{
 use crate::cluster::{Breakers, ClusterState, Host};
 use crate::headers;
 use crate::local_reply::{self, ResetReason};
-use crate::pool::{Lease, PoolError, SendError, UpstreamBody};
+use crate::pool::{Lease, PoolError, SendError};
 use crate::response_flags::ResponseFlags;
 use crate::router::{self, Selected};
 use crate::server::{ListenerRuntime, ServerShared};
@@ -1219,7 +1219,7 @@ async fn route(
             let status = resp.status();
             cluster.stats().count_response(status.as_u16());
             let tunnel = if status == StatusCode::SWITCHING_PROTOCOLS && upgrade.is_some() {
-                resp.body_mut().take_upgrade()
+                crate::pool::take_upgrade(&mut resp)
             } else {
                 None
             };
@@ -1239,7 +1239,7 @@ async fn route(
                     &[&route.headers, &vhost.headers, &rc.headers],
                 ),
             }
-            let inner = incoming.boxed_unsync();
+            let inner = incoming;
             (Response::from_parts(head, inner), true, tunnel)
         }
     }
@@ -1248,7 +1248,7 @@ async fn route(
 // === Attempts and retries ===
 
 struct Done {
-    resp: Response<UpstreamBody>,
+    resp: Response<ProxyBody>,
     lease: Lease,
     rq: RqGuard,
     started: Instant,
@@ -1326,7 +1326,7 @@ fn pick_cluster<'r>(
     }
 }
 
-fn retriable_status(p: &RetryPolicy, resp: &Response<UpstreamBody>) -> bool {
+fn retriable_status(p: &RetryPolicy, resp: &Response<ProxyBody>) -> bool {
     crate::retry::retriable_response(p, resp.status(), resp.headers())
 }
 
@@ -1574,7 +1574,7 @@ impl Attempts<'_> {
         &mut self,
         host: &Arc<Host>,
         body: AttemptBody,
-    ) -> Result<(Response<UpstreamBody>, Lease, Instant), ResetReason> {
+    ) -> Result<(Response<ProxyBody>, Lease, Instant), ResetReason> {
         let cluster = self.cluster;
         let conn = match host.pool.acquire_for(self.priority).await {
             Ok(c) => c,

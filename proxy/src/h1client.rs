@@ -8,12 +8,14 @@
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::body::{BoxError, ProxyBody};
@@ -548,6 +550,7 @@ fn parse_head(
         return Ok(Some(Parsed::Informational));
     }
     let head = buf.split_to(len).freeze();
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     let mut headers = HeaderMap::with_capacity(count);
     let mut close = false;
     let mut keep_alive_token = false;
@@ -558,19 +561,34 @@ fn parse_head(
             .map_err(|_| Error::Protocol("invalid response header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
             .map_err(|_| Error::Protocol("invalid response header value"))?;
-        if name == header::CONTENT_LENGTH {
+        // Hop-by-hop headers this codec consumes are left out, so the proxy's own hop-by-hop
+        // removal finds nothing to do on the usual response. A `Connection` naming other
+        // headers stays for that removal to act on; a 101 keeps everything for the tunnel.
+        let hop = if name == header::CONTENT_LENGTH {
             match content_length(std::iter::once(&value)) {
                 Some(Ok(n)) if cl.is_none_or(|c| c == n) => cl = Some(n),
                 _ => return Err(Error::Protocol("invalid content-length")),
             }
+            false
         } else if name == header::TRANSFER_ENCODING {
             te = Some(ends_in_chunked(&value));
+            true
         } else if name == header::CONNECTION {
+            let mut only_handled = true;
             for t in value.as_bytes().split(|&b| b == b',') {
                 let t = t.trim_ascii();
-                close |= t.eq_ignore_ascii_case(b"close");
-                keep_alive_token |= t.eq_ignore_ascii_case(b"keep-alive");
+                let c = t.eq_ignore_ascii_case(b"close");
+                let k = t.eq_ignore_ascii_case(b"keep-alive");
+                close |= c;
+                keep_alive_token |= k;
+                only_handled &= c || k || t.is_empty();
             }
+            only_handled
+        } else {
+            name == header::UPGRADE || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+        };
+        if hop && !switching {
+            continue;
         }
         headers.append(name, value);
     }
@@ -622,7 +640,9 @@ pub struct Exchange<C: Pooled> {
 }
 
 impl<C: Pooled> std::future::Future for Exchange<C> {
-    type Output = Result<Response<ResponseBody<C>>, Error>;
+    /// The body is boxed here, once: the response moves through several futures on its way
+    /// out, and the unboxed body (with the connection) is ten times the size of a box.
+    type Output = Result<Response<ProxyBody>, Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
@@ -632,31 +652,52 @@ impl<C: Pooled> std::future::Future for Exchange<C> {
         let head = ready!(st.poll_head(cx));
         let state = this.state.take();
         let Head {
-            response,
+            mut response,
             dec,
             keep_alive,
             upgrade,
         } = head?;
+        if upgrade {
+            if let Some(st) = state {
+                let slot = UpgradeSlot(Arc::new(Mutex::new(Some(Upgraded { conn: st.conn }))));
+                response.extensions_mut().insert(slot);
+            }
+            return Poll::Ready(Ok(response.map(|()| crate::body::empty())));
+        }
         let mut body = ResponseBody {
             state,
             dec,
             keep_alive,
-            upgrade,
         };
         if matches!(body.dec, Decoder::Length(0)) {
             body.finish();
         }
-        Poll::Ready(Ok(response.map(|()| body)))
+        Poll::Ready(Ok(response.map(|()| body.boxed_unsync())))
     }
 }
 
+/// Carries the connection of a 101 answer to an upgrade request in the response's extensions
+/// (as hyper carries its `OnUpgrade`).
+struct UpgradeSlot<C: Pooled>(Arc<Mutex<Option<Upgraded<C>>>>);
+
+impl<C: Pooled> Clone for UpgradeSlot<C> {
+    fn clone(&self) -> Self {
+        UpgradeSlot(self.0.clone())
+    }
+}
+
+/// The connection of a 101 answer to an upgrade request, with any bytes already read.
+pub fn take_upgrade<C: Pooled, B>(resp: &mut Response<B>) -> Option<Upgraded<C>> {
+    let slot = resp.extensions_mut().remove::<UpgradeSlot<C>>()?;
+    let mut g = slot.0.lock().unwrap_or_else(|e| e.into_inner());
+    g.take()
+}
+
 /// The upstream response body; hands the connection back to its pool at a clean end.
-pub struct ResponseBody<C: Pooled> {
+struct ResponseBody<C: Pooled> {
     state: Option<State<C>>,
     dec: Decoder,
     keep_alive: bool,
-    /// A 101 to an upgrade request: the connection is the tunnel's.
-    upgrade: bool,
 }
 
 enum Step {
@@ -666,15 +707,6 @@ enum Step {
 }
 
 impl<C: Pooled> ResponseBody<C> {
-    /// The connection of a 101 answer to an upgrade request, with any bytes already read.
-    pub fn take_upgrade(&mut self) -> Option<Upgraded<C>> {
-        if !self.upgrade {
-            return None;
-        }
-        self.upgrade = false;
-        self.state.take().map(|s| Upgraded { conn: s.conn })
-    }
-
     fn finish(&mut self) {
         self.dec = Decoder::Done;
         let Some(mut st) = self.state.take() else {

@@ -8,17 +8,14 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures_util::{FutureExt, TryFutureExt};
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
+use http_body_util::BodyExt;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use strait_xds::model::{RoutingPriority, Thresholds, UpstreamProtocol};
@@ -598,54 +595,9 @@ pub enum SendError {
     H2(#[from] hyper::Error),
 }
 
-/// An upstream response body: from Strait's HTTP/1.1 client or hyper's HTTP/2 one.
-// The HTTP/1.1 body is the common case and is boxed once, when it is forwarded; boxing the
-// variant too would cost a second allocation per request.
-#[allow(clippy::large_enum_variant)]
-pub enum UpstreamBody {
-    H1(h1client::ResponseBody<H1Conn>),
-    H2(Incoming),
-}
-
-impl UpstreamBody {
-    /// The connection of a 101 answer to an upgrade request (HTTP/1.1 only).
-    pub fn take_upgrade(&mut self) -> Option<Upgraded> {
-        match self {
-            UpstreamBody::H1(b) => b.take_upgrade(),
-            UpstreamBody::H2(_) => None,
-        }
-    }
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            UpstreamBody::H1(b) => Pin::new(b).poll_frame(cx),
-            UpstreamBody::H2(b) => Pin::new(b)
-                .poll_frame(cx)
-                .map_err(|e| Box::new(e) as BoxError),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::H1(b) => b.is_end_stream(),
-            UpstreamBody::H2(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::H1(b) => b.size_hint(),
-            UpstreamBody::H2(b) => b.size_hint(),
-        }
-    }
+/// The connection of a 101 answer to an upgrade request (HTTP/1.1 only).
+pub fn take_upgrade<B>(resp: &mut Response<B>) -> Option<Upgraded> {
+    h1client::take_upgrade(resp)
 }
 
 impl Conn {
@@ -657,15 +609,13 @@ impl Conn {
         req: Request<ProxyBody>,
         upgrade: bool,
     ) -> (
-        impl Future<Output = Result<Response<UpstreamBody>, SendError>> + Send,
+        impl Future<Output = Result<Response<ProxyBody>, SendError>> + Send,
         Lease,
     ) {
         match self.kind {
             ConnKind::H1(c) => {
                 let local = c.local;
-                let fut = h1client::send(c, req, upgrade)
-                    .map_ok(|r| r.map(UpstreamBody::H1))
-                    .map_err(SendError::H1);
+                let fut = h1client::send(c, req, upgrade).map_err(SendError::H1);
                 (
                     futures_util::future::Either::Left(fut),
                     Lease {
@@ -674,9 +624,10 @@ impl Conn {
                 )
             }
             ConnKind::H2(mut sender, meta, pool) => {
-                let fut = sender
-                    .send_request(req)
-                    .map(|r| r.map(|r| r.map(UpstreamBody::H2)).map_err(SendError::H2));
+                let fut = sender.send_request(req).map(|r| {
+                    r.map(|r| r.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()))
+                        .map_err(SendError::H2)
+                });
                 (
                     futures_util::future::Either::Right(fut),
                     Lease {
