@@ -192,16 +192,16 @@ def make_peers(args, work):
         "direct": Peer("direct", None, UPSTREAM_H1, UPSTREAM_H2),
         "strait": Peer("strait", [args.strait_bin, "-c", strait_cfg, "--concurrency", "1", "-l", "error"],
                        PROXY_PORT, PROXY_PORT),
-        # Two workers on the same single core: what the work-stealing runtime costs when it has
-        # more workers than cores (issue 2's worker-model question).
+        # Two workers on the same single core: what the default per-core workers cost when there
+        # are more workers than cores (issue 2's worker-model question).
         "strait-c2": Peer("strait-c2", [args.strait_bin, "-c", strait_cfg, "--concurrency", "2", "-l", "error"],
                           PROXY_PORT, PROXY_PORT),
-        # Per-core runtimes with SO_REUSEPORT listeners (--worker-model per-core), issue 2's
-        # alternative to work stealing, at 1 and 2 workers. Not in the default list.
-        "strait-pc": Peer("strait-pc", [args.strait_bin, "-c", strait_cfg, "--concurrency", "1",
-                                        "--worker-model", "per-core", "-l", "error"], PROXY_PORT, PROXY_PORT),
-        "strait-pc-c2": Peer("strait-pc-c2", [args.strait_bin, "-c", strait_cfg, "--concurrency", "2",
-                                              "--worker-model", "per-core", "-l", "error"], PROXY_PORT, PROXY_PORT),
+        # One multi-threaded work-stealing runtime (--worker-model work-stealing, the default
+        # until 2026-11-27), at 1 and 2 workers. Not in the default list.
+        "strait-ws": Peer("strait-ws", [args.strait_bin, "-c", strait_cfg, "--concurrency", "1",
+                                        "--worker-model", "work-stealing", "-l", "error"], PROXY_PORT, PROXY_PORT),
+        "strait-ws-c2": Peer("strait-ws-c2", [args.strait_bin, "-c", strait_cfg, "--concurrency", "2",
+                                              "--worker-model", "work-stealing", "-l", "error"], PROXY_PORT, PROXY_PORT),
         # The allocator question (issue 6) without a code change: Strait uses the system
         # allocator, so a preloaded malloc replaces it. Not in the default list.
         "strait-mimalloc": Peer("strait-mimalloc", [args.strait_bin, "-c", strait_cfg, "--concurrency", "1",

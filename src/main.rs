@@ -53,11 +53,12 @@ struct Cli {
     /// Worker threads; default: the number of hardware threads.
     #[arg(long)]
     concurrency: Option<usize>,
-    /// Strait-only: how the --concurrency workers share connections. work-stealing: one
-    /// multi-threaded runtime (idle workers steal tasks). per-core: one single-threaded runtime
-    /// per worker, each with its own SO_REUSEPORT listening sockets, serving the connections it
-    /// accepts (admin, xDS and health checks run on the main thread).
-    #[arg(long = "worker-model", value_enum, default_value_t = WorkerModel::WorkStealing)]
+    /// Strait-only: how the --concurrency workers share connections. per-core (Envoy's model,
+    /// the default): one single-threaded runtime per worker, each with its own SO_REUSEPORT
+    /// listening sockets and upstream pools, serving the connections it accepts (admin, xDS and
+    /// health checks run on the main thread). work-stealing: one multi-threaded runtime (idle
+    /// workers steal tasks) sharing one pool per host.
+    #[arg(long = "worker-model", value_enum, default_value_t = WorkerModel::PerCore)]
     worker_model: WorkerModel,
     /// How long a drain lets in-flight requests finish, in seconds.
     #[arg(long = "drain-time-s", default_value_t = 600)]

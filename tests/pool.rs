@@ -109,7 +109,10 @@ async fn high_priority_breakers_cover_connections_and_pending() {
         .cluster_json(cluster)
         .start()
         .await;
-    let client = Client::http1();
+    // One HTTP/2 connection carries every request: pools are per worker (Envoy's and Strait's
+    // per-core model), and separate downstream connections may land on different workers,
+    // each of which could open its own first connection past the breaker.
+    let client = Client::h2c();
     let get = |path: &str| {
         let (client, url) = (client.clone(), strait.url(path));
         tokio::spawn(async move { client.get(&url).await.status.as_u16() })
@@ -130,9 +133,7 @@ async fn high_priority_breakers_cover_connections_and_pending() {
     // 3: the HIGH pending breaker is full.
     let r = client.get(&strait.url("/high/3")).await;
     assert_eq!(r.status, 503, "{}", r.text());
-    strait
-        .access_log("\"GET /high/3 HTTP/1.1\" 503 UO ", 1)
-        .await;
+    strait.access_log("\"GET /high/3 HTTP/2\" 503 UO ", 1).await;
     // DEFAULT traffic has its own connections and breakers.
     let r = client.get(&strait.url("/default")).await;
     assert_eq!(r.status, 200, "{}", r.text());

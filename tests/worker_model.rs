@@ -1,5 +1,5 @@
-//! `--worker-model per-core` (Strait-only): per-core runtimes with `SO_REUSEPORT` listeners
-//! serve HTTP/1.1 and h2c, the kernel spreads connections over both workers (per-worker stats
+//! `--worker-model per-core` (the default; Strait-only flag): per-core runtimes with
+//! `SO_REUSEPORT` listeners serve HTTP/1.1 and h2c, the kernel spreads connections over both workers (per-worker stats
 //! `listener.<address>.worker_<N>.*`), and SIGTERM still drains in-flight requests and exits 0.
 
 mod common;
@@ -142,17 +142,33 @@ async fn per_core_spreads_connections_and_drains_on_sigterm() {
     );
 }
 
+/// Per-core workers are the default (Envoy's model: per-worker stats); `--worker-model
+/// work-stealing` shares one runtime and has none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn work_stealing_is_the_default_and_has_no_per_worker_stats() {
+async fn per_core_is_the_default_and_work_stealing_has_no_per_worker_stats() {
     let up = Upstream::start("up").await;
-    let strait = Config::new()
+    let cfg = Config::new()
         .routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "up"}}]))
-        .cluster("up", &[up.addr])
-        .start()
-        .await;
-    let r = Client::http1().get(&strait.url("/")).await;
+        .cluster("up", &[up.addr]);
+    let per_worker = |stats: &std::collections::HashMap<String, i64>| {
+        stats
+            .iter()
+            .filter(|(k, _)| k.contains(".worker_") && k.ends_with(".downstream_cx_total"))
+            .map(|(_, v)| *v)
+            .sum::<i64>()
+    };
+    let default = cfg.start().await;
+    let r = Client::http1().get(&default.url("/")).await;
     assert_eq!(r.status, 200);
-    let stats = strait.stats().await;
+    assert_eq!(
+        per_worker(&default.stats().await),
+        1,
+        "one connection, counted per worker"
+    );
+    let ws = common::Strait::start_with(&cfg.yaml(), &["--worker-model", "work-stealing"]).await;
+    let r = Client::http1().get(&ws.url("/")).await;
+    assert_eq!(r.status, 200);
+    let stats = ws.stats().await;
     assert!(
         !stats.keys().any(|k| k.contains(".worker_")),
         "per-worker stats only with per-core workers"

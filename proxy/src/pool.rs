@@ -6,9 +6,10 @@
 //! idle connections after `idle_timeout`, and counts Envoy's `upstream_cx_*` stats.
 //! No lock is held across an await, except the per-host HTTP/2 connect lock (see `H2Pool`).
 
+use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -207,18 +208,94 @@ impl PoolShared {
     }
 }
 
-/// One host's connections.
+/// How many pools each host keeps: one per per-core worker (set before any config is built),
+/// else one.
+static WORKERS: AtomicUsize = AtomicUsize::new(1);
+
+thread_local! {
+    /// This thread's per-core worker index (0 elsewhere).
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Gives each host `n` pools, one per per-core worker. Call before any cluster is built.
+pub fn set_workers(n: usize) {
+    WORKERS.store(n.max(1), Ordering::Release);
+}
+
+/// Marks the calling thread as per-core worker `i`: its requests use the hosts' pool `i`.
+pub fn set_worker(i: usize) {
+    WORKER.with(|w| w.set(i));
+}
+
+/// One host's connections: a pool per per-core worker (Envoy keeps pools per worker too), so
+/// a worker only drives sockets registered with its own event loop and never wakes another
+/// worker for its I/O. The work-stealing runtime moves tasks between threads: one pool.
+/// Circuit breakers and stats are the cluster's and the host's, shared by all the pools.
 #[derive(Clone)]
-pub struct HostPool {
-    shared: Arc<PoolShared>,
+pub struct HostPool(Arc<HostPools>);
+
+struct HostPools {
+    info: Arc<ClusterInfo>,
+    addr: SocketAddr,
+    host_stats: Arc<HostStats>,
+    pools: Box<[OnceLock<Pool>]>,
 }
 
 impl std::fmt::Debug for HostPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HostPool")
-            .field("addr", &self.shared.addr)
+            .field("addr", &self.0.addr)
             .finish()
     }
+}
+
+impl HostPool {
+    pub fn new(info: Arc<ClusterInfo>, addr: SocketAddr, host_stats: Arc<HostStats>) -> HostPool {
+        let n = WORKERS.load(Ordering::Acquire).max(1);
+        HostPool(Arc::new(HostPools {
+            info,
+            addr,
+            host_stats,
+            pools: (0..n).map(|_| OnceLock::new()).collect(),
+        }))
+    }
+
+    /// The calling worker's pool, made on first use.
+    fn current(&self) -> &Pool {
+        let h = &*self.0;
+        let i = WORKER.with(|w| w.get()) % h.pools.len();
+        h.pools[i].get_or_init(|| Pool {
+            shared: Arc::new(PoolShared::new(
+                h.info.clone(),
+                h.addr,
+                h.host_stats.clone(),
+                RoutingPriority::Default,
+            )),
+        })
+    }
+
+    pub fn is_http2(&self) -> bool {
+        matches!(self.0.info.config.protocol, UpstreamProtocol::Http2 { .. })
+    }
+
+    /// A connection ready for one DEFAULT-priority request; see [`Self::acquire_for`].
+    pub async fn acquire(&self) -> Result<Conn, PoolError> {
+        self.current().acquire_for(RoutingPriority::Default).await
+    }
+
+    /// A connection ready for one request of the route's `priority`: an idle or not-full one,
+    /// else a new one (waiting as a pending request while that priority's connection breaker
+    /// is full). Envoy's `upstream_cx_overflow` counts a request that found the connection
+    /// breaker full, `upstream_rq_pending_overflow` one turned away by the pending breaker.
+    pub async fn acquire_for(&self, priority: RoutingPriority) -> Result<Conn, PoolError> {
+        self.current().acquire_for(priority).await
+    }
+}
+
+/// One worker's connections to one host.
+#[derive(Clone)]
+struct Pool {
+    shared: Arc<PoolShared>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -226,20 +303,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl HostPool {
-    pub fn new(info: Arc<ClusterInfo>, addr: SocketAddr, host_stats: Arc<HostStats>) -> HostPool {
-        HostPool {
-            shared: Arc::new(PoolShared::new(
-                info,
-                addr,
-                host_stats,
-                RoutingPriority::Default,
-            )),
-        }
-    }
-
+impl Pool {
     /// The pool of the route's routing priority.
-    fn for_priority(&self, priority: RoutingPriority) -> HostPool {
+    fn for_priority(&self, priority: RoutingPriority) -> Pool {
         match priority {
             RoutingPriority::Default => self.clone(),
             RoutingPriority::High => {
@@ -252,30 +318,21 @@ impl HostPool {
                         RoutingPriority::High,
                     ))
                 });
-                HostPool {
+                Pool {
                     shared: high.clone(),
                 }
             }
         }
     }
 
-    pub fn is_http2(&self) -> bool {
+    fn is_http2(&self) -> bool {
         matches!(
             self.shared.info.config.protocol,
             UpstreamProtocol::Http2 { .. }
         )
     }
 
-    /// A connection ready for one DEFAULT-priority request; see [`Self::acquire_for`].
-    pub async fn acquire(&self) -> Result<Conn, PoolError> {
-        self.acquire_for(RoutingPriority::Default).await
-    }
-
-    /// A connection ready for one request of the route's `priority`: an idle or not-full one,
-    /// else a new one (waiting as a pending request while that priority's connection breaker
-    /// is full). Envoy's `upstream_cx_overflow` counts a request that found the connection
-    /// breaker full, `upstream_rq_pending_overflow` one turned away by the pending breaker.
-    pub async fn acquire_for(&self, priority: RoutingPriority) -> Result<Conn, PoolError> {
+    async fn acquire_for(&self, priority: RoutingPriority) -> Result<Conn, PoolError> {
         if priority != RoutingPriority::Default {
             return Box::pin(self.for_priority(priority).acquire_pool()).await;
         }

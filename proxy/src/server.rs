@@ -132,6 +132,7 @@ pub struct Workers {
 impl Workers {
     /// Starts `n` (at least 1) worker threads, each running its own current-thread runtime.
     pub fn start(n: usize) -> std::io::Result<Arc<Workers>> {
+        crate::pool::set_workers(n);
         let (stop, _) = watch::channel(false);
         let mut handles = Vec::new();
         let mut threads = Vec::new();
@@ -144,6 +145,7 @@ impl Workers {
             let thread = std::thread::Builder::new()
                 .name(format!("strait-worker-{i}"))
                 .spawn(move || {
+                    crate::pool::set_worker(i);
                     rt.block_on(async move {
                         let _ = stop_rx.wait_for(|s| *s).await;
                     });
