@@ -831,4 +831,90 @@ mod tests {
         assert_eq!(info.stats.upstream_cx_destroy_remote.get(), 0);
         assert_eq!(info.stats.upstream_cx_active.get(), 0);
     }
+
+    /// Answers every request head on every connection with an empty 200, counting accepts.
+    async fn keep_alive_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = accepts.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut buf = vec![0u8; 4096];
+                    loop {
+                        while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                            got.drain(..end + 4);
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                            if s.write_all(ok).await.is_err() {
+                                return;
+                            }
+                        }
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepts)
+    }
+
+    /// Per-core workers each keep their own connections to a host (Envoy's per-worker pools):
+    /// two requests in a row on one worker share a connection, another worker opens its own.
+    #[test]
+    fn each_per_core_worker_has_its_own_pool() {
+        let upstream = tokio::runtime::Runtime::new().unwrap();
+        let (addr, accepts) = upstream.block_on(keep_alive_upstream());
+        set_workers(2);
+        let pool = HostPool::new(
+            info(addr, Duration::from_secs(60)),
+            addr,
+            Arc::new(HostStats::default()),
+        );
+        set_workers(1);
+        let worker = |i: usize, pool: HostPool| {
+            std::thread::spawn(move || {
+                set_worker(i);
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    for _ in 0..2 {
+                        let conn = pool.acquire().await.unwrap();
+                        let req = Request::builder()
+                            .uri("/")
+                            .header("host", "c")
+                            .body(crate::body::empty())
+                            .unwrap();
+                        let (fut, _lease) = conn.send(req, false);
+                        let resp = fut.await.unwrap();
+                        assert_eq!(resp.status(), 200);
+                    }
+                });
+            })
+        };
+        worker(0, pool.clone()).join().unwrap();
+        assert_eq!(
+            accepts.load(Ordering::SeqCst),
+            1,
+            "one worker, one connection"
+        );
+        worker(1, pool.clone()).join().unwrap();
+        assert_eq!(
+            accepts.load(Ordering::SeqCst),
+            2,
+            "the other worker opens its own"
+        );
+        worker(0, pool).join().unwrap();
+        // Worker 0's runtime is gone and with it its connection's registration; what matters is
+        // that worker 1 never borrowed worker 0's connection.
+        assert!(accepts.load(Ordering::SeqCst) >= 2);
+    }
 }
