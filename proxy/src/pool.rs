@@ -906,15 +906,11 @@ mod tests {
             1,
             "one worker, one connection"
         );
-        worker(1, pool.clone()).join().unwrap();
+        worker(1, pool).join().unwrap();
         assert_eq!(
             accepts.load(Ordering::SeqCst),
             2,
             "the other worker opens its own"
         );
-        worker(0, pool).join().unwrap();
-        // Worker 0's runtime is gone and with it its connection's registration; what matters is
-        // that worker 1 never borrowed worker 0's connection.
-        assert!(accepts.load(Ordering::SeqCst) >= 2);
     }
 }
