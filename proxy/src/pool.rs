@@ -865,6 +865,12 @@ mod tests {
         (addr, accepts)
     }
 
+    fn pool_has_idle(pool: &HostPool, worker: usize) -> bool {
+        pool.0.pools[worker]
+            .get()
+            .is_some_and(|p| !lock(&p.shared.h1.idle).is_empty())
+    }
+
     /// Per-core workers each keep their own connections to a host (Envoy's per-worker pools):
     /// two requests in a row on one worker share a connection, another worker opens its own.
     #[test]
@@ -878,7 +884,11 @@ mod tests {
             Arc::new(HostStats::default()),
         );
         set_workers(1);
-        let worker = |i: usize, pool: HostPool| {
+        // Worker 0 keeps its runtime (and so its connection's registration) alive until the
+        // end: were the pool shared, worker 1 would take that idle connection and never see its
+        // response, as worker 0's event loop is not running; the timeout turns that into a failure.
+        type Hold = Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>;
+        let worker = |i: usize, pool: HostPool, hold: Hold| {
             std::thread::spawn(move || {
                 set_worker(i);
                 let rt = tokio::runtime::Builder::new_current_thread()
@@ -887,30 +897,49 @@ mod tests {
                     .unwrap();
                 rt.block_on(async {
                     for _ in 0..2 {
-                        let conn = pool.acquire().await.unwrap();
-                        let req = Request::builder()
-                            .uri("/")
-                            .header("host", "c")
-                            .body(crate::body::empty())
-                            .unwrap();
-                        let (fut, _lease) = conn.send(req, false);
-                        let resp = fut.await.unwrap();
-                        assert_eq!(resp.status(), 200);
+                        let exchange = async {
+                            let conn = pool.acquire().await.unwrap();
+                            let req = Request::builder()
+                                .uri("/")
+                                .header("host", "c")
+                                .body(crate::body::empty())
+                                .unwrap();
+                            let (fut, _lease) = conn.send(req, false);
+                            fut.await.unwrap().status()
+                        };
+                        let status = tokio::time::timeout(Duration::from_secs(5), exchange)
+                            .await
+                            .expect("no response: a connection of another worker was used");
+                        assert_eq!(status, 200);
                     }
                 });
+                if let Some((done, hold)) = hold {
+                    let _ = done.send(());
+                    let _ = hold.recv();
+                }
+                drop(rt);
             })
         };
-        worker(0, pool.clone()).join().unwrap();
+        let (release, hold) = std::sync::mpsc::channel();
+        let (done, first_done) = std::sync::mpsc::channel();
+        let first = worker(0, pool.clone(), Some((done, hold)));
+        first_done.recv().unwrap();
+        assert!(
+            pool_has_idle(&pool, 0),
+            "worker 0's connection is idle in its pool"
+        );
         assert_eq!(
             accepts.load(Ordering::SeqCst),
             1,
             "one worker, one connection"
         );
-        worker(1, pool).join().unwrap();
+        worker(1, pool, None).join().unwrap();
         assert_eq!(
             accepts.load(Ordering::SeqCst),
             2,
             "the other worker opens its own"
         );
+        let _ = release.send(());
+        first.join().unwrap();
     }
 }
