@@ -294,3 +294,100 @@ async fn request_bodies_are_framed_by_length_or_chunked() {
     assert_eq!(v["headers"]["transfer-encoding"], json!(["chunked"]), "{v}");
     assert!(v["headers"]["content-length"].is_null(), "{v}");
 }
+
+/// An upstream that answers each request as soon as its head is in, before reading the body
+/// (as nginx's `return 200` does), then reads the body (by its `content-length`) and discards
+/// it. Returns its address and the body bytes it has read, as they arrive.
+async fn early_answerer() -> (SocketAddr, tokio::sync::watch::Receiver<u64>) {
+    let listener = common::bind().await;
+    let addr = common::local_addr(&listener);
+    let (bytes_tx, bytes_rx) = tokio::sync::watch::channel(0u64);
+    let bytes_tx = Arc::new(bytes_tx);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let count = bytes_tx.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
+                    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                    got.drain(..end);
+                    let mut left = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let taken = left.min(got.len());
+                    got.drain(..taken);
+                    left -= taken;
+                    count.send_modify(|c| *c += taken as u64);
+                    while left > 0 {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                let used = n.min(left);
+                                left -= used;
+                                count.send_modify(|c| *c += used as u64);
+                                got.extend_from_slice(&buf[used..n]);
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, bytes_rx)
+}
+
+/// RFC 9110 section 15 lets a client keep sending its body after an early final response; Strait
+/// does (as hyper's client does), so the upload is not cut and the downstream connection is
+/// not reset. Envoy resets the upstream request instead (`Router::onUpstreamComplete`), so the
+/// whole-body check is Strait's alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_before_the_whole_upload_leaves_the_connection_usable() {
+    let (addr, mut body_bytes) = early_answerer().await;
+    let strait = proxy(addr).await;
+    let mut conn = common::Conn::open(strait.listener("ingress")).await;
+    let url = strait.url("/upload");
+    // Far more than the socket buffers hold: the answer comes back while most is still unsent.
+    const SIZE: u64 = 16 << 20;
+    let r = conn
+        .send(common::req(
+            Method::POST,
+            &url,
+            &[("content-length", &SIZE.to_string())],
+            common::generated(SIZE),
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("upload: {e}"));
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.text(), "ok");
+    if common::under_envoy() {
+        return;
+    }
+    let r = conn
+        .send(common::req(Method::GET, &url, &[], common::empty()))
+        .await
+        .unwrap_or_else(|e| panic!("the request after the upload, same connection: {e}"));
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.text(), "ok");
+    common::within(
+        "the whole body upstream",
+        body_bytes.wait_for(|&n| n == SIZE),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("upstream gone: {e}"));
+}

@@ -717,9 +717,13 @@ impl<C: Pooled> ResponseBody<C> {
             st.conn.peer_closed();
             return;
         }
+        if !st.written && !st.write_failed {
+            finish_upload(st);
+            return;
+        }
         let c = st.conn.conn();
-        // A request still being sent, or bytes past the response, leave the connection unusable.
-        if st.written && !st.write_failed && c.rbuf.is_empty() {
+        // Bytes past the response, or a failed write, leave the connection unusable.
+        if !st.write_failed && c.rbuf.is_empty() {
             c.settle();
             st.conn.release();
         }
@@ -732,6 +736,37 @@ impl<C: Pooled> ResponseBody<C> {
         }
         Poll::Ready(Some(Err(e.into())))
     }
+}
+
+/// How long the rest of a request may take to send after its response ended: Envoy's default
+/// `stream_idle_timeout`.
+const UPLOAD_AFTER_RESPONSE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The upstream answered in full, and keeps the connection, before the whole request was sent
+/// (nginx's `return 200` to an upload). The rest goes out from a task of its own, as hyper's
+/// connection task sends it (RFC 9110 lets a client go on sending): the downstream body is
+/// read to its end, so the downstream connection stays usable instead of being reset with
+/// unread bytes, and this connection goes back to the pool once the request is out.
+fn finish_upload<C: Pooled>(mut st: State<C>) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    rt.spawn(async move {
+        let sent = tokio::time::timeout(
+            UPLOAD_AFTER_RESPONSE,
+            std::future::poll_fn(|cx| st.poll_write(cx)),
+        )
+        .await;
+        match sent {
+            Ok(Ok(())) if st.conn.conn().rbuf.is_empty() => {
+                st.conn.conn().settle();
+                st.conn.release();
+            }
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "upload after the response failed"),
+            Err(_) => tracing::debug!("upload after the response timed out"),
+        }
+    });
 }
 
 /// One step of chunked decoding over `buf`. Without `data`, stops before chunk data (to see

@@ -294,6 +294,12 @@ fn binary() -> String {
     std::env::var("STRAIT_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_strait").to_string())
 }
 
+/// Whether the tests run against Envoy (the differential pass) rather than Strait.
+#[allow(dead_code)]
+pub fn under_envoy() -> bool {
+    binary().ends_with("envoy")
+}
+
 impl Strait {
     /// Starts the proxy with `yaml` and waits (bounded) until `/ready` answers 200.
     pub async fn start(yaml: &str) -> Strait {
