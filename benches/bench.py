@@ -210,6 +210,8 @@ def make_peers(args, work):
         "strait-jemalloc": Peer("strait-jemalloc", [args.strait_bin, "-c", strait_cfg, "--concurrency", "1",
                                                     "-l", "error"], PROXY_PORT, PROXY_PORT,
                                 env={"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}),
+        "strait-b": Peer("strait-b", [args.strait_bin_b or args.strait_bin, "-c", strait_cfg, "--concurrency", "1",
+                                      "-l", "error"], PROXY_PORT, PROXY_PORT),
         "envoy": Peer("envoy", [resolve_envoy(args.envoy_bin), "-c", strait_cfg, "--concurrency", "1", "-l", "error",
                                 "--base-id", str(os.getpid() % 10000)],
                       PROXY_PORT, PROXY_PORT, ready_timeout=120.0),
@@ -427,6 +429,8 @@ def main():
     ap.add_argument("--peers", default="direct,strait,strait-c2,envoy,haproxy,nginx")
     ap.add_argument("--workloads", default="h1,h2c,open,newconn,grpc,body1m")
     ap.add_argument("--strait-bin", default=os.environ.get("STRAIT_BIN", os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target")), "release", "strait")))
+    ap.add_argument("--strait-bin-b", default=os.environ.get("STRAIT_BIN_B"),
+                    help="a second Strait build, the strait-b peer (A/B of a change within one run)")
     ap.add_argument("--strait-config", default=os.environ.get("STRAIT_CONFIG"),
                     help="bootstrap for the strait rows (default peers/strait-envoy.yaml)")
     ap.add_argument("--envoy-bin", default=os.environ.get("ENVOY_BIN", shutil.which("envoy") or "envoy"))

@@ -1,7 +1,8 @@
 //! The `strait` binary: parses Envoy's command line, loads the bootstrap, runs the proxy until
 //! SIGTERM / SIGINT (or `POST /quitquitquit`), then drains and exits. Wiring only: the work is
 //! in the `strait-xds` and `strait-proxy` crates.
-#![forbid(unsafe_code)]
+// One FFI call to the allocator (`release_startup_garbage`) is the only unsafe code.
+#![deny(unsafe_code)]
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -310,6 +311,7 @@ async fn serve(
     for (name, addr) in server.listener_addresses() {
         tracing::info!("listening on {name} {addr}");
     }
+    release_startup_garbage();
     // POST /quitquitquit drains through the same shared state, so wait() covers it too.
     let shared = server.shared().clone();
     let signals = tokio::spawn(async move {
@@ -320,6 +322,21 @@ async fn serve(
     signals.abort();
     tracing::info!("exiting");
     ExitCode::SUCCESS
+}
+
+/// Start-up (decoding and translating the bootstrap, building the descriptor pool) frees
+/// megabytes that mimalloc keeps in this thread's heap until later allocations here reuse
+/// them, and this thread allocates little once serving: hand them back to the system now
+/// (BENCHMARKS.md, "Memory").
+#[allow(unsafe_code)]
+fn release_startup_garbage() {
+    extern "C" {
+        /// mimalloc's `mi_collect`: frees what the calling thread's heap caches, and purges
+        /// what every thread has returned to the arenas.
+        fn mi_collect(force: bool);
+    }
+    // SAFETY: mi_collect takes no pointers and may be called from any thread at any time.
+    unsafe { mi_collect(true) }
 }
 
 /// Resolves on the first SIGTERM or SIGINT.

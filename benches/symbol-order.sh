@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Writes benches/symbol-order.txt: the functions a release build of Strait runs, from start-up
+# through HTTP/1.1, h2c, gRPC (HTTP/2 upstream), uploads, new connections and admin requests,
+# hottest first. build.rs hands the list to the linker (lld's --symbol-ordering-file), which
+# places those functions together at the start of .text: the kernel maps a binary's pages 64 KiB
+# around each page a process touches, so code run scattered over the whole 9 MB .text maps most
+# of it, and grouped it maps a fraction (BENCHMARKS.md, "Memory: symbol ordering").
+# Rerun after large changes to the request path or start-up (a stale list only groups less well;
+# names that no longer exist are ignored):
+#   cargo build --release && benches/symbol-order.sh && cargo build --release
+# Needs valgrind, nginx, curl and h2load.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+bin="${STRAIT_BIN:-${CARGO_TARGET_DIR:-$here/../target}/release/strait}"
+for tool in valgrind nginx curl h2load python3; do
+    command -v "$tool" >/dev/null || { echo "missing $tool" >&2; exit 2; }
+done
+[[ -x "$bin" ]] || { echo "no release build at $bin: cargo build --release" >&2; exit 2; }
+work="$(mktemp -d)"
+cleanup() {
+    [[ -n "${ngx:-}" ]] && kill "$ngx" 2>/dev/null || true
+    [[ -n "${pid:-}" ]] && kill -9 "$pid" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# The bench configuration, on ports of its own (28xxx) so a running bench is not disturbed.
+sed -e 's/18001/28101/; s/18000/28100/; s/18080/28180/; s/18082/28182/' \
+    "$here/peers/strait-envoy.yaml" > "$work/bootstrap.yaml"
+sed -e 's/18080/28180/; s/18082/28182/; s/18081/28181/' "$here/peers/upstream-nginx.conf" > "$work/up.conf"
+mkdir -p "$work/ng/logs" "$work/ng/tmp"
+nginx -p "$work/ng" -c "$work/up.conf" &
+ngx=$!
+for _ in $(seq 100); do
+    curl -fs -o /dev/null http://127.0.0.1:28180/ && break
+    sleep 0.05
+done
+
+valgrind --tool=callgrind --demangle=no --dump-line=no --callgrind-out-file="$work/cg.out" \
+    "$bin" -c "$work/bootstrap.yaml" --concurrency 1 --drain-time-s 1 -l error \
+    > "$work/strait.log" 2>&1 &
+pid=$!
+for _ in $(seq 600); do
+    curl -fs -o /dev/null http://127.0.0.1:28100/ && break
+    sleep 0.1
+done
+url=http://127.0.0.1:28100/
+# Every request must succeed: a profile of error paths would order the wrong functions.
+load() {
+    local out
+    out="$(h2load "$@")"
+    grep -q " 0 failed, 0 errored" <<< "$out" && grep -q "0 4xx, 0 5xx" <<< "$out" ||
+        { echo "requests failed while profiling: $*" >&2; echo "$out" >&2; exit 1; }
+}
+load --h1 -c2 -n400 "$url"
+load -c2 -m4 -n400 "$url"
+printf '\x00\x00\x00\x00\x0a0123456789' > "$work/grpc.bin"
+load -c2 -m4 -n200 -d "$work/grpc.bin" -H 'content-type: application/grpc' -H 'te: trailers' \
+    http://127.0.0.1:28100/bench.Echo/Unary
+head -c 1048576 /dev/zero > "$work/1m.bin"
+for _ in 1 2 3; do
+    curl -fs -o /dev/null --data-binary @"$work/1m.bin" "$url"
+    curl -fs -o /dev/null -H 'Connection: close' "$url"
+done
+for p in ready stats stats/prometheus clusters config_dump server_info; do
+    curl -fs -o /dev/null "http://127.0.0.1:28101/$p"
+done
+kill -TERM "$pid"
+wait "$pid" || true
+pid=
+
+python3 - "$work/cg.out" "$here/symbol-order.txt" "$(basename "$bin")" <<'PY'
+import re, sys
+src, dst, binname = sys.argv[1:4]
+names, objs, fn_obj, cost = {}, {}, {}, {}
+cur = cur_ob = None
+skip = False
+for line in open(src, errors="replace"):
+    m = re.match(r"(c?fn|c?ob)=\((\d+)\)(?: (.*))?", line)
+    if m:
+        kind, fid, name = m.groups()
+        table = objs if kind.endswith("ob") else names
+        if name:
+            table[fid] = name.strip()
+        if kind == "ob":
+            cur_ob = fid
+        elif kind == "fn":
+            cur = fid
+            fn_obj[fid] = cur_ob
+        continue
+    if line.startswith("calls="):
+        skip = True  # the next cost line is the call's inclusive cost
+        continue
+    if line[:1].isdigit() or line[:1] in "+-*":
+        if skip:
+            skip = False
+        elif cur is not None:
+            parts = line.split()
+            if len(parts) > 1:
+                cost[cur] = cost.get(cur, 0) + int(parts[1])
+# Callgrind names recursion levels `name'2`, `name'3`: one symbol.
+by_name = {}
+for f, c in cost.items():
+    if objs.get(fn_obj.get(f), "").endswith("/" + binname):
+        name = re.sub(r"'\d+$", "", names[f])
+        by_name[name] = by_name.get(name, 0) + c
+ours = sorted(by_name, key=lambda n: -by_name[n])
+with open(dst, "w") as out:
+    for n in ours:
+        out.write(n + "\n")
+print(f"{len(ours)} functions written to {dst}")
+PY
