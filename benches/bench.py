@@ -210,7 +210,7 @@ def make_peers(args, work):
         "strait-jemalloc": Peer("strait-jemalloc", [args.strait_bin, "-c", strait_cfg, "--concurrency", "1",
                                                     "-l", "error"], PROXY_PORT, PROXY_PORT,
                                 env={"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}),
-        "strait-b": Peer("strait-b", [args.strait_bin_b or args.strait_bin, "-c", strait_cfg, "--concurrency", "1",
+        "strait-b": Peer("strait-b", [getattr(args, "strait_bin_b", None) or args.strait_bin, "-c", strait_cfg, "--concurrency", "1",
                                       "-l", "error"], PROXY_PORT, PROXY_PORT),
         "envoy": Peer("envoy", [resolve_envoy(args.envoy_bin), "-c", strait_cfg, "--concurrency", "1", "-l", "error",
                                 "--base-id", str(os.getpid() % 10000)],
