@@ -3,7 +3,8 @@
 
 mod common;
 
-use common::{Client, Config, Upstream};
+use bytes::Bytes;
+use common::{Client, Config, Reply, Upstream};
 use serde_json::json;
 
 async fn proxy(up: &Upstream, use_remote_address: bool) -> common::Strait {
@@ -156,4 +157,71 @@ async fn upstream_service_time_and_host() {
         .await;
     let r = Client::http1().get(&strait.url("/")).await;
     assert_eq!(r.header("x-envoy-upstream-service-time"), None);
+}
+
+/// Envoy's `server` response header: `server_header_transformation` OVERWRITE (the default)
+/// writes `server_name` (default `envoy`) on every response, proxied or local;
+/// APPEND_IF_ABSENT keeps the upstream's; PASS_THROUGH leaves the header as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_header_follows_the_transformation() {
+    let with = Upstream::start_with(
+        "with",
+        Reply::Full {
+            status: 200,
+            headers: vec![("server".into(), "upstream/1".into())],
+            body: Bytes::new(),
+        },
+    )
+    .await;
+    let bare = Upstream::start("bare").await;
+    // (server_header_transformation, server_name, `server` seen on /with, /bare, /local, /none)
+    type Case<'a> = (Option<&'a str>, Option<&'a str>, [Option<&'a str>; 4]);
+    let cases: [Case; 4] = [
+        (None, None, [Some("envoy"); 4]),
+        (Some("OVERWRITE"), Some("edge-7"), [Some("edge-7"); 4]),
+        (
+            Some("APPEND_IF_ABSENT"),
+            Some("edge-7"),
+            [
+                Some("upstream/1"),
+                Some("edge-7"),
+                Some("edge-7"),
+                Some("edge-7"),
+            ],
+        ),
+        (
+            Some("PASS_THROUGH"),
+            None,
+            [Some("upstream/1"), None, None, None],
+        ),
+    ];
+    for (transformation, name, want) in cases {
+        let mut config = Config::new()
+            .routes(json!([
+                {"match": {"prefix": "/with"}, "route": {"cluster": "with"}},
+                {"match": {"prefix": "/bare"}, "route": {"cluster": "bare"}},
+                {"match": {"prefix": "/local"}, "direct_response": {"status": 200}},
+            ]))
+            .cluster("with", &[with.addr])
+            .cluster("bare", &[bare.addr]);
+        if let Some(t) = transformation {
+            config = config.hcm("server_header_transformation", json!(t));
+        }
+        if let Some(n) = name {
+            config = config.hcm("server_name", json!(n));
+        }
+        let strait = config.start().await;
+        // The last path matches no route: a 404 local reply.
+        for (path, want) in ["/with", "/bare", "/local", "/none"].into_iter().zip(want) {
+            for client in [Client::http1(), Client::h2c()] {
+                let r = client.get(&strait.url(path)).await;
+                assert_eq!(
+                    r.header("server"),
+                    want,
+                    "{transformation:?} {name:?} {path} {:?}",
+                    r.version
+                );
+            }
+        }
+    }
 }

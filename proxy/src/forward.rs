@@ -20,7 +20,9 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use strait_filters::{FilterChain, FilterContext, Hooks, LocalReply};
-use strait_xds::model::{self, ClusterSpecifier, HostRewrite, RetryOn, RetryPolicy, RouteAction};
+use strait_xds::model::{
+    self, ClusterSpecifier, HostRewrite, RetryOn, RetryPolicy, RouteAction, ServerHeader,
+};
 
 use crate::access_log::Record;
 use crate::body::{
@@ -653,6 +655,18 @@ pub async fn handle(
             tunnel = None;
         }
         fin.filters = Some(run);
+    }
+    // After the filters, on every response, as Envoy's `ActiveStream::encodeHeaders` does.
+    match &cx.listener.hcm().server_header {
+        ServerHeader::Overwrite(v) => {
+            head.headers.insert(header::SERVER, v.clone());
+        }
+        ServerHeader::AppendIfAbsent(v) => {
+            if !head.headers.contains_key(header::SERVER) {
+                head.headers.insert(header::SERVER, v.clone());
+            }
+        }
+        ServerHeader::PassThrough => {}
     }
     fin.status = head.status.as_u16();
     hs.count_response(fin.status);

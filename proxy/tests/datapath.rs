@@ -135,6 +135,7 @@ fn bootstrap_with(
         generate_request_id: true,
         access_logs: vec![],
         upgrade_types,
+        server_header: Default::default(),
     };
     Bootstrap {
         listeners: vec![Arc::new(model::Listener {

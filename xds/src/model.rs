@@ -112,6 +112,26 @@ pub struct HttpConnectionManager {
     pub access_logs: Vec<AccessLog>,
     /// Upgrade types (lower-cased, e.g. "websocket") enabled on this connection manager.
     pub upgrade_types: Vec<UpgradeConfig>,
+    /// The `server` response header (`server_name`, `server_header_transformation`).
+    pub server_header: ServerHeader,
+}
+
+/// What the connection manager does with the `server` header of every response, proxied or
+/// local, after the filters (Envoy's `ActiveStream::encodeHeaders`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerHeader {
+    /// `OVERWRITE`, Envoy's default, with `server_name` (default `envoy`).
+    Overwrite(HeaderValue),
+    /// `APPEND_IF_ABSENT`: set only when the response has none.
+    AppendIfAbsent(HeaderValue),
+    /// `PASS_THROUGH`: left as it is, absent or not.
+    PassThrough,
+}
+
+impl Default for ServerHeader {
+    fn default() -> Self {
+        ServerHeader::Overwrite(HeaderValue::from_static("envoy"))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

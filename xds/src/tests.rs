@@ -472,14 +472,14 @@ fn hcm_rules() {
         (&format!("{P_HCM}/stat_prefix"), json!("")),
         (&format!("{P_HCM}/codec_type"), json!("HTTP3")),
         (&format!("{P_HCM}/max_request_headers_kb"), json!(9000)),
-        (&format!("{P_HCM}/server_name"), json!("x")),
+        (&format!("{P_HCM}/server_name"), json!("bad\u{1}")),
     ]);
     assert_eq!(
         errors(&v),
         [
             format!("{HCM}.codec_type: not supported yet"),
             format!("{HCM}.stat_prefix: required"),
-            format!("{HCM}.server_name: not supported yet"),
+            format!("{HCM}.server_name: not a valid header value"),
             format!("{HCM}.max_request_headers_kb: must be in 1..=8192, got 9000"),
         ]
     );

@@ -252,8 +252,9 @@ fn http_connection_manager(
     let filters = http_filter_chain(cx, &at(path, "http_filters"), http_filters);
     reject_set!(cx, path;
         add_user_agent, tracing, common_http_protocol_options, http1_safe_max_connection_duration,
-        http_protocol_options, http2_protocol_options, http3_protocol_options, server_name,
-        server_header_transformation, scheme_header_transformation);
+        http_protocol_options, http2_protocol_options, http3_protocol_options,
+        scheme_header_transformation);
+    let server_header = server_header(cx, path, server_name, server_header_transformation);
     let max_kb = u32_value(max_request_headers_kb).unwrap_or(60);
     if !(1..=8192).contains(&max_kb) {
         cx.err(
@@ -330,7 +331,41 @@ fn http_connection_manager(
         generate_request_id: bool_value(generate_request_id).unwrap_or(true),
         access_logs,
         upgrade_types,
+        server_header,
     })
+}
+
+/// `server_name` (default `envoy`) and `server_header_transformation` (default `OVERWRITE`).
+fn server_header(
+    cx: &mut Ctx,
+    path: &str,
+    server_name: String,
+    transformation: i32,
+) -> model::ServerHeader {
+    use hcm::http_connection_manager::ServerHeaderTransformation as T;
+    let name = if server_name.is_empty() {
+        http::HeaderValue::from_static("envoy")
+    } else {
+        match http::HeaderValue::from_str(&server_name) {
+            Ok(v) => v,
+            Err(_) => {
+                cx.err(at(path, "server_name"), "not a valid header value");
+                http::HeaderValue::from_static("envoy")
+            }
+        }
+    };
+    match T::try_from(transformation) {
+        Ok(T::Overwrite) => model::ServerHeader::Overwrite(name),
+        Ok(T::AppendIfAbsent) => model::ServerHeader::AppendIfAbsent(name),
+        Ok(T::PassThrough) => model::ServerHeader::PassThrough,
+        Err(_) => {
+            cx.err(
+                at(path, "server_header_transformation"),
+                format!("unknown value {transformation}"),
+            );
+            model::ServerHeader::default()
+        }
+    }
 }
 
 /// The HTTP filters: everything before the router, which must come last. Each is built by the
