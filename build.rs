@@ -3,54 +3,73 @@
 //! executable pages 64 KiB around each page touched, so grouping what runs keeps the mapped,
 //! resident part of the binary small (BENCHMARKS.md, "Memory: symbol ordering").
 
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+const LINK_ARGS: [&str; 2] = ["--symbol-ordering-file", "--no-warn-symbol-ordering"];
 
 fn main() {
     let order = Path::new("benches/symbol-order.txt");
     println!("cargo:rerun-if-changed={}", order.display());
     println!("cargo:rerun-if-env-changed=STRAIT_NO_SYMBOL_ORDER");
+    println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
     let release = std::env::var("PROFILE").is_ok_and(|p| p == "release");
-    if !release || !order.exists() || std::env::var_os("STRAIT_NO_SYMBOL_ORDER").is_some() {
+    if !release || std::env::var_os("STRAIT_NO_SYMBOL_ORDER").is_some() {
         return;
     }
-    if !links_with_lld() {
-        println!("cargo:warning=symbol ordering skipped: the linker may not be lld");
-        return;
-    }
-    let Ok(abs) = order.canonicalize() else {
+    let Ok(order) = order.canonicalize() else {
         return;
     };
-    println!(
-        "cargo:rustc-link-arg-bin=strait=-Wl,--symbol-ordering-file={}",
-        abs.display()
-    );
-    // Names the current code no longer has are expected in a list made from an older build.
-    println!("cargo:rustc-link-arg-bin=strait=-Wl,--no-warn-symbol-ordering");
+    let args = linker_args(&order);
+    // Only a linker that takes the options gets them: GNU ld, or lld behind a driver that
+    // does not pass them on, would fail the build. A one-line program linked with them decides.
+    if !links(&args) {
+        println!("cargo:warning=symbol ordering skipped: the linker does not take {LINK_ARGS:?}");
+        return;
+    }
+    for a in args {
+        println!("cargo:rustc-link-arg-bin=strait={a}");
+    }
 }
 
-/// rustc links x86_64-unknown-linux-gnu with its bundled lld from 1.90 on, unless told to use
-/// another linker.
-fn links_with_lld() -> bool {
-    if std::env::var("TARGET").ok().as_deref() != Some("x86_64-unknown-linux-gnu") {
+/// The options as the C compiler driver passes them on (`-Xlinker`, one argument each, so a
+/// path with commas or spaces stays whole).
+fn linker_args(order: &Path) -> Vec<String> {
+    let mut v = Vec::new();
+    for a in [LINK_ARGS[0], &order.display().to_string(), LINK_ARGS[1]] {
+        v.push("-Xlinker".to_string());
+        v.push(a.to_string());
+    }
+    v
+}
+
+/// Whether rustc, as cargo runs it for this build (target, flags, linker), links a program
+/// with `args`.
+fn links(args: &[String]) -> bool {
+    let Some(out) = std::env::var_os("OUT_DIR").map(PathBuf::from) else {
         return false;
-    }
-    let flags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
-    if flags.contains("linker") || flags.contains("fuse-ld") {
-        return flags.contains("lld");
-    }
-    if std::env::vars().any(|(k, _)| k.starts_with("CARGO_TARGET_") && k.ends_with("_LINKER")) {
+    };
+    let src = out.join("link_probe.rs");
+    if std::fs::write(&src, "fn main() {}\n").is_err() {
         return false;
     }
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let Ok(out) = Command::new(rustc).arg("-vV").output() else {
-        return false;
-    };
-    let text = String::from_utf8_lossy(&out.stdout);
-    let minor = text
-        .lines()
-        .find_map(|l| l.strip_prefix("release: 1."))
-        .and_then(|r| r.split('.').next())
-        .and_then(|m| m.parse::<u32>().ok());
-    minor.is_some_and(|m| m >= 90)
+    let mut cmd = Command::new(rustc);
+    cmd.arg(&src).arg("-o").arg(out.join("link_probe"));
+    if let Ok(target) = std::env::var("TARGET") {
+        cmd.arg("--target").arg(target);
+    }
+    if let Ok(flags) = std::env::var("CARGO_ENCODED_RUSTFLAGS") {
+        cmd.args(flags.split('\x1f').filter(|f| !f.is_empty()));
+    }
+    if let Ok(linker) = std::env::var("RUSTC_LINKER") {
+        cmd.arg(format!("-Clinker={linker}"));
+    }
+    for a in args {
+        cmd.arg(format!("-Clink-arg={a}"));
+    }
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }

@@ -441,6 +441,8 @@ def main():
     ap.add_argument("--json", help="write raw and summarized results here")
     args = ap.parse_args()
     args.peers = [p for p in args.peers.split(",") if p]
+    if "strait-b" in args.peers and not args.strait_bin_b:
+        sys.exit("the strait-b peer needs --strait-bin-b or STRAIT_BIN_B (a second build to compare)")
     workloads = [w for w in args.workloads.split(",") if w]
 
     for port in (UPSTREAM_H1, UPSTREAM_H2, PROXY_PORT, PROXY_ADMIN, NGINX_H2_PORT):

@@ -5,8 +5,9 @@
 # places those functions together at the start of .text: the kernel maps a binary's pages 64 KiB
 # around each page a process touches, so code run scattered over the whole 9 MB .text maps most
 # of it, and grouped it maps a fraction (BENCHMARKS.md, "Memory: symbol ordering").
-# Rerun after large changes to the request path or start-up (a stale list only groups less well;
-# names that no longer exist are ignored):
+# Rerun after large changes to the request path or start-up, and after a rustc or dependency
+# update (most names carry rustc's hashes, which change with them): a stale list only groups
+# less well, names that no longer exist are ignored.
 #   cargo build --release && benches/symbol-order.sh && cargo build --release
 # Needs valgrind, nginx, curl and h2load.
 set -euo pipefail

@@ -297,14 +297,24 @@ async fn request_bodies_are_framed_by_length_or_chunked() {
 
 /// An upstream that answers each request as soon as its head is in, before reading the body
 /// (as nginx's `return 200` does), then reads the body (by its `content-length`) and discards
-/// it. Returns its address and the body bytes it has read, as they arrive.
-async fn early_answerer() -> (SocketAddr, tokio::sync::watch::Receiver<u64>) {
+/// it. Returns its address, the connections it accepted and the body bytes it has read, as
+/// they arrive.
+async fn early_answerer(
+    read_body: bool,
+) -> (
+    SocketAddr,
+    Arc<AtomicUsize>,
+    tokio::sync::watch::Receiver<u64>,
+) {
     let listener = common::bind().await;
     let addr = common::local_addr(&listener);
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let counted = accepts.clone();
     let (bytes_tx, bytes_rx) = tokio::sync::watch::channel(0u64);
     let bytes_tx = Arc::new(bytes_tx);
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
             let count = bytes_tx.clone();
             tokio::spawn(async move {
                 let mut got = Vec::new();
@@ -330,6 +340,10 @@ async fn early_answerer() -> (SocketAddr, tokio::sync::watch::Receiver<u64>) {
                     {
                         return;
                     }
+                    if !read_body {
+                        // Holds the connection open and reads no more.
+                        std::future::pending::<()>().await;
+                    }
                     let taken = left.min(got.len());
                     got.drain(..taken);
                     left -= taken;
@@ -349,7 +363,7 @@ async fn early_answerer() -> (SocketAddr, tokio::sync::watch::Receiver<u64>) {
             });
         }
     });
-    (addr, bytes_rx)
+    (addr, accepts, bytes_rx)
 }
 
 /// RFC 9110 section 15 lets a client keep sending its body after an early final response; Strait
@@ -358,7 +372,7 @@ async fn early_answerer() -> (SocketAddr, tokio::sync::watch::Receiver<u64>) {
 /// whole-body check is Strait's alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_before_the_whole_upload_leaves_the_connection_usable() {
-    let (addr, mut body_bytes) = early_answerer().await;
+    let (addr, accepts, mut body_bytes) = early_answerer(true).await;
     let strait = proxy(addr).await;
     let mut conn = common::Conn::open(strait.listener("ingress")).await;
     let url = strait.url("/upload");
@@ -378,16 +392,63 @@ async fn a_response_before_the_whole_upload_leaves_the_connection_usable() {
     if common::under_envoy() {
         return;
     }
-    let r = conn
-        .send(common::req(Method::GET, &url, &[], common::empty()))
-        .await
-        .unwrap_or_else(|e| panic!("the request after the upload, same connection: {e}"));
-    assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(r.text(), "ok");
     common::within(
         "the whole body upstream",
         body_bytes.wait_for(|&n| n == SIZE),
     )
     .await
     .unwrap_or_else(|e| panic!("upstream gone: {e}"));
+    // The upload's last write and the connection's return to the pool happen in one poll of
+    // the worker that also serves this connection: the next request finds it idle.
+    let r = conn
+        .send(common::req(Method::GET, &url, &[], common::empty()))
+        .await
+        .unwrap_or_else(|e| panic!("the request after the upload, same connection: {e}"));
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.text(), "ok");
+    assert_eq!(
+        accepts.load(Ordering::SeqCst),
+        1,
+        "the upstream connection is reused"
+    );
+}
+
+/// The rest of an upload after an early answer is bounded by the stream idle timeout: an
+/// upstream that stops reading (and keeps the connection) does not hold the downstream
+/// connection beyond it. (Envoy resets at once, which this test accepts too.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_the_upstream_stops_reading_ends_at_the_idle_timeout() {
+    let (addr, _, _) = early_answerer(false).await;
+    let strait = Config::new()
+        .routes(json!([{"match": {"prefix": "/"},
+                         "route": {"cluster": "up", "idle_timeout": "1s"}}]))
+        .cluster("up", &[addr])
+        .start()
+        .await;
+    let mut conn = common::Conn::open(strait.listener("ingress")).await;
+    let url = strait.url("/upload");
+    const SIZE: u64 = 64 << 20;
+    let r = conn
+        .send(common::req(
+            Method::POST,
+            &url,
+            &[("content-length", &SIZE.to_string())],
+            common::generated(SIZE),
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("upload: {e}"));
+    assert_eq!(r.text(), "ok");
+    // The client's upload stalls; the next request on the connection waits behind it until
+    // the proxy gives up on the stream and closes the connection.
+    // (Well under the 20 s after which `Conn::send` gives up by itself.)
+    let next = common::within_for(
+        std::time::Duration::from_secs(8),
+        "the connection to end",
+        conn.send(common::req(Method::GET, &url, &[], common::empty())),
+    )
+    .await;
+    assert!(
+        next.is_err(),
+        "the stalled connection served another request"
+    );
 }

@@ -1106,6 +1106,7 @@ async fn route(
         priority: action.priority,
         attempted: Vec::new(),
         hash,
+        idle,
     };
     let result = {
         let run = st.run();
@@ -1301,6 +1302,8 @@ struct Attempts<'a> {
     attempted: Vec<Arc<Host>>,
     /// The route `hash_policy` value, for RING_HASH / MAGLEV clusters.
     hash: Option<u64>,
+    /// The stream idle timeout (route `idle_timeout`, else the HCM's).
+    idle: Option<Duration>,
 }
 
 /// The upstream cluster of a forwarding route, picked once per request when the route is
@@ -1605,7 +1608,7 @@ impl Attempts<'_> {
         cluster.info.stats.upstream_rq_total.inc();
         let req = self.upstream_request(host, body);
         let started = Instant::now();
-        let (fut, lease) = conn.send(req, self.upgrade);
+        let (fut, lease) = conn.send(req, self.upgrade, self.idle);
         match fut.await {
             Ok(resp) => Ok((resp, lease, started)),
             Err(e) => {

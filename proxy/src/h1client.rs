@@ -10,6 +10,7 @@ use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -172,10 +173,19 @@ struct State<C: Pooled> {
     write_failed: bool,
     head_request: bool,
     upgrade: bool,
+    /// The stream idle timeout: bounds a request body still sent after its response ended.
+    idle: Option<Duration>,
+    /// Request body bytes taken so far (progress, for that bound).
+    pulled: u64,
 }
 
 /// Starts an exchange on `conn`; `upgrade`: the request asks for a protocol upgrade.
-pub fn send<C: Pooled>(mut conn: C, req: Request<ProxyBody>, upgrade: bool) -> Exchange<C> {
+pub fn send<C: Pooled>(
+    mut conn: C,
+    req: Request<ProxyBody>,
+    upgrade: bool,
+    idle: Option<Duration>,
+) -> Exchange<C> {
     let (parts, body) = req.into_parts();
     let http::request::Parts {
         method,
@@ -214,6 +224,8 @@ pub fn send<C: Pooled>(mut conn: C, req: Request<ProxyBody>, upgrade: bool) -> E
             write_failed: false,
             head_request: method == Method::HEAD,
             upgrade,
+            idle,
+            pulled: 0,
         }),
     }
 }
@@ -360,6 +372,7 @@ impl<C: Pooled> State<C> {
 
     fn queue(&mut self, data: Bytes) -> Result<(), Error> {
         let len = data.len() as u64;
+        self.pulled += len;
         if len > 0 {
             match &mut self.enc {
                 Encoder::Length(rem) => {
@@ -738,33 +751,43 @@ impl<C: Pooled> ResponseBody<C> {
     }
 }
 
-/// How long the rest of a request may take to send after its response ended: Envoy's default
-/// `stream_idle_timeout`.
-const UPLOAD_AFTER_RESPONSE: std::time::Duration = std::time::Duration::from_secs(300);
-
 /// The upstream answered in full, and keeps the connection, before the whole request was sent
 /// (nginx's `return 200` to an upload). The rest goes out from a task of its own, as hyper's
 /// connection task sends it (RFC 9110 lets a client go on sending): the downstream body is
 /// read to its end, so the downstream connection stays usable instead of being reset with
-/// unread bytes, and this connection goes back to the pool once the request is out.
+/// unread bytes, and this connection goes back to the pool once the request is out. The
+/// stream idle timeout still applies: without progress for that long, both are dropped.
 fn finish_upload<C: Pooled>(mut st: State<C>) {
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         return;
     };
     rt.spawn(async move {
-        let sent = tokio::time::timeout(
-            UPLOAD_AFTER_RESPONSE,
-            std::future::poll_fn(|cx| st.poll_write(cx)),
-        )
+        let mut idle = st.idle.map(|d| Box::pin(tokio::time::sleep(d)));
+        let sent = std::future::poll_fn(|cx| {
+            let before = (st.pulled, st.data.len(), st.wpos);
+            if let Poll::Ready(r) = st.poll_write(cx) {
+                return Poll::Ready(Some(r));
+            }
+            let Some(timer) = idle.as_mut() else {
+                return Poll::Pending;
+            };
+            if let Some(d) = st
+                .idle
+                .filter(|_| before != (st.pulled, st.data.len(), st.wpos))
+            {
+                timer.as_mut().reset(tokio::time::Instant::now() + d);
+            }
+            std::future::Future::poll(timer.as_mut(), cx).map(|()| None)
+        })
         .await;
         match sent {
-            Ok(Ok(())) if st.conn.conn().rbuf.is_empty() => {
+            Some(Ok(())) if st.conn.conn().rbuf.is_empty() => {
                 st.conn.conn().settle();
                 st.conn.release();
             }
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::debug!(error = %e, "upload after the response failed"),
-            Err(_) => tracing::debug!("upload after the response timed out"),
+            Some(Ok(())) => {}
+            Some(Err(e)) => tracing::debug!(error = %e, "upload after the response failed"),
+            None => tracing::debug!("upload after the response: stream idle timeout"),
         }
     });
 }

@@ -665,6 +665,7 @@ impl Conn {
         self,
         req: Request<ProxyBody>,
         upgrade: bool,
+        idle: Option<Duration>,
     ) -> (
         impl Future<Output = Result<Response<ProxyBody>, SendError>> + Send,
         Lease,
@@ -672,7 +673,7 @@ impl Conn {
         match self.kind {
             ConnKind::H1(c) => {
                 let local = c.local;
-                let fut = h1client::send(c, req, upgrade).map_err(SendError::H1);
+                let fut = h1client::send(c, req, upgrade, idle).map_err(SendError::H1);
                 (
                     futures_util::future::Either::Left(fut),
                     Lease {
@@ -814,7 +815,7 @@ mod tests {
             .header("host", "c")
             .body(crate::body::empty())
             .unwrap();
-        let (fut, lease) = conn.send(req, false);
+        let (fut, lease) = conn.send(req, false, None);
         let resp = fut.await.unwrap();
         assert_eq!(resp.status(), 200);
         drop(resp);
@@ -904,7 +905,7 @@ mod tests {
                                 .header("host", "c")
                                 .body(crate::body::empty())
                                 .unwrap();
-                            let (fut, _lease) = conn.send(req, false);
+                            let (fut, _lease) = conn.send(req, false, None);
                             fut.await.unwrap().status()
                         };
                         let status = tokio::time::timeout(Duration::from_secs(5), exchange)

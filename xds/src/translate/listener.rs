@@ -346,7 +346,8 @@ fn server_header(
     let name = if server_name.is_empty() {
         http::HeaderValue::from_static("envoy")
     } else {
-        match http::HeaderValue::from_str(&server_name) {
+        // Envoy refuses only NUL, CR and LF here; other control bytes cannot be sent either.
+        match http::HeaderValue::from_bytes(server_name.as_bytes()) {
             Ok(v) => v,
             Err(_) => {
                 cx.err(at(path, "server_name"), "not a valid header value");
