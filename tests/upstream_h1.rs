@@ -18,6 +18,23 @@ use hyper::body::Frame;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Reads on until `got` holds a whole request head, then takes it out of `got`; None at EOF.
+async fn read_head(
+    s: &mut tokio::net::TcpStream,
+    got: &mut Vec<u8>,
+    buf: &mut [u8],
+) -> Option<Vec<u8>> {
+    loop {
+        if let Some(at) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(got.drain(..at + 4).collect());
+        }
+        match s.read(buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
 /// One scripted answer: the bytes, written in these pieces, then whether to close.
 struct Answer {
     pieces: Vec<Vec<u8>>,
@@ -58,16 +75,8 @@ impl Raw {
                 tokio::spawn(async move {
                     let mut got = Vec::new();
                     let mut buf = [0u8; 4096];
-                    loop {
-                        // GET requests only: a head ends the request.
-                        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match s.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => got.extend_from_slice(&buf[..n]),
-                            }
-                        }
-                        let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
-                        got.drain(..end);
+                    // GET requests only: a head ends the request.
+                    while read_head(&mut s, &mut got, &mut buf).await.is_some() {
                         let next = script.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
                         let Some(a) = next else { return };
                         for p in &a.pieces {
@@ -319,16 +328,8 @@ async fn early_answerer(
             tokio::spawn(async move {
                 let mut got = Vec::new();
                 let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => got.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
-                    let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-                    got.drain(..end);
+                while let Some(head) = read_head(&mut s, &mut got, &mut buf).await {
+                    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
                     let mut left = head
                         .lines()
                         .find_map(|l| l.strip_prefix("content-length:"))
@@ -366,6 +367,26 @@ async fn early_answerer(
     (addr, accepts, bytes_rx)
 }
 
+/// POSTs `size` bytes on a new connection to an [`early_answerer`] behind `strait` and checks
+/// the early answer. Far more than the socket buffers hold: the answer comes back while most of
+/// the body is still unsent. Returns the connection and the URL, for the next request.
+async fn upload_answered_early(strait: &common::Strait, size: u64) -> (common::Conn, String) {
+    let mut conn = common::Conn::open(strait.listener("ingress")).await;
+    let url = strait.url("/upload");
+    let r = conn
+        .send(common::req(
+            Method::POST,
+            &url,
+            &[("content-length", &size.to_string())],
+            common::generated(size),
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("upload: {e}"));
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.text(), "ok");
+    (conn, url)
+}
+
 /// RFC 9110 section 15 lets a client keep sending its body after an early final response; Strait
 /// does (as hyper's client does), so the upload is not cut and the downstream connection is
 /// not reset. Envoy resets the upstream request instead (`Router::onUpstreamComplete`), so the
@@ -374,21 +395,8 @@ async fn early_answerer(
 async fn a_response_before_the_whole_upload_leaves_the_connection_usable() {
     let (addr, accepts, mut body_bytes) = early_answerer(true).await;
     let strait = proxy(addr).await;
-    let mut conn = common::Conn::open(strait.listener("ingress")).await;
-    let url = strait.url("/upload");
-    // Far more than the socket buffers hold: the answer comes back while most is still unsent.
     const SIZE: u64 = 16 << 20;
-    let r = conn
-        .send(common::req(
-            Method::POST,
-            &url,
-            &[("content-length", &SIZE.to_string())],
-            common::generated(SIZE),
-        ))
-        .await
-        .unwrap_or_else(|e| panic!("upload: {e}"));
-    assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(r.text(), "ok");
+    let (mut conn, url) = upload_answered_early(&strait, SIZE).await;
     if common::under_envoy() {
         return;
     }
@@ -425,19 +433,7 @@ async fn an_upload_the_upstream_stops_reading_ends_at_the_idle_timeout() {
         .cluster("up", &[addr])
         .start()
         .await;
-    let mut conn = common::Conn::open(strait.listener("ingress")).await;
-    let url = strait.url("/upload");
-    const SIZE: u64 = 64 << 20;
-    let r = conn
-        .send(common::req(
-            Method::POST,
-            &url,
-            &[("content-length", &SIZE.to_string())],
-            common::generated(SIZE),
-        ))
-        .await
-        .unwrap_or_else(|e| panic!("upload: {e}"));
-    assert_eq!(r.text(), "ok");
+    let (mut conn, url) = upload_answered_early(&strait, 64 << 20).await;
     // The client's upload stalls; the next request on the connection waits behind it until
     // the proxy gives up on the stream and closes the connection.
     // (Well under the 20 s after which `Conn::send` gives up by itself.)
