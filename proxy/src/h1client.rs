@@ -762,20 +762,17 @@ fn finish_upload<C: Pooled>(mut st: State<C>) {
         return;
     };
     rt.spawn(async move {
-        let mut idle = st.idle.map(|d| Box::pin(tokio::time::sleep(d)));
+        let mut idle = st.idle.map(|d| (d, Box::pin(tokio::time::sleep(d))));
         let sent = std::future::poll_fn(|cx| {
             let before = (st.pulled, st.data.len(), st.wpos);
             if let Poll::Ready(r) = st.poll_write(cx) {
                 return Poll::Ready(Some(r));
             }
-            let Some(timer) = idle.as_mut() else {
+            let Some((d, timer)) = idle.as_mut() else {
                 return Poll::Pending;
             };
-            if let Some(d) = st
-                .idle
-                .filter(|_| before != (st.pulled, st.data.len(), st.wpos))
-            {
-                timer.as_mut().reset(tokio::time::Instant::now() + d);
+            if before != (st.pulled, st.data.len(), st.wpos) {
+                timer.as_mut().reset(tokio::time::Instant::now() + *d);
             }
             std::future::Future::poll(timer.as_mut(), cx).map(|()| None)
         })

@@ -810,11 +810,7 @@ mod tests {
         let info = info(addr, Duration::from_millis(100));
         let pool = HostPool::new(info.clone(), addr, Arc::new(HostStats::default()));
         let conn = pool.acquire().await.unwrap();
-        let req = Request::builder()
-            .uri("/")
-            .header("host", "c")
-            .body(crate::body::empty())
-            .unwrap();
+        let req = get();
         let (fut, lease) = conn.send(req, false, None);
         let resp = fut.await.unwrap();
         assert_eq!(resp.status(), 200);
@@ -831,6 +827,15 @@ mod tests {
         assert_eq!(info.stats.upstream_cx_destroy_local.get(), 1);
         assert_eq!(info.stats.upstream_cx_destroy_remote.get(), 0);
         assert_eq!(info.stats.upstream_cx_active.get(), 0);
+    }
+
+    /// A bodiless `GET /` for host `c`.
+    fn get() -> Request<ProxyBody> {
+        Request::builder()
+            .uri("/")
+            .header("host", "c")
+            .body(crate::body::empty())
+            .unwrap()
     }
 
     /// Answers every request head on every connection with an empty 200, counting accepts.
@@ -900,11 +905,7 @@ mod tests {
                     for _ in 0..2 {
                         let exchange = async {
                             let conn = pool.acquire().await.unwrap();
-                            let req = Request::builder()
-                                .uri("/")
-                                .header("host", "c")
-                                .body(crate::body::empty())
-                                .unwrap();
+                            let req = get();
                             let (fut, _lease) = conn.send(req, false, None);
                             fut.await.unwrap().status()
                         };

@@ -128,9 +128,16 @@ pub enum ServerHeader {
     PassThrough,
 }
 
+impl ServerHeader {
+    /// Envoy's default `server_name`.
+    pub fn default_name() -> HeaderValue {
+        HeaderValue::from_static("envoy")
+    }
+}
+
 impl Default for ServerHeader {
     fn default() -> Self {
-        ServerHeader::Overwrite(HeaderValue::from_static("envoy"))
+        ServerHeader::Overwrite(Self::default_name())
     }
 }
 

@@ -473,6 +473,7 @@ fn hcm_rules() {
         (&format!("{P_HCM}/codec_type"), json!("HTTP3")),
         (&format!("{P_HCM}/max_request_headers_kb"), json!(9000)),
         (&format!("{P_HCM}/server_name"), json!("bad\u{1}")),
+        (&format!("{P_HCM}/server_header_transformation"), json!(7)),
     ]);
     assert_eq!(
         errors(&v),
@@ -480,6 +481,7 @@ fn hcm_rules() {
             format!("{HCM}.codec_type: not supported yet"),
             format!("{HCM}.stat_prefix: required"),
             format!("{HCM}.server_name: not a valid header value"),
+            format!("{HCM}.server_header_transformation: unknown value 7"),
             format!("{HCM}.max_request_headers_kb: must be in 1..=8192, got 9000"),
         ]
     );

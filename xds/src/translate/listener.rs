@@ -344,14 +344,14 @@ fn server_header(
 ) -> model::ServerHeader {
     use hcm::http_connection_manager::ServerHeaderTransformation as T;
     let name = if server_name.is_empty() {
-        http::HeaderValue::from_static("envoy")
+        model::ServerHeader::default_name()
     } else {
         // Envoy refuses only NUL, CR and LF here; other control bytes cannot be sent either.
         match http::HeaderValue::from_bytes(server_name.as_bytes()) {
             Ok(v) => v,
             Err(_) => {
                 cx.err(at(path, "server_name"), "not a valid header value");
-                http::HeaderValue::from_static("envoy")
+                model::ServerHeader::default_name()
             }
         }
     };
