@@ -266,9 +266,15 @@ fn echo_headers() -> Handler {
     })
 }
 
+/// An address nothing listens on: connecting is refused. The port stays bound, without a
+/// listen, for the rest of the process: another test's listener on port 0 cannot be given it
+/// (a released port could, and `/dead` then reached that test's proxy).
 async fn closed_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let addr = s.local_addr().unwrap();
+    std::mem::forget(s);
+    addr
 }
 
 // === Clients ===

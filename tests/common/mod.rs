@@ -893,10 +893,20 @@ impl Drop for Blackhole {
     }
 }
 
-/// An address nothing listens on (bound, port taken, then released): connecting fails.
+/// An address nothing listens on: connecting is refused. The port stays bound, without a
+/// listen, for the rest of the process, so no listener started later can be given it.
 pub async fn closed_port() -> SocketAddr {
-    let l = bind().await;
-    local_addr(&l)
+    let bound = tokio::net::TcpSocket::new_v4().and_then(|s| {
+        s.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        Ok((s.local_addr()?, s))
+    });
+    match bound {
+        Ok((addr, socket)) => {
+            std::mem::forget(socket);
+            addr
+        }
+        Err(e) => panic!("reserve a closed port: {e}"),
+    }
 }
 
 pub async fn bind() -> TcpListener {
