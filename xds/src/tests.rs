@@ -102,11 +102,21 @@ fn forward0(b: &model::Bootstrap) -> &ForwardAction {
 
 // === Decoding ===
 
+/// The repository's example configs. Cargo's run-time `CARGO_MANIFEST_DIR` first: a test binary
+/// reused from a build in another checkout (a shared target directory) carries that checkout's
+/// compile-time path.
+fn example_configs() -> std::path::PathBuf {
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    manifest.join("../examples/configs")
+}
+
 #[test]
 fn yaml_example_configs_load() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/configs");
+    let dir = example_configs();
     let mut n = 0;
-    for entry in std::fs::read_dir(dir).unwrap() {
+    for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "yaml") {
             n += 1;
@@ -120,11 +130,8 @@ fn yaml_example_configs_load() {
 
 #[test]
 fn front_proxy_example_translates() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../examples/configs/front-proxy.yaml"
-    );
-    let b = load(&Source::Path(path.into()), &Overrides::default()).unwrap();
+    let path = example_configs().join("front-proxy.yaml");
+    let b = load(&Source::Path(path), &Overrides::default()).unwrap();
     assert_eq!(b.node.id, "front-proxy-1");
     assert_eq!(
         b.admin.as_ref().unwrap().address,
