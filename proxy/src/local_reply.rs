@@ -107,8 +107,9 @@ impl ResetReason {
     }
 }
 
-/// A local reply with Envoy's shape: `content-type: text/plain` when there is a body,
-/// `content-length` always.
+/// A local reply with Envoy's shape: `content-type: text/plain` and `content-length` when there
+/// is a body. Without one, HTTP/1.1 still says `content-length: 0` (hyper's server, as Envoy's
+/// HTTP/1 codec) and HTTP/2 ends the stream with the headers, as Envoy does.
 pub fn build(status: StatusCode, text: impl Into<Bytes>) -> Response<ProxyBody> {
     let text = text.into();
     let mut resp = Response::new(body::full(text.clone()));
@@ -116,8 +117,8 @@ pub fn build(status: StatusCode, text: impl Into<Bytes>) -> Response<ProxyBody> 
     let h = resp.headers_mut();
     if !text.is_empty() {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
     }
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(text.len()));
     resp
 }
 
@@ -161,7 +162,9 @@ mod tests {
             "delayed_connect_error:_Connection_refused"
         );
         let r = build(StatusCode::NOT_FOUND, "");
-        assert_eq!(r.headers()["content-length"], "0");
-        assert!(!r.headers().contains_key("content-type"));
+        assert!(r.headers().is_empty());
+        let r = build(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+        assert_eq!(r.headers()["content-length"], "19");
+        assert_eq!(r.headers()["content-type"], "text/plain");
     }
 }
