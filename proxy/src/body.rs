@@ -371,21 +371,60 @@ impl Body for AttemptBody {
     }
 }
 
+// === The downstream request body ===
+
+/// A downstream request's body as its connection delivers it: hyper's HTTP/1.1 server body, or
+/// an HTTP/2 stream's data ([`crate::h2server`]).
+#[derive(Debug)]
+pub enum Inbound {
+    H1(Incoming),
+    H2(crate::h2server::H2Body),
+}
+
+impl Body for Inbound {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Inbound::H1(b) => Pin::new(b).poll_frame(cx).map_err(|e| e.into()),
+            Inbound::H2(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Inbound::H1(b) => b.is_end_stream(),
+            Inbound::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Inbound::H1(b) => b.size_hint(),
+            Inbound::H2(b) => b.size_hint(),
+        }
+    }
+}
+
 // === Request and response bodies through HTTP filters ===
 
 /// The downstream request body as the router reads it: straight from the connection, or through
 /// the request body/trailer hooks of the filter chain (only when some filter has them).
 #[derive(Debug)]
 pub enum Downstream {
-    Plain(Incoming),
+    Plain(Inbound),
     Filtered(Box<FilteredRequest>),
-    /// Any body, for unit tests (hyper's `Incoming` cannot be built outside a connection).
+    /// Any body, for unit tests (a connection's body cannot be built outside a connection).
     #[cfg(test)]
     Test(ProxyBody),
 }
 
-impl From<Incoming> for Downstream {
-    fn from(b: Incoming) -> Downstream {
+impl From<Inbound> for Downstream {
+    fn from(b: Inbound) -> Downstream {
         Downstream::Plain(b)
     }
 }
@@ -399,7 +438,7 @@ impl Body for Downstream {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            Downstream::Plain(b) => Pin::new(b).poll_frame(cx).map_err(|e| e.into()),
+            Downstream::Plain(b) => Pin::new(b).poll_frame(cx),
             Downstream::Filtered(b) => Pin::new(b.as_mut()).poll_frame(cx),
             #[cfg(test)]
             Downstream::Test(b) => Pin::new(b).poll_frame(cx),
@@ -477,7 +516,7 @@ enum ReqStep {
 /// hold chunks (`StopAndBuffer`), replace them, or stop the request with a local reply (put in
 /// the [`ReplySlot`]; the upstream request is then aborted).
 pub struct FilteredRequest {
-    src: Incoming,
+    src: Inbound,
     chain: Arc<FilterChain>,
     fcx: SharedFilterContext,
     slot: Arc<ReplySlot>,
@@ -503,7 +542,7 @@ impl std::fmt::Debug for FilteredRequest {
 
 impl FilteredRequest {
     pub fn new(
-        src: Incoming,
+        src: Inbound,
         chain: Arc<FilterChain>,
         fcx: SharedFilterContext,
         slot: Arc<ReplySlot>,
@@ -618,7 +657,7 @@ impl Body for FilteredRequest {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Err(e))) => {
                     this.done = true;
-                    return Poll::Ready(Some(Err(e.into())));
+                    return Poll::Ready(Some(Err(e)));
                 }
                 Poll::Ready(None) => {
                     if this.eos_called {

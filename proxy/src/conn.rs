@@ -12,12 +12,15 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
+use http::Request;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use strait_xds::model::CodecType;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::body::Inbound;
 use crate::cluster::ClusterInfo;
 use crate::forward::{self, ConnCtx};
 use crate::stats::HttpStats;
@@ -223,6 +226,8 @@ macro_rules! serve_until_drained {
 /// task (several per request; polling a pending `watch` wait or `Sleep` is not free).
 struct SideWake {
     fired: AtomicBool,
+    /// The task is being polled and looks at `fired` before it returns (see [`Side::enter`]).
+    polling: AtomicBool,
     task: AtomicWaker,
 }
 
@@ -232,8 +237,11 @@ impl Wake for SideWake {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.fired.store(true, Ordering::Release);
-        self.task.wake();
+        // SeqCst pairs with `Side::leave`: either the poller sees `fired`, or this sees it left.
+        self.fired.store(true, Ordering::SeqCst);
+        if !self.polling.load(Ordering::SeqCst) {
+            self.task.wake();
+        }
     }
 }
 
@@ -248,6 +256,7 @@ impl Side {
     pub(crate) fn new() -> Side {
         let wake = Arc::new(SideWake {
             fired: AtomicBool::new(true),
+            polling: AtomicBool::new(false),
             task: AtomicWaker::new(),
         });
         let waker = Waker::from(wake.clone());
@@ -271,6 +280,35 @@ impl Side {
     /// Makes the next [`Self::poll`] poll the future (after it was reset, for instance).
     pub(crate) fn rearm(&self) {
         self.wake.fired.store(true, Ordering::Release);
+    }
+
+    /// For a task that polls several sides in a loop until none fired: from here to
+    /// [`Self::leave`] a wake only sets the flag, so what the loop itself causes (a stream
+    /// queueing a frame wakes the connection) does not make the runtime poll the task again.
+    pub(crate) fn enter(&self, cx: &Context<'_>) {
+        self.wake.task.register(cx.waker());
+        self.wake.polling.store(true, Ordering::SeqCst);
+    }
+
+    /// Clears the flag and says whether the side fired since its last poll.
+    pub(crate) fn take(&self) -> bool {
+        self.wake.fired.swap(false, Ordering::AcqRel)
+    }
+
+    pub(crate) fn fired(&self) -> bool {
+        self.wake.fired.load(Ordering::Acquire)
+    }
+
+    /// The context to poll the side's future with.
+    pub(crate) fn context(&self) -> Context<'_> {
+        Context::from_waker(&self.waker)
+    }
+
+    /// Ends [`Self::enter`]. True when the side fired and nobody will poll it: the caller must
+    /// wake its task.
+    pub(crate) fn leave(&self) -> bool {
+        self.wake.polling.store(false, Ordering::SeqCst);
+        self.wake.fired.load(Ordering::SeqCst)
     }
 }
 
@@ -332,20 +370,16 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
     }
     let mut io = CountingIo::new(stream, Counted::Downstream(hs.clone()));
     io.prefix = prefix;
-    let io = TokioIo::new(io);
     let svc_cx = cx.clone();
     let drain_time = cx.server.drain_time();
 
     if is_h2 {
-        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        b.timer(TokioTimer::new())
-            // Envoy's default SETTINGS_MAX_CONCURRENT_STREAMS (hyper's own is 200).
-            .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
-            .max_header_list_size(max_request_headers_kb.saturating_mul(1024));
-        // hyper spawns a task per stream around the request future and moves it several times
-        // on the way in: boxed, each move copies a pointer instead of the whole state machine.
-        let svc = service_fn(move |req| Box::pin(forward::handle(req, svc_cx.clone())));
-        let conn = b.serve_connection(io, svc);
+        let settings = crate::h2server::Settings {
+            max_concurrent_streams: H2_MAX_CONCURRENT_STREAMS,
+            max_header_list_size: max_request_headers_kb.saturating_mul(1024),
+        };
+        let svc = move |req| forward::handle(req, svc_cx.clone());
+        let conn = crate::h2server::Server::new(io, settings, svc);
         serve_until_drained!(conn, cx, hs, drain, drain_time);
         hs.downstream_cx_http2_active.dec();
     } else {
@@ -354,8 +388,10 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
             // hyper would otherwise default to 30 s; Envoy has no header timeout unless set.
             .header_read_timeout(request_headers_timeout)
             .max_buf_size(MIN_H1_BUF.max(max_request_headers_kb as usize * 1024));
-        let svc = service_fn(move |req| forward::handle(req, svc_cx.clone()));
-        let conn = b.serve_connection(io, svc).with_upgrades();
+        let svc = service_fn(move |req: Request<Incoming>| {
+            forward::handle(req.map(Inbound::H1), svc_cx.clone())
+        });
+        let conn = b.serve_connection(TokioIo::new(io), svc).with_upgrades();
         serve_until_drained!(conn, cx, hs, drain, drain_time);
         hs.downstream_cx_http1_active.dec();
     }
@@ -376,9 +412,28 @@ fn gradual_drain_delay(server: &crate::server::ServerShared, drain_time: Duratio
     }
 }
 
-fn log_conn_end(hs: &HttpStats, err: Option<hyper::Error>) {
+/// How a downstream connection's error reads: hyper's (HTTP/1.1) or h2's.
+trait ConnError: std::fmt::Display {
+    /// The client broke the protocol (Envoy's `downstream_cx_protocol_error`).
+    fn is_protocol_error(&self) -> bool;
+}
+
+impl ConnError for hyper::Error {
+    fn is_protocol_error(&self) -> bool {
+        self.is_parse() || self.is_parse_too_large()
+    }
+}
+
+impl ConnError for h2::Error {
+    fn is_protocol_error(&self) -> bool {
+        // A GOAWAY Strait sent because of what the client did; resets and I/O errors are not.
+        self.is_go_away() && self.is_library() && self.reason() != Some(h2::Reason::NO_ERROR)
+    }
+}
+
+fn log_conn_end(hs: &HttpStats, err: Option<impl ConnError>) {
     if let Some(e) = err {
-        if e.is_parse() || e.is_parse_too_large() {
+        if e.is_protocol_error() {
             hs.downstream_cx_protocol_error.inc();
         }
         tracing::debug!(error = %e, "downstream connection ended with an error");

@@ -18,7 +18,6 @@ use http::request::Parts;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use strait_filters::{FilterChain, FilterContext, Hooks, LocalReply};
 use strait_xds::model::{
     self, ClusterSpecifier, HostRewrite, RetryOn, RetryPolicy, RouteAction, ServerHeader,
@@ -26,7 +25,7 @@ use strait_xds::model::{
 
 use crate::access_log::Record;
 use crate::body::{
-    self, AttemptBody, BoxError, Downstream, FilteredRequest, FilteredResponse, ProxyBody,
+    self, AttemptBody, BoxError, Downstream, FilteredRequest, FilteredResponse, Inbound, ProxyBody,
     ReplySlot, RequestSource, SharedFilterContext,
 };
 use crate::cluster::{Breakers, ClusterState, Host};
@@ -406,7 +405,7 @@ impl FilterRun {
     /// any upstream request exists. The slot receives a reply a later hook produces.
     async fn request_body(
         &mut self,
-        body: Incoming,
+        body: Inbound,
         bound: Option<Duration>,
     ) -> Result<(Downstream, Option<Arc<ReplySlot>>), LocalReply> {
         let Fcx::Shared(fcx) = &self.fcx else {
@@ -610,9 +609,9 @@ impl Drop for RespBody {
 
 // === The request path ===
 
-/// hyper service entry point for one downstream request.
+/// Entry point for one downstream request (HTTP/1.1 from hyper's server, HTTP/2 from `h2server`).
 pub async fn handle(
-    req: Request<Incoming>,
+    req: Request<Inbound>,
     cx: Arc<ConnCtx>,
 ) -> Result<Response<RespBody>, Infallible> {
     let hs = &cx.listener.http_stats;
@@ -834,7 +833,7 @@ type Routed = (Response<ProxyBody>, bool, Option<crate::pool::Upgraded>);
 async fn route(
     mut parts: Parts,
     seen: headers::Seen,
-    body: Incoming,
+    body: Inbound,
     upgrade: Option<String>,
     cx: &Arc<ConnCtx>,
     fin: &mut Finisher,

@@ -1,0 +1,562 @@
+//! The downstream HTTP/2 connection: the h2 crate's server driven directly, with every stream's
+//! request future polled inside the connection's own task instead of a task per stream.
+//!
+//! hyper's HTTP/2 server spawns a task per stream and hops between it and the connection task
+//! for each response; it also re-checks every response for connection headers with five map
+//! lookups. Here a stream is a future in a [`FuturesUnordered`] owned by the connection: frames a
+//! stream queues go out on the connection's next poll in the same task wake-up, and the
+//! connection itself is polled only when h2 asked for it (see [`crate::conn::Side`]).
+//! Semantics follow hyper's server: the same settings, `date` added when absent, content-length
+//! from an exact body size, a client's RST_STREAM cancels the request, body errors reset the
+//! stream.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use h2::server::{Connection, Handshake, SendResponse};
+use h2::{Reason, RecvStream, SendStream};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::body::{BoxError, Inbound};
+use crate::conn::Side;
+
+/// hyper's server defaults, kept so behaviour did not change when hyper's wrapper went.
+const CONN_WINDOW: u32 = 1024 * 1024;
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const MAX_FRAME_SIZE: u32 = 16 * 1024;
+const MAX_SEND_BUFFER: usize = 400 * 1024;
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+/// Rounds of streams-then-connection in one poll before yielding to other tasks.
+const ROUNDS: usize = 16;
+
+/// Settings of a downstream HTTP/2 connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    pub max_concurrent_streams: u32,
+    pub max_header_list_size: u32,
+}
+
+/// One HTTP/2 server connection and its streams. A future that ends with the connection.
+pub struct Server<T, S, F, B>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    F: Future<Output = Result<Response<B>, Infallible>>,
+    B: Body<Data = Bytes>,
+{
+    state: State<T>,
+    service: S,
+    streams: FuturesUnordered<StreamTask<F, B>>,
+    /// Polls the connection only after h2 woke it: new frames, or a stream queued something.
+    side: Side,
+    /// Polls the streams only after one of them woke.
+    streams_side: Side,
+    close_pending: bool,
+}
+
+enum State<T: AsyncRead + AsyncWrite + Unpin> {
+    Handshaking(Handshake<T, Bytes>),
+    Serving(Connection<T, Bytes>),
+}
+
+impl<T, S, F, B> Server<T, S, F, B>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    S: FnMut(Request<Inbound>) -> F + Unpin,
+    F: Future<Output = Result<Response<B>, Infallible>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    pub fn new(io: T, settings: Settings, service: S) -> Self {
+        let handshake = h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONN_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+            .max_concurrent_streams(settings.max_concurrent_streams)
+            .max_header_list_size(settings.max_header_list_size)
+            .handshake(io);
+        Server {
+            state: State::Handshaking(handshake),
+            service,
+            streams: FuturesUnordered::new(),
+            side: Side::new(),
+            streams_side: Side::new(),
+            close_pending: false,
+        }
+    }
+
+    /// Sends GOAWAY: streams already open (and any the client opened before it sees the
+    /// GOAWAY) finish; the future ends once they have.
+    pub fn graceful_shutdown(self: Pin<&mut Self>) {
+        let me = self.get_mut();
+        match &mut me.state {
+            State::Handshaking(_) => me.close_pending = true,
+            State::Serving(conn) => conn.graceful_shutdown(),
+        }
+        // h2 queued a GOAWAY: the connection must be polled to send it.
+        me.side.rearm();
+    }
+
+    fn poll_serving(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), h2::Error>> {
+        self.side.enter(cx);
+        self.streams_side.enter(cx);
+        let r = self.drive();
+        // Both sides are left: a wake that raced with the loop's end must not be lost.
+        let conn_again = self.side.leave();
+        let streams_again = self.streams_side.leave();
+        if r.is_pending() && (conn_again || streams_again) {
+            cx.waker().wake_by_ref();
+        }
+        r
+    }
+
+    /// Polls streams and the connection until neither woke again, within [`ROUNDS`].
+    fn drive(&mut self) -> Poll<Result<(), h2::Error>> {
+        let State::Serving(conn) = &mut self.state else {
+            unreachable!("polled only once serving")
+        };
+        for _ in 0..ROUNDS {
+            // Streams first: frames they queue go out with the connection's poll below.
+            if self.streams_side.take() {
+                let mut scx = self.streams_side.context();
+                while let Poll::Ready(Some(())) = self.streams.poll_next_unpin(&mut scx) {}
+            }
+            if self.side.take() {
+                match conn.poll_accept(&mut self.side.context()) {
+                    Poll::Ready(Some(Ok((req, respond)))) => {
+                        // More frames may be buffered behind this stream's.
+                        self.side.rearm();
+                        self.streams_side.rearm();
+                        let (parts, recv) = req.into_parts();
+                        let body = Inbound::H2(H2Body::new(recv, &parts.headers));
+                        let fut = (self.service)(Request::from_parts(parts, body));
+                        self.streams.push(StreamTask::new(fut, respond));
+                    }
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                    // The connection is closed; streams still here cannot send any more.
+                    Poll::Ready(None) => return Poll::Ready(Ok(())),
+                    Poll::Pending => {}
+                }
+            }
+            if !self.side.fired() && !self.streams_side.fired() {
+                return Poll::Pending;
+            }
+        }
+        // Still busy: `poll_serving` wakes the task so that other tasks get their turn first.
+        Poll::Pending
+    }
+}
+
+impl<T, S, F, B> Future for Server<T, S, F, B>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    S: FnMut(Request<Inbound>) -> F + Unpin,
+    F: Future<Output = Result<Response<B>, Infallible>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Output = Result<(), h2::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let me = self.get_mut();
+        if let State::Handshaking(hs) = &mut me.state {
+            let mut conn = ready!(Pin::new(hs).poll(cx))?;
+            if me.close_pending {
+                conn.graceful_shutdown();
+            }
+            me.state = State::Serving(conn);
+            me.side.rearm();
+            me.streams_side.rearm();
+        }
+        me.poll_serving(cx)
+    }
+}
+
+// === Streams ===
+
+pin_project! {
+    /// One stream: the request future until the response head, then the body pipe.
+    struct StreamTask<F, B>
+    where
+        B: Body<Data = Bytes>,
+    {
+        reply: SendResponse<Bytes>,
+        #[pin]
+        state: StreamState<F, B>,
+    }
+}
+
+pin_project! {
+    #[project = StreamStateProj]
+    enum StreamState<F, B>
+    where
+        B: Body<Data = Bytes>,
+    {
+        Service { #[pin] fut: F },
+        Body { #[pin] pipe: Pipe<B> },
+    }
+}
+
+impl<F, B> StreamTask<F, B>
+where
+    F: Future<Output = Result<Response<B>, Infallible>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    fn new(fut: F, reply: SendResponse<Bytes>) -> Self {
+        StreamTask {
+            reply,
+            state: StreamState::Service { fut },
+        }
+    }
+}
+
+impl<F, B> Future for StreamTask<F, B>
+where
+    F: Future<Output = Result<Response<B>, Infallible>>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut me = self.project();
+        let pipe = match me.state.as_mut().project() {
+            StreamStateProj::Service { fut } => {
+                let res = match fut.poll(cx) {
+                    Poll::Ready(Ok(r)) => r,
+                    Poll::Ready(Err(never)) => match never {},
+                    Poll::Pending => {
+                        // A client's RST_STREAM cancels the request (dropping its future).
+                        if let Poll::Ready(r) = me.reply.poll_reset(cx) {
+                            tracing::debug!(reason = ?r, "downstream reset the stream");
+                            return Poll::Ready(());
+                        }
+                        return Poll::Pending;
+                    }
+                };
+                let (mut head, body) = res.into_parts();
+                if has_connection_headers(&head.headers) {
+                    strip_connection_headers(&mut head.headers);
+                }
+                if !head.headers.contains_key(header::DATE) {
+                    head.headers.insert(header::DATE, date());
+                }
+                let eos = body.is_end_stream();
+                if !eos {
+                    if let Some(len) = body.size_hint().exact() {
+                        if !head.headers.contains_key(header::CONTENT_LENGTH) {
+                            head.headers
+                                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+                        }
+                    }
+                }
+                let tx = match me.reply.send_response(Response::from_parts(head, ()), eos) {
+                    Ok(tx) => tx,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot send the response head");
+                        me.reply.send_reset(Reason::INTERNAL_ERROR);
+                        return Poll::Ready(());
+                    }
+                };
+                if eos {
+                    return Poll::Ready(());
+                }
+                Pipe::new(body, tx)
+            }
+            StreamStateProj::Body { pipe } => {
+                if let Err(e) = ready!(pipe.poll(cx)) {
+                    tracing::debug!(error = %e, "response body not sent whole");
+                }
+                return Poll::Ready(());
+            }
+        };
+        me.state.set(StreamState::Body { pipe });
+        // The body may already have data: poll it now rather than on a later wake-up.
+        match me.state.project() {
+            StreamStateProj::Body { pipe } => {
+                if let Err(e) = ready!(pipe.poll(cx)) {
+                    tracing::debug!(error = %e, "response body not sent whole");
+                }
+                Poll::Ready(())
+            }
+            StreamStateProj::Service { .. } => unreachable!("just set"),
+        }
+    }
+}
+
+pin_project! {
+    /// Copies a response body into the stream, within the peer's flow-control window (hyper's
+    /// `PipeToSendStream`: a chunk in hand waits for capacity, so capacity is never reserved for
+    /// data that does not exist yet).
+    struct Pipe<B>
+    where
+        B: Body<Data = Bytes>,
+    {
+        tx: SendStream<Bytes>,
+        waiting: Option<(Bytes, bool)>,
+        #[pin]
+        body: B,
+    }
+}
+
+impl<B> Pipe<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    fn new(body: B, tx: SendStream<Bytes>) -> Self {
+        Pipe {
+            tx,
+            waiting: None,
+            body,
+        }
+    }
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let mut me = self.project();
+        loop {
+            if let Poll::Ready(r) = me.tx.poll_reset(cx) {
+                let reason = r?;
+                return Poll::Ready(Err(h2::Error::from(reason).into()));
+            }
+            if me.waiting.is_some() {
+                while me.tx.capacity() == 0 {
+                    match ready!(me.tx.poll_capacity(cx)) {
+                        Some(Ok(0)) => {}
+                        Some(Ok(_)) => break,
+                        Some(Err(e)) => return Poll::Ready(Err(e.into())),
+                        None => return Poll::Ready(Err("stream closed while sending".into())),
+                    }
+                }
+                let Some((data, eos)) = me.waiting.take() else {
+                    continue;
+                };
+                me.tx.send_data(data, eos)?;
+                if eos {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            match ready!(me.body.as_mut().poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let eos = me.body.is_end_stream();
+                        if data.is_empty() {
+                            me.tx.send_data(data, eos)?;
+                            if eos {
+                                return Poll::Ready(Ok(()));
+                            }
+                            continue;
+                        }
+                        me.tx.reserve_capacity(1);
+                        *me.waiting = Some((data, eos));
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            me.tx.reserve_capacity(0);
+                            me.tx.send_trailers(trailers)?;
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                },
+                Some(Err(e)) => {
+                    let e: BoxError = e.into();
+                    me.tx.send_reset(reset_reason(&e));
+                    return Poll::Ready(Err(e));
+                }
+                None => {
+                    me.tx.send_data(Bytes::new(), true)?;
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+    }
+}
+
+/// An HTTP/2 reset reason found in the error's chain (an upstream stream reset passes through),
+/// else INTERNAL_ERROR.
+fn reset_reason(e: &BoxError) -> Reason {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
+    while let Some(err) = cur {
+        if let Some(reason) = err.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
+            return reason;
+        }
+        cur = err.source();
+    }
+    Reason::INTERNAL_ERROR
+}
+
+// === Request bodies ===
+
+/// A stream's request body. Received data is handed back to the peer's window at once, as
+/// hyper does: the request body's back-pressure is the upstream write, not the window.
+#[derive(Debug)]
+pub struct H2Body {
+    recv: RecvStream,
+    data_done: bool,
+    /// Content-Length minus the data received so far, when the request declared one.
+    remaining: Option<u64>,
+}
+
+impl H2Body {
+    fn new(recv: RecvStream, headers: &HeaderMap) -> H2Body {
+        // h2 resets a stream whose data does not match its Content-Length.
+        let remaining = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.parse().ok());
+        H2Body {
+            recv,
+            data_done: false,
+            remaining,
+        }
+    }
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let me = &mut *self;
+        if !me.data_done {
+            match ready!(me.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = me.recv.flow_control().release_capacity(data.len());
+                    if let Some(r) = &mut me.remaining {
+                        *r = r.saturating_sub(data.len() as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => {
+                    return match e.reason() {
+                        // The client stopped sending without failing the request.
+                        Some(Reason::NO_ERROR) | Some(Reason::CANCEL) => Poll::Ready(None),
+                        _ => Poll::Ready(Some(Err(e.into()))),
+                    };
+                }
+                None => me.data_done = true,
+            }
+        }
+        match ready!(me.recv.poll_trailers(cx)) {
+            Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e.into()))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+// === Response heads ===
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// One pass over the names; HTTP/2 forbids connection-specific fields (RFC 9113 §8.2.2) and
+/// h2 refuses to send a head with them.
+fn has_connection_headers(h: &HeaderMap) -> bool {
+    h.keys().any(|n| {
+        n == header::CONNECTION
+            || n == header::TRANSFER_ENCODING
+            || n == header::UPGRADE
+            || n == header::TE
+            || n == KEEP_ALIVE
+            || n == PROXY_CONNECTION
+    })
+}
+
+fn strip_connection_headers(h: &mut HeaderMap) {
+    for name in [
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::TE,
+    ] {
+        h.remove(name);
+    }
+    if let Some(listed) = h.remove(header::CONNECTION) {
+        if let Ok(listed) = listed.to_str() {
+            for name in listed.split(',') {
+                h.remove(name.trim());
+            }
+        }
+    }
+}
+
+/// The `Date` value for now, formatted once per second per thread.
+fn date() -> HeaderValue {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static CACHE: RefCell<(u64, HeaderValue)> =
+            const { RefCell::new((u64::MAX, HeaderValue::from_static(""))) };
+    }
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            let text = httpdate::fmt_http_date(now);
+            c.1 = HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""));
+            c.0 = secs;
+        }
+        c.1.clone()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_headers_are_found_and_stripped_with_the_fields_they_list() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        assert!(!has_connection_headers(&h));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-hop"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        assert!(has_connection_headers(&h));
+        strip_connection_headers(&mut h);
+        assert!(!has_connection_headers(&h));
+        assert!(h.get("x-hop").is_none());
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn date_is_an_http_date() {
+        let d = date();
+        let parsed = httpdate::parse_http_date(d.to_str().unwrap()).unwrap();
+        let age = std::time::SystemTime::now()
+            .duration_since(parsed)
+            .unwrap_or_default();
+        assert!(age < std::time::Duration::from_secs(5));
+    }
+}
