@@ -378,7 +378,9 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
             max_concurrent_streams: H2_MAX_CONCURRENT_STREAMS,
             max_header_list_size: max_request_headers_kb.saturating_mul(1024),
         };
-        let svc = move |req| forward::handle(req, svc_cx.clone());
+        // Boxed: the ~3 KB request future then moves into its stream's task as a pointer; inline
+        // it was copied whole twice on the way (-130 instructions per request net of the box).
+        let svc = move |req| Box::pin(forward::handle(req, svc_cx.clone()));
         let conn = crate::h2server::Server::new(io, settings, svc);
         serve_until_drained!(conn, cx, hs, drain, drain_time);
         hs.downstream_cx_http2_active.dec();

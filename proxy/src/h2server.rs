@@ -325,17 +325,16 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         let mut me = self.project();
         loop {
-            if let Poll::Ready(r) = me.tx.poll_reset(cx) {
-                let reason = r?;
-                return Poll::Ready(Err(h2::Error::from(reason).into()));
-            }
             if me.waiting.is_some() {
                 while me.tx.capacity() == 0 {
-                    match ready!(me.tx.poll_capacity(cx)) {
-                        Some(Ok(0)) => {}
-                        Some(Ok(_)) => break,
-                        Some(Err(e)) => return Poll::Ready(Err(e.into())),
-                        None => return Poll::Ready(Err("stream closed while sending".into())),
+                    match me.tx.poll_capacity(cx) {
+                        Poll::Pending => return reset_or_pending(me.tx, cx),
+                        Poll::Ready(Some(Ok(0))) => {}
+                        Poll::Ready(Some(Ok(_))) => break,
+                        Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.into())),
+                        Poll::Ready(None) => {
+                            return Poll::Ready(Err("stream closed while sending".into()))
+                        }
                     }
                 }
                 let Some((data, eos)) = me.waiting.take() else {
@@ -347,7 +346,11 @@ where
                 }
                 continue;
             }
-            match ready!(me.body.as_mut().poll_frame(cx)) {
+            let frame = match me.body.as_mut().poll_frame(cx) {
+                Poll::Pending => return reset_or_pending(me.tx, cx),
+                Poll::Ready(f) => f,
+            };
+            match frame {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         let eos = me.body.is_end_stream();
@@ -380,6 +383,19 @@ where
                 }
             }
         }
+    }
+}
+
+/// Before the pipe waits (for the body or for window): a client's RST_STREAM ends it, and
+/// registers this task to hear of one. Not on every step: each call takes h2's stream lock.
+fn reset_or_pending(
+    tx: &mut SendStream<Bytes>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), BoxError>> {
+    match tx.poll_reset(cx) {
+        Poll::Ready(Ok(reason)) => Poll::Ready(Err(h2::Error::from(reason).into())),
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
+        Poll::Pending => Poll::Pending,
     }
 }
 
