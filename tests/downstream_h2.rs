@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::{Client, Config, Reply, Upstream};
 use http::Method;
+use http_body_util::BodyExt;
 use serde_json::json;
 
 const MIB: u64 = 1024 * 1024;
@@ -66,7 +67,8 @@ async fn bodies_larger_than_the_windows_move_both_ways() {
 }
 
 /// Dropping the response future makes the client send RST_STREAM(CANCEL). The request has no
-/// route timeout and its upstream never answers, so only the reset can end it.
+/// route timeout and its upstream never answers, so only the reset can end it; it is counted and
+/// logged as Envoy does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_reset_cancels_the_upstream_request() {
     let up = Upstream::start_with("up", Reply::Hang).await;
@@ -117,9 +119,46 @@ async fn client_reset_cancels_the_upstream_request() {
         strait.wait_stat("cluster.up.upstream_rq_active", 0).await,
         Some(0)
     );
+    // Logged as Envoy does: no response code, `DR` (downstream remote reset).
+    strait.access_log("\"GET /hang HTTP/2\" 0 DR ", 1).await;
     // The connection goes on serving.
     up.script([Reply::Status(204)]);
     assert_eq!(client.get(&strait.url("/after")).await.status, 204);
+}
+
+/// A client that resets the stream in the middle of a large response: the response stops, the
+/// upstream request is cancelled, and the log says `DR` after the status that was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reset_mid_response_stops_the_download() {
+    let up = Upstream::start("up").await;
+    let strait = proxy(&up).await;
+    let client = Client::h2c();
+    up.script([Reply::Stream(512 * MIB)]);
+    let resp = client
+        .send_streaming(common::req(
+            Method::GET,
+            &strait.url("/big"),
+            &[],
+            common::empty(),
+        ))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = common::within("first bytes", body.frame()).await;
+    assert!(matches!(first, Some(Ok(_))), "{first:?}");
+    // Dropping the unfinished body resets the stream.
+    drop(body);
+    strait.access_log("\"GET /big HTTP/2\" 200 DR ", 1).await;
+    assert_eq!(
+        strait
+            .wait_stat("http.ingress.downstream_rq_active", 0)
+            .await,
+        Some(0)
+    );
+    assert_eq!(
+        strait.wait_stat("cluster.up.upstream_rq_active", 0).await,
+        Some(0)
+    );
 }
 
 /// Local replies over HTTP/2 as Envoy sends them: `date` always; `content-length` with a body

@@ -88,8 +88,9 @@ struct Finisher {
 
 impl Drop for Finisher {
     fn drop(&mut self) {
-        // Dropped unfinished: hyper cancelled the request because the downstream went away
-        // before a response was produced. Envoy still counts and logs it (code 0, `DC`).
+        // Dropped unfinished: the downstream went away (connection closed, or on HTTP/2 the
+        // stream reset) before a response was produced. Envoy still counts and logs it (code 0,
+        // `DC`, or `DR` for a reset stream).
         if !self.done {
             self.finish(Outcome::DownstreamGone);
         }
@@ -209,8 +210,14 @@ impl Finisher {
                 hs.downstream_rq_tx_reset.inc();
             }
             Outcome::DownstreamGone => {
-                self.flags
-                    .set(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION);
+                if crate::h2server::dropping_for_peer_reset() {
+                    // Envoy: a stream reset by the client is `DR`, `http2.remote_reset`.
+                    self.flags.set(ResponseFlags::DOWNSTREAM_REMOTE_RESET);
+                    self.details = Cow::Borrowed("http2.remote_reset");
+                } else {
+                    self.flags
+                        .set(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION);
+                }
                 hs.downstream_rq_rx_reset.inc();
                 if let Some(c) = &self.cluster {
                     if self.rq.is_some() {

@@ -203,7 +203,30 @@ pin_project! {
     {
         Service { #[pin] fut: F },
         Body { #[pin] pipe: Pipe<B> },
+        Done,
     }
+}
+
+thread_local! {
+    static PEER_RESET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// True while a stream's request is being dropped because the client reset the stream: the
+/// request's finisher, dropped with it, then logs Envoy's `DR` (downstream remote reset) rather
+/// than `DC`. A thread-local rather than a per-request flag: the drop is synchronous, on this
+/// thread, and requests that are never reset pay nothing.
+pub fn dropping_for_peer_reset() -> bool {
+    PEER_RESET.with(std::cell::Cell::get)
+}
+
+/// Drops what the stream still runs (request future or response pipe) as a client reset.
+fn end_by_peer_reset<F, B>(mut state: Pin<&mut StreamState<F, B>>)
+where
+    B: Body<Data = Bytes>,
+{
+    PEER_RESET.with(|f| f.set(true));
+    state.set(StreamState::Done);
+    PEER_RESET.with(|f| f.set(false));
 }
 
 impl<F, B> StreamTask<F, B>
@@ -239,6 +262,7 @@ where
                         // A client's RST_STREAM cancels the request (dropping its future).
                         if let Poll::Ready(r) = me.reply.poll_reset(cx) {
                             tracing::debug!(reason = ?r, "downstream reset the stream");
+                            end_by_peer_reset(me.state);
                             return Poll::Ready(());
                         }
                         return Poll::Pending;
@@ -273,23 +297,50 @@ where
                 }
                 Pipe::new(body, tx)
             }
-            StreamStateProj::Body { pipe } => {
-                if let Err(e) = ready!(pipe.poll(cx)) {
-                    tracing::debug!(error = %e, "response body not sent whole");
-                }
-                return Poll::Ready(());
-            }
+            StreamStateProj::Body { .. } => return poll_pipe(me.state, cx),
+            StreamStateProj::Done => return Poll::Ready(()),
         };
         me.state.set(StreamState::Body { pipe });
         // The body may already have data: poll it now rather than on a later wake-up.
-        match me.state.project() {
-            StreamStateProj::Body { pipe } => {
-                if let Err(e) = ready!(pipe.poll(cx)) {
-                    tracing::debug!(error = %e, "response body not sent whole");
-                }
-                Poll::Ready(())
-            }
-            StreamStateProj::Service { .. } => unreachable!("just set"),
+        poll_pipe(me.state, cx)
+    }
+}
+
+fn poll_pipe<F, B>(mut state: Pin<&mut StreamState<F, B>>, cx: &mut Context<'_>) -> Poll<()>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let StreamStateProj::Body { pipe } = state.as_mut().project() else {
+        return Poll::Ready(());
+    };
+    match ready!(pipe.poll(cx)) {
+        Ok(()) => state.set(StreamState::Done),
+        Err(PipeEnd::PeerReset(reason)) => {
+            tracing::debug!(?reason, "downstream reset the stream mid-response");
+            end_by_peer_reset(state);
+        }
+        Err(PipeEnd::Failed(e)) => {
+            tracing::debug!(error = %e, "response body not sent whole");
+            state.set(StreamState::Done);
+        }
+    }
+    Poll::Ready(())
+}
+
+/// Why a response pipe stopped early.
+enum PipeEnd {
+    /// The client reset the stream.
+    PeerReset(Reason),
+    /// The body failed (the stream was reset with its reason), or h2 refused the data.
+    Failed(BoxError),
+}
+
+impl From<h2::Error> for PipeEnd {
+    fn from(e: h2::Error) -> PipeEnd {
+        match e.reason() {
+            Some(reason) if e.is_reset() && e.is_remote() => PipeEnd::PeerReset(reason),
+            _ => PipeEnd::Failed(e.into()),
         }
     }
 }
@@ -322,7 +373,7 @@ where
         }
     }
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), PipeEnd>> {
         let mut me = self.project();
         loop {
             if me.waiting.is_some() {
@@ -332,8 +383,14 @@ where
                         Poll::Ready(Some(Ok(0))) => {}
                         Poll::Ready(Some(Ok(_))) => break,
                         Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.into())),
+                        // No longer sending: h2 says None when the client reset the stream.
                         Poll::Ready(None) => {
-                            return Poll::Ready(Err("stream closed while sending".into()))
+                            return match reset_or_pending(me.tx, cx) {
+                                Poll::Ready(end) => Poll::Ready(end),
+                                Poll::Pending => Poll::Ready(Err(PipeEnd::Failed(
+                                    "stream closed while sending".into(),
+                                ))),
+                            };
                         }
                     }
                 }
@@ -375,7 +432,7 @@ where
                 Some(Err(e)) => {
                     let e: BoxError = e.into();
                     me.tx.send_reset(reset_reason(&e));
-                    return Poll::Ready(Err(e));
+                    return Poll::Ready(Err(PipeEnd::Failed(e)));
                 }
                 None => {
                     me.tx.send_data(Bytes::new(), true)?;
@@ -388,12 +445,9 @@ where
 
 /// Before the pipe waits (for the body or for window): a client's RST_STREAM ends it, and
 /// registers this task to hear of one. Not on every step: each call takes h2's stream lock.
-fn reset_or_pending(
-    tx: &mut SendStream<Bytes>,
-    cx: &mut Context<'_>,
-) -> Poll<Result<(), BoxError>> {
+fn reset_or_pending(tx: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> Poll<Result<(), PipeEnd>> {
     match tx.poll_reset(cx) {
-        Poll::Ready(Ok(reason)) => Poll::Ready(Err(h2::Error::from(reason).into())),
+        Poll::Ready(Ok(reason)) => Poll::Ready(Err(PipeEnd::PeerReset(reason))),
         Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
         Poll::Pending => Poll::Pending,
     }
