@@ -9,7 +9,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -604,6 +604,25 @@ impl Body for RespBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl crate::h2server::Stall for RespBody {
+    fn poll_stalled(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<BoxError> {
+        let this = &mut *self;
+        let Some(f) = this.fin.as_mut() else {
+            return Poll::Pending;
+        };
+        match ready!(f.poll_timer(cx)) {
+            Expired::Idle => {
+                this.end(Outcome::IdleTimeout);
+                Poll::Ready(IdleTimeout.into())
+            }
+            Expired::Route | Expired::Request => {
+                this.end(Outcome::Timeout);
+                Poll::Ready(ResponseTimeout.into())
+            }
+        }
     }
 }
 

@@ -73,6 +73,7 @@ where
     F: Future<Output = Result<Response<B>, Infallible>>,
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
+    B: Stall,
 {
     pub fn new(io: T, settings: Settings, service: S) -> Self {
         let handshake = h2::server::Builder::new()
@@ -163,6 +164,7 @@ where
     F: Future<Output = Result<Response<B>, Infallible>>,
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
+    B: Stall,
 {
     type Output = Result<(), h2::Error>;
 
@@ -179,6 +181,15 @@ where
         }
         me.poll_serving(cx)
     }
+}
+
+/// A response body whose stream has timeouts of its own (the stream idle timeout, the rest of
+/// the route timeout). They are polled as part of `poll_frame`, but a pipe waiting for the
+/// client's flow-control window does not poll the body: there it asks this instead, so a client
+/// that stops granting window ends at the stream idle timeout as in Envoy, not never.
+pub trait Stall {
+    /// Ready with the error to reset the stream with once a timeout expired.
+    fn poll_stalled(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<BoxError>;
 }
 
 // === Streams ===
@@ -234,6 +245,7 @@ where
     F: Future<Output = Result<Response<B>, Infallible>>,
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
+    B: Stall,
 {
     fn new(fut: F, reply: SendResponse<Bytes>) -> Self {
         StreamTask {
@@ -248,6 +260,7 @@ where
     F: Future<Output = Result<Response<B>, Infallible>>,
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
+    B: Stall,
 {
     type Output = ();
 
@@ -310,6 +323,7 @@ fn poll_pipe<F, B>(mut state: Pin<&mut StreamState<F, B>>, cx: &mut Context<'_>)
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
+    B: Stall,
 {
     let StreamStateProj::Body { pipe } = state.as_mut().project() else {
         return Poll::Ready(());
@@ -364,6 +378,7 @@ impl<B> Pipe<B>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
+    B: Stall,
 {
     fn new(body: B, tx: SendStream<Bytes>) -> Self {
         Pipe {
@@ -379,7 +394,14 @@ where
             if me.waiting.is_some() {
                 while me.tx.capacity() == 0 {
                     match me.tx.poll_capacity(cx) {
-                        Poll::Pending => return reset_or_pending(me.tx, cx),
+                        Poll::Pending => {
+                            if let Poll::Ready(end) = reset_or_pending(me.tx, cx) {
+                                return Poll::Ready(end);
+                            }
+                            let e = ready!(me.body.as_mut().poll_stalled(cx));
+                            me.tx.send_reset(reset_reason(&e));
+                            return Poll::Ready(Err(PipeEnd::Failed(e)));
+                        }
                         Poll::Ready(Some(Ok(0))) => {}
                         Poll::Ready(Some(Ok(_))) => break,
                         Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.into())),
