@@ -282,19 +282,18 @@ where
                     }
                 };
                 let (mut head, body) = res.into_parts();
-                if has_connection_headers(&head.headers) {
+                let names = HeadNames::of(&head.headers);
+                if names.connection_specific {
                     strip_connection_headers(&mut head.headers);
                 }
-                if !head.headers.contains_key(header::DATE) {
+                if !names.date {
                     head.headers.insert(header::DATE, date());
                 }
                 let eos = body.is_end_stream();
-                if !eos {
+                if !eos && !names.content_length {
                     if let Some(len) = body.size_hint().exact() {
-                        if !head.headers.contains_key(header::CONTENT_LENGTH) {
-                            head.headers
-                                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-                        }
+                        head.headers
+                            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
                     }
                 }
                 let tx = match me.reply.send_response(Response::from_parts(head, ()), eos) {
@@ -567,17 +566,37 @@ impl Body for H2Body {
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// One pass over the names; HTTP/2 forbids connection-specific fields (RFC 9113 §8.2.2) and
-/// h2 refuses to send a head with them.
-fn has_connection_headers(h: &HeaderMap) -> bool {
-    h.keys().any(|n| {
-        n == header::CONNECTION
-            || n == header::TRANSFER_ENCODING
-            || n == header::UPGRADE
-            || n == header::TE
-            || n == KEEP_ALIVE
-            || n == PROXY_CONNECTION
-    })
+/// What the server needs to know of a response head's names, from one pass over them (instead
+/// of a hashed lookup each).
+#[derive(Debug, Default, PartialEq)]
+struct HeadNames {
+    /// A connection-specific field, which HTTP/2 forbids (RFC 9113 §8.2.2) and h2 refuses to
+    /// send.
+    connection_specific: bool,
+    date: bool,
+    content_length: bool,
+}
+
+impl HeadNames {
+    fn of(h: &HeaderMap) -> HeadNames {
+        let mut seen = HeadNames::default();
+        for n in h.keys() {
+            if n == header::DATE {
+                seen.date = true;
+            } else if n == header::CONTENT_LENGTH {
+                seen.content_length = true;
+            } else if n == header::CONNECTION
+                || n == header::TRANSFER_ENCODING
+                || n == header::UPGRADE
+                || n == header::TE
+                || n == KEEP_ALIVE
+                || n == PROXY_CONNECTION
+            {
+                seen.connection_specific = true;
+            }
+        }
+        seen
+    }
 }
 
 fn strip_connection_headers(h: &mut HeaderMap) {
@@ -631,15 +650,20 @@ mod tests {
     fn connection_headers_are_found_and_stripped_with_the_fields_they_list() {
         let mut h = HeaderMap::new();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        assert!(!has_connection_headers(&h));
+        assert_eq!(HeadNames::of(&h), HeadNames::default());
         h.insert("x-hop", HeaderValue::from_static("1"));
         h.insert(header::CONNECTION, HeaderValue::from_static("close, x-hop"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        assert!(has_connection_headers(&h));
+        h.insert(
+            header::DATE,
+            HeaderValue::from_static("Fri, 27 Nov 2026 05:00:00 GMT"),
+        );
+        let seen = HeadNames::of(&h);
+        assert!(seen.connection_specific && seen.date && !seen.content_length);
         strip_connection_headers(&mut h);
-        assert!(!has_connection_headers(&h));
+        assert!(!HeadNames::of(&h).connection_specific);
         assert!(h.get("x-hop").is_none());
-        assert_eq!(h.len(), 1);
+        assert_eq!(h.len(), 2);
     }
 
     #[test]
