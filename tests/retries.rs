@@ -295,3 +295,39 @@ async fn hashed_retry_with_previous_hosts_reaches_another_host() {
         );
     }
 }
+
+/// An HTTP/2 upstream that resets the stream (RST_STREAM, the connection stays): 503 with
+/// Envoy's `remote reset` text and `UR`, and a `reset` retry policy retries it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_upstream_stream_reset_is_503_ur_then_retried() {
+    let up = Upstream::start_with("up", Reply::Reset).await;
+    let strait = Config::new()
+        .routes(json!([
+            {"match": {"prefix": "/retried"}, "route": {"cluster": "up",
+                "retry_policy": {"retry_on": "reset", "num_retries": 1}}},
+            {"match": {"prefix": "/"}, "route": {"cluster": "up"}}
+        ]))
+        .cluster_h2("up", &[up.addr])
+        .start()
+        .await;
+    let r = Client::http1().get(&strait.url("/reset-h2")).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        r.text(),
+        "upstream connect error or disconnect/reset before headers. reset reason: remote reset"
+    );
+    strait
+        .access_log("\"GET /reset-h2 HTTP/1.1\" 503 UR ", 1)
+        .await;
+
+    up.script([Reply::Reset, Reply::Status(204)]);
+    let r = Client::http1().get(&strait.url("/retried")).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(up.requests(), 3);
+    assert_eq!(
+        strait.wait_stat("cluster.up.upstream_rq_retry", 1).await,
+        Some(1)
+    );
+    // The reset stream did not cost its connection: at most one per proxy worker.
+    assert!(up.accepts() <= 2, "{} upstream connections", up.accepts());
+}

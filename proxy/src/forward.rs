@@ -1403,29 +1403,20 @@ fn back_off(p: &RetryPolicy, retry: u32) -> Duration {
 }
 
 fn reset_reason(e: &SendError) -> ResetReason {
-    let e = match e {
-        SendError::H1(e) if e.is_protocol() => return ResetReason::ProtocolError,
-        SendError::H1(_) => return ResetReason::ConnectionTermination,
-        SendError::H2(e) => e,
-    };
-    if e.is_parse() || e.is_parse_status() {
-        return ResetReason::ProtocolError;
-    }
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = src {
-        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
-            if h2e.is_reset() && h2e.is_remote() {
-                return if h2e.reason() == Some(h2::Reason::REFUSED_STREAM) {
-                    ResetReason::RemoteRefusedStreamReset
-                } else {
-                    ResetReason::RemoteReset
-                };
+    match e {
+        SendError::H1(e) if e.is_protocol() => ResetReason::ProtocolError,
+        SendError::H1(_) => ResetReason::ConnectionTermination,
+        // The upstream reset the stream (REFUSED_STREAM: it never processed it, so it can be
+        // retried); anything else (GOAWAY, I/O, a protocol error on the connection) ended it.
+        SendError::H2(e) if e.is_reset() && e.is_remote() => {
+            if e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                ResetReason::RemoteRefusedStreamReset
+            } else {
+                ResetReason::RemoteReset
             }
-            break;
         }
-        src = s.source();
+        SendError::H2(_) => ResetReason::ConnectionTermination,
     }
-    ResetReason::ConnectionTermination
 }
 
 impl Attempts<'_> {

@@ -192,6 +192,14 @@ pub trait Stall {
     fn poll_stalled(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<BoxError>;
 }
 
+/// Request bodies sent upstream (`h2client`) have no stream timers of their own: the request's
+/// timeouts run on the downstream side.
+impl Stall for crate::body::ProxyBody {
+    fn poll_stalled(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<BoxError> {
+        Poll::Pending
+    }
+}
+
 // === Streams ===
 
 pin_project! {
@@ -341,8 +349,9 @@ where
     Poll::Ready(())
 }
 
-/// Why a response pipe stopped early.
-enum PipeEnd {
+/// Why a pipe stopped early.
+#[derive(Debug)]
+pub(crate) enum PipeEnd {
     /// The client reset the stream.
     PeerReset(Reason),
     /// The body failed (the stream was reset with its reason), or h2 refused the data.
@@ -362,7 +371,7 @@ pin_project! {
     /// Copies a response body into the stream, within the peer's flow-control window (hyper's
     /// `PipeToSendStream`: a chunk in hand waits for capacity, so capacity is never reserved for
     /// data that does not exist yet).
-    struct Pipe<B>
+    pub(crate) struct Pipe<B>
     where
         B: Body<Data = Bytes>,
     {
@@ -379,7 +388,7 @@ where
     B::Error: Into<BoxError>,
     B: Stall,
 {
-    fn new(body: B, tx: SendStream<Bytes>) -> Self {
+    pub(crate) fn new(body: B, tx: SendStream<Bytes>) -> Self {
         Pipe {
             tx,
             waiting: None,
@@ -387,7 +396,7 @@ where
         }
     }
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), PipeEnd>> {
+    pub(crate) fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), PipeEnd>> {
         let mut me = self.project();
         loop {
             if me.waiting.is_some() {
@@ -500,7 +509,7 @@ pub struct H2Body {
 }
 
 impl H2Body {
-    fn new(recv: RecvStream, headers: &HeaderMap) -> H2Body {
+    pub(crate) fn new(recv: RecvStream, headers: &HeaderMap) -> H2Body {
         // h2 resets a stream whose data does not match its Content-Length.
         let remaining = headers
             .get(header::CONTENT_LENGTH)

@@ -14,16 +14,13 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use futures_util::{FutureExt, TryFutureExt};
+use futures_util::TryFutureExt;
 use http::{Request, Response};
-use http_body_util::BodyExt;
-use hyper::client::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use strait_xds::model::{RoutingPriority, Thresholds, UpstreamProtocol};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use crate::body::{BoxError, ProxyBody};
+use crate::body::ProxyBody;
 use crate::cluster::{Breakers, ClusterInfo};
 use crate::conn::{Counted, CountingIo};
 use crate::h1client;
@@ -121,7 +118,7 @@ impl Drop for H1Conn {
 pub type Upgraded = h1client::Upgraded<H1Conn>;
 
 struct H2Conn {
-    sender: http2::SendRequest<ProxyBody>,
+    sender: h2::client::SendRequest<bytes::Bytes>,
     meta: Arc<ConnMeta>,
 }
 
@@ -405,7 +402,7 @@ impl Pool {
         } = s.info.config.protocol
         {
             let mut conns = lock(&s.h2.conns);
-            conns.retain(|c| !c.meta.closed.load(Ordering::Acquire) && !c.sender.is_closed());
+            conns.retain(|c| !c.meta.closed.load(Ordering::Acquire));
             for c in conns.iter() {
                 let active = c.meta.active.load(Ordering::Acquire);
                 if active < max_concurrent_streams.max(1) {
@@ -468,17 +465,12 @@ impl Pool {
         let local = stream.local_addr().ok();
         let io = CountingIo::new(stream, Counted::Upstream(s.info.clone()));
         let kind = if let UpstreamProtocol::Http2 { .. } = s.info.config.protocol {
-            let io = TokioIo::new(io);
             let meta = Arc::new(ConnMeta {
                 local,
                 ..ConnMeta::default()
             });
             meta.begin();
-            let (sender, conn) = match http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .handshake(io)
-                .await
-            {
+            let (sender, conn) = match crate::h2client::handshake(io).await {
                 Ok(x) => x,
                 Err(e) => return Err(fail(PoolError::ConnectFailure(e.to_string()))),
             };
@@ -508,9 +500,10 @@ impl Pool {
     }
 
     /// Drives one HTTP/2 connection until it closes or stays idle for `idle_timeout`.
-    fn spawn_driver<F>(&self, conn: F, meta: Arc<ConnMeta>)
+    fn spawn_driver<F, E>(&self, conn: F, meta: Arc<ConnMeta>)
     where
-        F: Future<Output = Result<(), hyper::Error>> + Send + 'static,
+        F: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
     {
         let s = self.shared.clone();
         tokio::spawn(async move {
@@ -632,7 +625,7 @@ fn watch_h1(s: &Arc<PoolShared>) {
 enum ConnKind {
     H1(H1Conn),
     H2(
-        http2::SendRequest<ProxyBody>,
+        h2::client::SendRequest<bytes::Bytes>,
         Arc<ConnMeta>,
         Arc<PoolShared>,
     ),
@@ -649,7 +642,7 @@ pub enum SendError {
     #[error(transparent)]
     H1(#[from] h1client::Error),
     #[error(transparent)]
-    H2(#[from] hyper::Error),
+    H2(#[from] h2::Error),
 }
 
 /// The connection of a 101 answer to an upgrade request (HTTP/1.1 only).
@@ -681,11 +674,8 @@ impl Conn {
                     },
                 )
             }
-            ConnKind::H2(mut sender, meta, pool) => {
-                let fut = sender.send_request(req).map(|r| {
-                    r.map(|r| r.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()))
-                        .map_err(SendError::H2)
-                });
+            ConnKind::H2(sender, meta, pool) => {
+                let fut = crate::h2client::send(sender, req).map_err(SendError::H2);
                 (
                     futures_util::future::Either::Right(fut),
                     Lease {
