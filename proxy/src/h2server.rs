@@ -6,9 +6,10 @@
 //! lookups. Here a stream is a future in a [`FuturesUnordered`] owned by the connection: frames a
 //! stream queues go out on the connection's next poll in the same task wake-up, and the
 //! connection itself is polled only when h2 asked for it (see [`crate::conn::Side`]).
-//! Semantics follow hyper's server: the same settings, `date` added when absent, content-length
-//! from an exact body size, a client's RST_STREAM cancels the request, body errors reset the
-//! stream.
+//! Semantics follow hyper's server (the same settings, `date` added when absent, content-length
+//! from an exact body size, body errors reset the stream) plus two of Envoy's: a client's
+//! RST_STREAM cancels the request and is logged `DR`, and a response waiting for flow-control
+//! window still meets the stream idle timeout ([`Stall`]).
 
 use std::convert::Infallible;
 use std::future::Future;
