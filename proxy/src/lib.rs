@@ -1,6 +1,7 @@
 //! Strait's data plane. Modules follow a request:
-//! `listener` → `conn` (HTTP/1.1, HTTP/2) → `router` → `forward` (retries, timeouts) →
-//! `cluster` (hosts, load balancing) → `pool` (upstream connections); `admin` and `stats` watch.
+//! `listener` → `conn` (HTTP/1.1 through hyper's server, HTTP/2 through `h2server`) → `router` →
+//! `forward` (retries, timeouts) → `cluster` (hosts, load balancing) → `pool` (upstream
+//! connections, spoken by `h1client` and `h2client`); `admin` and `stats` watch.
 //! The request path takes no locks, reads one config snapshot per request, and never blocks.
 #![forbid(unsafe_code)]
 
