@@ -47,14 +47,7 @@ async fn bodies_larger_than_the_windows_move_both_ways() {
     assert_eq!(r.json()["bytes"], json!(size));
 
     up.script([Reply::Stream(size)]);
-    let resp = client
-        .send_streaming(common::req(
-            Method::GET,
-            &strait.url("/download"),
-            &[],
-            common::empty(),
-        ))
-        .await;
+    let resp = client.get_streaming(&strait.url("/download")).await;
     assert_eq!(resp.status(), 200);
     let (n, _) = common::within_for(
         Duration::from_secs(60),
@@ -88,12 +81,7 @@ async fn client_reset_cancels_the_upstream_request() {
         }
     });
     // The upstream has the request once it counted it.
-    common::within_for(Duration::from_secs(10), "request upstream", async {
-        while up.requests() < 2 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    up.wait_requests(2).await;
     assert_eq!(
         strait
             .wait_stat("http.ingress.downstream_rq_active", 1)
@@ -134,14 +122,7 @@ async fn client_reset_mid_response_stops_the_download() {
     let strait = proxy(&up).await;
     let client = Client::h2c();
     up.script([Reply::Stream(512 * MIB)]);
-    let resp = client
-        .send_streaming(common::req(
-            Method::GET,
-            &strait.url("/big"),
-            &[],
-            common::empty(),
-        ))
-        .await;
+    let resp = client.get_streaming(&strait.url("/big")).await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     let first = common::within("first bytes", body.frame()).await;
@@ -176,14 +157,7 @@ async fn a_client_that_stops_reading_meets_the_idle_timeout() {
         .await;
     let client = Client::h2c();
     up.script([Reply::Stream(512 * MIB)]);
-    let resp = client
-        .send_streaming(common::req(
-            Method::GET,
-            &strait.url("/stall"),
-            &[],
-            common::empty(),
-        ))
-        .await;
+    let resp = client.get_streaming(&strait.url("/stall")).await;
     assert_eq!(resp.status(), 200);
     // The body is held and not read: the client's window closes and stays closed.
     let body = resp.into_body();
@@ -317,12 +291,7 @@ async fn sigterm_sends_goaway_and_the_in_flight_stream_finishes() {
         let (client, url) = (client.clone(), strait.url("/slow"));
         async move { client.get(&url).await }
     });
-    common::within_for(Duration::from_secs(10), "request upstream", async {
-        while up.requests() == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    up.wait_requests(1).await;
     strait.sigterm();
     // Bounded poll, well within the in-flight request's 3 s upstream delay.
     let deadline = std::time::Instant::now() + Duration::from_millis(2500);

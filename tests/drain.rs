@@ -57,14 +57,7 @@ async fn drain(trigger: Trigger) {
     let url = strait.url("/slow");
     let in_flight = tokio::spawn(async move { client.get(&url).await });
     // The upstream having the request is the signal that it is in flight.
-    let deadline = Instant::now() + common::TIMEOUT;
-    while up.requests() == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "request never reached the upstream"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    up.wait_requests(1).await;
 
     match trigger {
         Trigger::Sigterm => strait.sigterm(),

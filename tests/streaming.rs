@@ -74,14 +74,7 @@ async fn large_upload_and_download_keep_memory_bounded() {
     assert_eq!(r.json()["bytes"], json!(BIG));
 
     up.script([Reply::Stream(BIG)]);
-    let resp = client
-        .send_streaming(common::req(
-            Method::GET,
-            &strait.url("/download"),
-            &[],
-            common::empty(),
-        ))
-        .await;
+    let resp = client.get_streaming(&strait.url("/download")).await;
     assert_eq!(resp.status(), 200);
     let (n, _) = common::within_for(
         std::time::Duration::from_secs(120),

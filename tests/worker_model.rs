@@ -102,11 +102,7 @@ async fn per_core_spreads_connections_and_drains_on_sigterm() {
     let client = Client::http1();
     let url = strait.url("/slow");
     let in_flight = tokio::spawn(async move { client.get(&url).await });
-    let deadline = Instant::now() + common::TIMEOUT;
-    while slow.requests() == 0 {
-        assert!(Instant::now() < deadline, "slow request never arrived");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    slow.wait_requests(1).await;
     strait.sigterm();
     let deadline = Instant::now() + Duration::from_secs(3);
     // Every worker's socket closes: fresh connections (spread over both) are all refused.
@@ -249,11 +245,7 @@ dynamic_resources:
     let url = format!("http://{addr}/x");
     let client = Client::http1();
     let in_flight = tokio::spawn(async move { client.get(&url).await });
-    let deadline = Instant::now() + common::TIMEOUT;
-    while slow.requests() == 0 {
-        assert!(Instant::now() < deadline, "request never arrived");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    slow.wait_requests(1).await;
 
     replace(d, "lds.yaml", &lds("2", false));
     let deadline = Instant::now() + common::TIMEOUT;

@@ -191,6 +191,12 @@ impl Client {
         }
     }
 
+    /// A bodiless GET whose response body is left to the caller to read.
+    pub async fn get_streaming(&self, url: &str) -> Response<Incoming> {
+        self.send_streaming(req(Method::GET, url, &[], empty()))
+            .await
+    }
+
     pub async fn get(&self, url: &str) -> Resp {
         self.get_with(url, &[]).await
     }
@@ -618,6 +624,8 @@ struct UpState {
     name: String,
     accepts: AtomicUsize,
     requests: AtomicUsize,
+    /// Notified on every request, after `requests` counts it.
+    arrived: tokio::sync::Notify,
     active: AtomicUsize,
     max_active: AtomicUsize,
     script: Mutex<VecDeque<Reply>>,
@@ -650,6 +658,7 @@ impl Upstream {
             name: name.to_string(),
             accepts: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
+            arrived: tokio::sync::Notify::new(),
             active: AtomicUsize::new(0),
             max_active: AtomicUsize::new(0),
             script: Mutex::new(VecDeque::new()),
@@ -704,6 +713,26 @@ impl Upstream {
         self.state.requests.load(Ordering::SeqCst)
     }
 
+    /// Waits (bounded) until this upstream has received `n` requests: the signal that a request
+    /// the proxy forwards is in flight upstream.
+    pub async fn wait_requests(&self, n: usize) {
+        within(
+            &format!("{n} request(s) at upstream {}", self.name()),
+            async {
+                loop {
+                    let arrived = self.state.arrived.notified();
+                    tokio::pin!(arrived);
+                    arrived.as_mut().enable();
+                    if self.requests() >= n {
+                        return;
+                    }
+                    arrived.await;
+                }
+            },
+        )
+        .await
+    }
+
     /// Most requests ever in flight at once.
     pub fn max_concurrent(&self) -> usize {
         self.state.max_active.load(Ordering::SeqCst)
@@ -737,6 +766,7 @@ impl Drop for ActiveGuard {
 
 async fn handle(st: Arc<UpState>, req: Request<Incoming>) -> Result<Response<Body>, BoxError> {
     st.requests.fetch_add(1, Ordering::SeqCst);
+    st.arrived.notify_waiters();
     let now = st.active.fetch_add(1, Ordering::SeqCst) + 1;
     st.max_active.fetch_max(now, Ordering::SeqCst);
     let _guard = ActiveGuard(st.clone());
