@@ -72,8 +72,6 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
     S: FnMut(Request<Inbound>) -> F + Unpin,
     F: Future<Output = Result<Response<B>, Infallible>>,
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
     B: Stall,
 {
     pub fn new(io: T, settings: Settings, service: S) -> Self {
@@ -163,8 +161,6 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
     S: FnMut(Request<Inbound>) -> F + Unpin,
     F: Future<Output = Result<Response<B>, Infallible>>,
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
     B: Stall,
 {
     type Output = Result<(), h2::Error>;
@@ -184,11 +180,12 @@ where
     }
 }
 
-/// A response body whose stream has timeouts of its own (the stream idle timeout, the rest of
-/// the route timeout). They are polled as part of `poll_frame`, but a pipe waiting for the
-/// client's flow-control window does not poll the body: there it asks this instead, so a client
-/// that stops granting window ends at the stream idle timeout as in Envoy, not never.
-pub trait Stall {
+/// A body a pipe carries (`RespBody` downstream, request bodies upstream). A response body's
+/// stream timeouts (the stream idle timeout, the rest of the route timeout) are polled as part of
+/// `poll_frame`, but a pipe waiting for the client's flow-control window does not poll the body:
+/// there it asks this instead, so a client that stops granting window ends at the stream idle
+/// timeout as in Envoy, not never.
+pub trait Stall: Body<Data = Bytes, Error = BoxError> {
     /// Ready with the error to reset the stream with once a timeout expired.
     fn poll_stalled(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<BoxError>;
 }
@@ -252,8 +249,6 @@ where
 impl<F, B> StreamTask<F, B>
 where
     F: Future<Output = Result<Response<B>, Infallible>>,
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
     B: Stall,
 {
     fn new(fut: F, reply: SendResponse<Bytes>) -> Self {
@@ -267,8 +262,6 @@ where
 impl<F, B> Future for StreamTask<F, B>
 where
     F: Future<Output = Result<Response<B>, Infallible>>,
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
     B: Stall,
 {
     type Output = ();
@@ -329,8 +322,6 @@ where
 
 fn poll_pipe<F, B>(mut state: Pin<&mut StreamState<F, B>>, cx: &mut Context<'_>) -> Poll<()>
 where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
     B: Stall,
 {
     let StreamStateProj::Body { pipe } = state.as_mut().project() else {
@@ -385,8 +376,6 @@ pin_project! {
 
 impl<B> Pipe<B>
 where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
     B: Stall,
 {
     pub(crate) fn new(body: B, tx: SendStream<Bytes>) -> Self {
@@ -461,7 +450,6 @@ where
                     }
                 },
                 Some(Err(e)) => {
-                    let e: BoxError = e.into();
                     me.tx.send_reset(reset_reason(&e));
                     return Poll::Ready(Err(PipeEnd::Failed(e)));
                 }
