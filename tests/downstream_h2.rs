@@ -321,3 +321,106 @@ async fn sigterm_sends_goaway_and_the_in_flight_stream_finishes() {
     let status = strait.wait_exit().await;
     assert!(status.success(), "exit status {status}");
 }
+
+/// Reads HTTP/2 frames until the peer closes: `(type, stream id, payload)` of each.
+async fn frames_until_close(s: &mut tokio::net::TcpStream) -> Vec<(u8, u32, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    // A reset after the GOAWAY ends the read too; what arrived before it is in `buf`.
+    let _ = common::within("the connection's close", s.read_to_end(&mut buf)).await;
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while buf.len() >= at + 9 {
+        let len = u32::from_be_bytes([0, buf[at], buf[at + 1], buf[at + 2]]) as usize;
+        let kind = buf[at + 3];
+        let stream = u32::from_be_bytes([buf[at + 5], buf[at + 6], buf[at + 7], buf[at + 8]]);
+        let end = (at + 9 + len).min(buf.len());
+        frames.push((kind, stream & 0x7fff_ffff, buf[at + 9..end].to_vec()));
+        at = end;
+    }
+    frames
+}
+
+/// Garbage after the preface (a DATA frame on stream 0, where SETTINGS must come first): the
+/// connection ends with GOAWAY(PROTOCOL_ERROR), is counted as a protocol error, and the proxy
+/// goes on serving other connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_violation_ends_the_connection_with_goaway() {
+    use tokio::io::AsyncWriteExt;
+    let up = Upstream::start("up").await;
+    let strait = proxy(&up).await;
+    let mut s = common::connect(strait.listener("ingress"))
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    bytes.extend_from_slice(&[0, 0, 0, 0x0, 0, 0, 0, 0, 0]);
+    s.write_all(&bytes)
+        .await
+        .unwrap_or_else(|e| panic!("write: {e}"));
+    let frames = frames_until_close(&mut s).await;
+    let goaway = frames.iter().find(|(kind, _, _)| *kind == 0x7);
+    let Some((_, _, payload)) = goaway else {
+        panic!("no GOAWAY among {frames:?}");
+    };
+    // Last-stream-id (4 bytes), then the error code: PROTOCOL_ERROR is 1.
+    assert_eq!(payload.get(4..8), Some(&[0, 0, 0, 1][..]), "{payload:?}");
+    assert_eq!(
+        strait
+            .wait_stat("http.ingress.downstream_cx_protocol_error", 1)
+            .await,
+        Some(1)
+    );
+    assert_eq!(Client::h2c().get(&strait.url("/after")).await.status, 200);
+}
+
+/// A request whose header list is over the HCM's limit (60 KiB by default): the stream is refused
+/// (curl retries a refused stream on fresh connections, then gives up) without reaching the
+/// upstream, and the proxy goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_header_list_is_refused_with_the_stream_only() {
+    if !common::tool("curl") {
+        eprintln!("skipped: curl not installed");
+        return;
+    }
+    let up = Upstream::start("up").await;
+    let strait = proxy(&up).await;
+    let big = format!("x-big: {}", "x".repeat(70 * 1024));
+    let url = strait.url("/big-headers");
+    let after = strait.url("/after");
+    let args: Vec<String> = [
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}\n",
+        "--http2-prior-knowledge",
+        "-H",
+        &big,
+        &url,
+        "--next",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}\n",
+        "--http2-prior-knowledge",
+        &after,
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let (_, out, err) = common::run(Duration::from_secs(30), "curl", &args).await;
+    let codes: Vec<&str> = out.lines().collect();
+    assert_eq!(codes.len(), 2, "{out} {err}");
+    assert!(
+        codes[0] == "000" || codes[0] == "431",
+        "oversized headers got {}",
+        codes[0]
+    );
+    assert_eq!(codes[1], "200", "{err}");
+    assert_eq!(
+        up.requests(),
+        1,
+        "only the second request reached the upstream"
+    );
+}
