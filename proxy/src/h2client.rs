@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use h2::client::{Connection, SendRequest};
-use http::header::{self, HeaderValue};
+use http::header;
 use http::{Method, Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -66,7 +66,7 @@ pub async fn send(
         {
             parts
                 .headers
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+                .insert(header::CONTENT_LENGTH, crate::headers::int_value(len));
         }
     }
     let eos = body.is_end_stream();

@@ -295,7 +295,7 @@ where
                 if !eos && !names.content_length {
                     if let Some(len) = body.size_hint().exact() {
                         head.headers
-                            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+                            .insert(header::CONTENT_LENGTH, crate::headers::int_value(len));
                     }
                 }
                 let tx = match me.reply.send_response(Response::from_parts(head, ()), eos) {
