@@ -10,7 +10,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::Poll;
 
 use bytes::Bytes;
 use h2::client::{Connection, SendRequest};
@@ -21,7 +21,7 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::body::ProxyBody;
-use crate::h2server::{H2Body, Pipe};
+use crate::h2server::{H2Body, Pipe, PipeEnd};
 
 const CONN_WINDOW: u32 = 5 * 1024 * 1024;
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
@@ -80,9 +80,7 @@ pub async fn send(
             if !piped {
                 if let Poll::Ready(r) = Pin::new(&mut pipe).poll(cx) {
                     piped = true;
-                    if let Err(e) = r {
-                        tracing::debug!(error = ?e, "upstream request body not sent whole");
-                    }
+                    log_unsent(r);
                 }
             }
             Pin::new(&mut response).poll(cx)
@@ -90,7 +88,9 @@ pub async fn send(
         .await?;
         if !piped {
             // The response came first (a streaming call): the body goes on from its own task.
-            tokio::spawn(RestOfBody(pipe));
+            tokio::spawn(async move {
+                log_unsent(std::future::poll_fn(|cx| Pin::new(&mut pipe).poll(cx)).await);
+            });
         }
         head
     };
@@ -99,18 +99,9 @@ pub async fn send(
     Ok(Response::from_parts(parts, body.boxed_unsync()))
 }
 
-/// The rest of a request body, sent after the response head arrived.
-struct RestOfBody(Pipe<ProxyBody>);
-
-impl Future for RestOfBody {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        Pin::new(&mut self.0).poll(cx).map(|r| {
-            if let Err(e) = r {
-                tracing::debug!(error = ?e, "upstream request body not sent whole");
-            }
-        })
+fn log_unsent(r: Result<(), PipeEnd>) {
+    if let Err(e) = r {
+        tracing::debug!(error = ?e, "upstream request body not sent whole");
     }
 }
 
