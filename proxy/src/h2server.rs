@@ -37,6 +37,8 @@ const MAX_SEND_BUFFER: usize = 400 * 1024;
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 /// Rounds of streams-then-connection in one poll before yielding to other tasks.
 const ROUNDS: usize = 16;
+/// A body's last chunk up to this size goes to h2 without waiting for flow-control window.
+const DIRECT_LAST_CHUNK: usize = MAX_FRAME_SIZE as usize;
 
 /// Settings of a downstream HTTP/2 connection.
 #[derive(Clone, Copy, Debug)]
@@ -431,7 +433,11 @@ where
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         let eos = me.body.is_end_stream();
-                        if data.is_empty() {
+                        // The body's last chunk, when small, is handed to h2 without waiting for
+                        // window: h2 holds it until the window opens, and the pipe owes nothing
+                        // after it, so no unbounded buffering. Saves two of h2's locked
+                        // operations per response (reserve, capacity).
+                        if data.is_empty() || (eos && data.len() <= DIRECT_LAST_CHUNK) {
                             me.tx.send_data(data, eos)?;
                             if eos {
                                 return Poll::Ready(Ok(()));
