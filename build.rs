@@ -1,12 +1,15 @@
 //! Release builds of the `strait` binary link the functions it runs first in `.text`, in the
 //! order `benches/symbol-order.txt` lists them (lld's `--symbol-ordering-file`): the kernel maps
 //! executable pages 64 KiB around each page touched, so grouping what runs keeps the mapped,
-//! resident part of the binary small (BENCHMARKS.md, "Memory: symbol ordering").
+//! resident part of the binary small (BENCHMARKS.md, "Memory: symbol ordering"). They also pack
+//! their relative relocations (`-z pack-relative-relocs`, DT_RELR) where the linker and the C
+//! library take them: 378 KiB of `.rela.dyn`, read whole at every start, become 5 KiB.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 const LINK_ARGS: [&str; 2] = ["--symbol-ordering-file", "--no-warn-symbol-ordering"];
+const RELR: [&str; 2] = ["-z", "pack-relative-relocs"];
 
 fn main() {
     let order = Path::new("benches/symbol-order.txt");
@@ -14,7 +17,11 @@ fn main() {
     println!("cargo:rerun-if-env-changed=STRAIT_NO_SYMBOL_ORDER");
     println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
     let release = std::env::var("PROFILE").is_ok_and(|p| p == "release");
-    if !release || std::env::var_os("STRAIT_NO_SYMBOL_ORDER").is_some() {
+    if !release {
+        return;
+    }
+    pack_relocations();
+    if std::env::var_os("STRAIT_NO_SYMBOL_ORDER").is_some() {
         return;
     }
     let Ok(order) = order.canonicalize() else {
@@ -23,8 +30,26 @@ fn main() {
     let args = linker_args(&order);
     // Only a linker that takes the options gets them: GNU ld, or lld behind a driver that
     // does not pass them on, would fail the build. A one-line program linked with them decides.
-    if !links(&args) {
+    if !links(&args, false) {
         println!("cargo:warning=symbol ordering skipped: the linker does not take {LINK_ARGS:?}");
+        return;
+    }
+    for a in args {
+        println!("cargo:rustc-link-arg-bin=strait={a}");
+    }
+}
+
+/// DT_RELR needs the linker (lld, GNU ld 2.38+) and the dynamic loader (glibc 2.36+) to know it:
+/// a binary whose loader does not refuses to start, so the probe program must also run.
+/// Cross builds (target other than host) cannot run it and keep plain relocations.
+fn pack_relocations() {
+    let native = std::env::var("TARGET").ok() == std::env::var("HOST").ok();
+    let args: Vec<String> = RELR
+        .iter()
+        .flat_map(|a| ["-Xlinker".to_string(), a.to_string()])
+        .collect();
+    if !native || !links(&args, true) {
+        println!("cargo:warning=relocations not packed: the linker or C library lacks DT_RELR");
         return;
     }
     for a in args {
@@ -44,8 +69,8 @@ fn linker_args(order: &Path) -> Vec<String> {
 }
 
 /// Whether rustc, as cargo runs it for this build (target, flags, linker), links a program
-/// with `args`.
-fn links(args: &[String]) -> bool {
+/// with `args` (and, with `run`, whether that program then runs here).
+fn links(args: &[String], run: bool) -> bool {
     let Some(out) = std::env::var_os("OUT_DIR").map(PathBuf::from) else {
         return false;
     };
@@ -68,8 +93,11 @@ fn links(args: &[String]) -> bool {
     for a in args {
         cmd.arg(format!("-Clink-arg={a}"));
     }
-    cmd.stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    let ok = |cmd: &mut Command| {
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    ok(&mut cmd) && (!run || ok(&mut Command::new(out.join("link_probe"))))
 }
