@@ -210,3 +210,82 @@ async fn body_echoed_while_streaming_over_h2() {
         .unwrap_or_else(|e| panic!("echo: {e}"));
     assert_eq!(got, n);
 }
+
+/// An HTTP/1.1 client that stops reading while a response streams: the proxy's socket fills and
+/// nothing moves, so the stream ends at the route's idle timeout (`200 SI`, the connection
+/// closed, as Envoy's stream idle timeout does) instead of holding the connection and its
+/// upstream request open for as long as the client stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_that_stops_reading_meets_the_idle_timeout() {
+    let up = Upstream::start("up").await;
+    let strait = Config::new()
+        .routes(json!([
+            {"match": {"prefix": "/"}, "route": {"cluster": "up", "idle_timeout": "1s"}}
+        ]))
+        .cluster("up", &[up.addr])
+        .start()
+        .await;
+    let client = Client::http1();
+    up.script([Reply::Stream(BIG)]);
+    let resp = client.get_streaming(&strait.url("/stall")).await;
+    assert_eq!(resp.status(), 200);
+    // The body is held and not read: the client's socket buffer fills, then the proxy's.
+    let body = resp.into_body();
+    strait
+        .access_log("\"GET /stall HTTP/1.1\" 200 SI ", 1)
+        .await;
+    assert_eq!(
+        strait
+            .wait_stat("http.ingress.downstream_rq_idle_timeout", 1)
+            .await,
+        Some(1)
+    );
+    assert_eq!(
+        strait.wait_stat("cluster.up.upstream_rq_active", 0).await,
+        Some(0)
+    );
+    // What the client buffered ends in an error (the connection closed short of the body).
+    let read = common::within("reading the stalled body", common::drain_body(body)).await;
+    assert!(read.is_err(), "{read:?}");
+}
+
+/// A slow HTTP/1.1 reader is not idle: each read lets the proxy's writes move again, which
+/// restarts the stall clock, so a download that takes several idle timeouts in all goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_http1_reader_is_not_cut_at_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start("up").await;
+    let strait = Config::new()
+        .routes(json!([
+            {"match": {"prefix": "/"}, "route": {"cluster": "up", "idle_timeout": "1s"}}
+        ]))
+        .cluster("up", &[up.addr])
+        .start()
+        .await;
+    up.script([Reply::Stream(BIG)]);
+    let mut s = tokio::net::TcpStream::connect(strait.listener("ingress"))
+        .await
+        .unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nhost: slow\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; MIB as usize];
+    let mut total = 0u64;
+    // 2.5 s in all, the sockets full between reads: two and a half idle timeouts, no pause
+    // near one (reading slower leaves the proxy blocked behind the kernel's buffers, several
+    // MiB on loopback, for longer than the timeout: Envoy then times out, rightly).
+    for _ in 0..25 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let n = common::within("a slow read", s.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(n > 0, "the proxy closed the download after {total} bytes");
+        total += n as u64;
+    }
+    assert_eq!(
+        strait.stat("http.ingress.downstream_rq_idle_timeout").await,
+        Some(0)
+    );
+    drop(s);
+    strait.access_log("\"GET /slow HTTP/1.1\" 200 DC ", 1).await;
+}

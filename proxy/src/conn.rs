@@ -1,11 +1,12 @@
 //! One downstream connection: picks the codec (HTTP/1.1, or HTTP/2 with prior knowledge when the
-//! client sends the h2 preface), serves it with hyper, counts bytes and connection stats, and
-//! drains it gracefully (Connection: close / GOAWAY) when the server shuts down.
+//! client sends the h2 preface), serves it, counts bytes and connection stats, drains it
+//! gracefully (Connection: close / GOAWAY) when the server shuts down, and ends an HTTP/1
+//! connection whose client stopped reading at the stream idle timeout.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
@@ -71,6 +72,7 @@ pub struct CountingIo {
     inner: TcpStream,
     counted: Counted,
     prefix: Bytes,
+    stall: Option<Box<StallGuard>>,
 }
 
 impl CountingIo {
@@ -79,6 +81,36 @@ impl CountingIo {
             inner,
             counted,
             prefix: Bytes::new(),
+            stall: None,
+        }
+    }
+
+    /// Writes that make no progress for the current stream's idle timeout fail (see
+    /// [`WriteStall`]).
+    fn guard_writes(&mut self, cx: Arc<ConnCtx>) {
+        self.stall = Some(Box::new(StallGuard {
+            cx,
+            sleep: None,
+            armed: false,
+        }));
+    }
+
+    /// After a write: progress disarms the stall timer; a write that cannot go arms it, and
+    /// fails once it expired.
+    #[inline]
+    fn after_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &Poll<io::Result<usize>>,
+    ) -> Option<io::Error> {
+        let guard = self.stall.as_deref_mut()?;
+        match r {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                guard.armed = false;
+                None
+            }
+            Poll::Pending => guard.poll_stalled(cx),
+            Poll::Ready(_) => None,
         }
     }
 
@@ -119,7 +151,10 @@ impl AsyncWrite for CountingIo {
         if let Poll::Ready(Ok(n)) = r {
             self.counted.tx(n);
         }
-        r
+        match self.after_write(cx, &r) {
+            Some(e) => Poll::Ready(Err(e)),
+            None => r,
+        }
     }
 
     fn poll_write_vectored(
@@ -157,7 +192,10 @@ impl AsyncWrite for CountingIo {
         if let Poll::Ready(Ok(n)) = r {
             self.counted.tx(n);
         }
-        r
+        match self.after_write(cx, &r) {
+            Some(e) => Poll::Ready(Err(e)),
+            None => r,
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -170,6 +208,81 @@ impl AsyncWrite for CountingIo {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+// === Write stalls ===
+
+/// A downstream HTTP/1 connection's write-stall watch. hyper's HTTP/1 server stops polling the
+/// response body while the socket is full, so the body's own stream idle timer cannot fire for a
+/// client that stopped reading; Envoy's stream idle timeout does (no data moved for the timeout:
+/// the stream is reset, over HTTP/1 the connection closed, logged `SI`). The request path
+/// records the stream's idle timeout here; the connection's writes fail once they made no
+/// progress for that long, and the stream's record then says `SI` rather than `DC`.
+#[derive(Debug, Default)]
+pub struct WriteStall {
+    /// The in-flight stream's idle timeout in milliseconds; 0: none.
+    timeout_ms: AtomicU64,
+    fired: AtomicBool,
+}
+
+impl WriteStall {
+    /// The idle timeout of the stream the connection now serves.
+    pub fn set(&self, timeout: Option<Duration>) {
+        let ms = timeout.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.timeout_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Whether the connection's writes failed for the stall.
+    pub fn fired(&self) -> bool {
+        self.fired.load(Ordering::Relaxed)
+    }
+}
+
+struct StallGuard {
+    cx: Arc<ConnCtx>,
+    /// Created at the first write that cannot go, then reused.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The sleep runs from the first write that could not go since the last progress.
+    armed: bool,
+}
+
+impl std::fmt::Debug for StallGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StallGuard")
+            .field("armed", &self.armed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StallGuard {
+    #[cold]
+    fn poll_stalled(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        let ms = self.cx.write_stall.timeout_ms.load(Ordering::Relaxed);
+        if ms == 0 {
+            self.armed = false;
+            return None;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.armed {
+            sleep.as_mut().reset(deadline);
+            self.armed = true;
+        }
+        if sleep.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        self.cx.write_stall.fired.store(true, Ordering::Relaxed);
+        tracing::debug!(
+            timeout_ms = ms,
+            "downstream stopped reading: stream idle timeout"
+        );
+        Some(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "no write progress for the stream idle timeout",
+        ))
     }
 }
 
@@ -370,6 +483,9 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
     }
     let mut io = CountingIo::new(stream, Counted::Downstream(hs.clone()));
     io.prefix = prefix;
+    if !is_h2 {
+        io.guard_writes(cx.clone());
+    }
     let svc_cx = cx.clone();
     let drain_time = cx.server.drain_time();
 

@@ -50,6 +50,8 @@ pub struct ConnCtx {
     pub local: SocketAddr,
     /// Spare stream timers, reused by the connection's next streams.
     pub timers: TimerPool,
+    /// HTTP/1: the in-flight stream's idle timeout, for writes the client does not take.
+    pub write_stall: crate::conn::WriteStall,
 }
 
 // === Finisher: the stream's record, completed when the response ends ===
@@ -628,8 +630,16 @@ impl crate::h2server::Stall for RespBody {
 
 impl Drop for RespBody {
     fn drop(&mut self) {
-        // Dropped before its end: the downstream went away (or hyper gave up on the stream).
-        self.end(Outcome::DownstreamGone);
+        // Dropped before its end: the downstream went away (or hyper gave up on the stream),
+        // or, over HTTP/1, stopped reading for the stream idle timeout.
+        if let Some(mut f) = self.fin.take() {
+            let stalled = f.cx.write_stall.fired();
+            f.finish(if stalled {
+                Outcome::IdleTimeout
+            } else {
+                Outcome::DownstreamGone
+            });
+        }
     }
 }
 
@@ -707,6 +717,8 @@ pub async fn handle(
             _ => None,
         };
         fin.timer.stop();
+        // The tunnel's idle timer counts bytes moved either way; a stalled write alone is not idle.
+        cx.write_stall.set(None);
         spawn_tunnel(down, up, fin, idle, &cx);
         return Ok(Response::from_parts(
             head,
@@ -866,6 +878,7 @@ async fn route(
 ) -> Routed {
     let hcm = cx.listener.hcm();
     let hs = &cx.listener.http_stats;
+    cx.write_stall.set(hcm.stream_idle_timeout);
     // As received: filters and header mutations below do not change the upstream Host.
     let orig_authority = OrigAuthority::of(&parts);
 
@@ -1074,6 +1087,7 @@ async fn route(
     }
 
     let idle = action.idle_timeout.or(hcm.stream_idle_timeout);
+    cx.write_stall.set(idle);
     let (body, filter_slot) = match fin.filters.as_mut() {
         Some(run) => match Box::pin(run.request_body(body, hcm.request_timeout.or(idle))).await {
             Ok(b) => b,

@@ -66,6 +66,7 @@ pub async fn accept_loop(
             peer,
             local,
             timers: Default::default(),
+            write_stall: Default::default(),
         });
         let track = server.track();
         tokio::spawn(async move {
