@@ -667,7 +667,7 @@ pub async fn handle(
     };
     let down_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
-    let mut fin = Box::new(Finisher::new(cx.clone(), &parts));
+    let mut fin = crate::boxed(|| Finisher::new(cx.clone(), &parts));
     let (resp, timed, tunnel) = route(parts, seen, body, upgrade, &cx, &mut fin).await;
     if timed {
         fin.timer.response_started();
@@ -1570,7 +1570,7 @@ impl Attempts<'_> {
             },
         };
         let result = match r {
-            Ok((resp, lease, started)) => AttemptResult::Response(Box::new(Done {
+            Ok((resp, lease, started)) => AttemptResult::Response(crate::boxed(|| Done {
                 seen: headers::Seen::of(resp.headers()),
                 resp,
                 lease,
