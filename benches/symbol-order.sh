@@ -5,9 +5,10 @@
 # places those functions together at the start of .text: the kernel maps a binary's pages 64 KiB
 # around each page a process touches, so code run scattered over the whole 9 MB .text maps most
 # of it, and grouped it maps a fraction (BENCHMARKS.md, "Memory: symbol ordering").
-# Rerun after large changes to the request path or start-up, and after a rustc or dependency
-# update (most names carry rustc's hashes, which change with them): a stale list only groups
-# less well, names that no longer exist are ignored.
+# Rerun after changes to the request path or start-up (inlining moves code between functions),
+# and after a rustc or dependency update (names carry the crates' disambiguators, which change
+# with them): a stale list only groups less well, names that no longer exist are ignored. Names
+# are v0-mangled (.cargo/config.toml), so editing a function's body does not rename it.
 #   cargo build --release && benches/symbol-order.sh && cargo build --release
 # Needs valgrind, nginx, curl and h2load.
 set -euo pipefail
