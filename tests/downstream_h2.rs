@@ -148,33 +148,12 @@ async fn client_reset_mid_response_stops_the_download() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_meets_the_idle_timeout() {
     let up = Upstream::start("up").await;
-    let strait = Config::new()
-        .routes(json!([
-            {"match": {"prefix": "/"}, "route": {"cluster": "up", "idle_timeout": "1s"}}
-        ]))
+    let strait = common::idle_timeout_route("1s")
         .cluster("up", &[up.addr])
         .start()
         .await;
     let client = Client::h2c();
-    up.script([Reply::Stream(512 * MIB)]);
-    let resp = client.get_streaming(&strait.url("/stall")).await;
-    assert_eq!(resp.status(), 200);
-    // The body is held and not read: the client's window closes and stays closed.
-    let body = resp.into_body();
-    strait.access_log("\"GET /stall HTTP/2\" 200 SI ", 1).await;
-    assert_eq!(
-        strait
-            .wait_stat("http.ingress.downstream_rq_idle_timeout", 1)
-            .await,
-        Some(1)
-    );
-    assert_eq!(
-        strait.wait_stat("cluster.up.upstream_rq_active", 0).await,
-        Some(0)
-    );
-    // What the client buffered ends in an error, not a clean end of stream.
-    let read = common::within("reading the stalled body", common::drain_body(body)).await;
-    assert!(read.is_err(), "{read:?}");
+    common::stalled_download_is_cut(&strait, &up, &client, "GET /stall HTTP/2", 512 * MIB).await;
 }
 
 /// Local replies over HTTP/2 as Envoy sends them: `date` always; `content-length` with a body

@@ -218,57 +218,47 @@ async fn body_echoed_while_streaming_over_h2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http1_client_that_stops_reading_meets_the_idle_timeout() {
     let up = Upstream::start("up").await;
-    let strait = Config::new()
-        .routes(json!([
-            {"match": {"prefix": "/"}, "route": {"cluster": "up", "idle_timeout": "1s"}}
-        ]))
+    let strait = common::idle_timeout_route("1s")
         .cluster("up", &[up.addr])
         .start()
         .await;
     let client = Client::http1();
+    common::stalled_download_is_cut(&strait, &up, &client, "GET /stall HTTP/1.1", BIG).await;
+}
+
+/// An upstream streaming [`BIG`] (over HTTP/2 with `h2_upstream`) behind a proxy whose route has
+/// a 1 s idle timeout, and a raw client connection on which `head` has been sent.
+async fn raw_download(
+    h2_upstream: bool,
+    head: &[u8],
+) -> (Upstream, common::Strait, tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let up = Upstream::start("up").await;
+    let cfg = common::idle_timeout_route("1s");
+    let cfg = if h2_upstream {
+        cfg.cluster_h2("up", &[up.addr])
+    } else {
+        cfg.cluster("up", &[up.addr])
+    };
+    let strait = cfg.start().await;
     up.script([Reply::Stream(BIG)]);
-    let resp = client.get_streaming(&strait.url("/stall")).await;
-    assert_eq!(resp.status(), 200);
-    // The body is held and not read: the client's socket buffer fills, then the proxy's.
-    let body = resp.into_body();
-    strait
-        .access_log("\"GET /stall HTTP/1.1\" 200 SI ", 1)
-        .await;
-    assert_eq!(
-        strait
-            .wait_stat("http.ingress.downstream_rq_idle_timeout", 1)
-            .await,
-        Some(1)
-    );
-    assert_eq!(
-        strait.wait_stat("cluster.up.upstream_rq_active", 0).await,
-        Some(0)
-    );
-    // What the client buffered ends in an error (the connection closed short of the body).
-    let read = common::within("reading the stalled body", common::drain_body(body)).await;
-    assert!(read.is_err(), "{read:?}");
+    let mut s = common::within(
+        "connecting",
+        tokio::net::TcpStream::connect(strait.listener("ingress")),
+    )
+    .await
+    .unwrap();
+    s.write_all(head).await.unwrap();
+    (up, strait, s)
 }
 
 /// A slow HTTP/1.1 reader is not idle: each read lets the proxy's writes move again, which
 /// restarts the stall clock, so a download that takes several idle timeouts in all goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_http1_reader_is_not_cut_at_the_idle_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let up = Upstream::start("up").await;
-    let strait = Config::new()
-        .routes(json!([
-            {"match": {"prefix": "/"}, "route": {"cluster": "up", "idle_timeout": "1s"}}
-        ]))
-        .cluster("up", &[up.addr])
-        .start()
-        .await;
-    up.script([Reply::Stream(BIG)]);
-    let mut s = tokio::net::TcpStream::connect(strait.listener("ingress"))
-        .await
-        .unwrap();
-    s.write_all(b"GET /slow HTTP/1.1\r\nhost: slow\r\n\r\n")
-        .await
-        .unwrap();
+    use tokio::io::AsyncReadExt;
+    let (_up, strait, mut s) =
+        raw_download(false, b"GET /slow HTTP/1.1\r\nhost: slow\r\n\r\n").await;
     let mut buf = vec![0u8; MIB as usize];
     let mut total = 0u64;
     // 2.5 s in all, the sockets full between reads: two and a half idle timeouts, no pause
@@ -288,4 +278,34 @@ async fn a_slow_http1_reader_is_not_cut_at_the_idle_timeout() {
     );
     drop(s);
     strait.access_log("\"GET /slow HTTP/1.1\" 200 DC ", 1).await;
+}
+
+/// A client that keeps uploading while it does not read the response is still active: bytes
+/// arriving restart the stall clock as bytes leaving do (Envoy's stream idle timer counts both
+/// ways), so only once the upload stops does the stream meet its idle timeout. (An HTTP/2
+/// upstream: its request body streams from a task of its own while the response streams. Over
+/// an HTTP/1.1 upstream Strait moves the upload only as the client reads the response.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_still_uploading_is_not_idle() {
+    use tokio::io::AsyncWriteExt;
+    let head = b"POST /upload HTTP/1.1\r\nhost: up\r\ntransfer-encoding: chunked\r\n\r\n";
+    let (_up, strait, mut s) = raw_download(true, head).await;
+    let mut chunk = b"400\r\n".to_vec();
+    chunk.extend_from_slice(&[b'u'; 1024]);
+    chunk.extend_from_slice(b"\r\n");
+    // 2.5 s of upload, a chunk every 100 ms, the response never read.
+    for _ in 0..25 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        common::within("an upload chunk", s.write_all(&chunk))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        strait.stat("http.ingress.downstream_rq_idle_timeout").await,
+        Some(0)
+    );
+    // The upload stops: now nothing moves either way.
+    strait
+        .access_log("\"POST /upload HTTP/1.1\" 200 SI ", 1)
+        .await;
 }

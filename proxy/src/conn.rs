@@ -135,7 +135,13 @@ impl AsyncRead for CountingIo {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
-            self.counted.rx(buf.filled().len() - before);
+            let n = buf.filled().len() - before;
+            self.counted.rx(n);
+            // Bytes in from the client are stream activity too (Envoy's idle timer counts both
+            // ways): a client still uploading is not stalled because it does not read yet.
+            if let (Some(guard), true) = (self.stall.as_deref_mut(), n > 0) {
+                guard.armed = false;
+            }
         }
         r
     }
@@ -218,7 +224,8 @@ impl AsyncWrite for CountingIo {
 /// client that stopped reading; Envoy's stream idle timeout does (no data moved for the timeout:
 /// the stream is reset, over HTTP/1 the connection closed, logged `SI`). The request path
 /// records the stream's idle timeout here; the connection's writes fail once they made no
-/// progress for that long, and the stream's record then says `SI` rather than `DC`.
+/// progress for that long (bytes read from the client count as progress too), and the stream's
+/// record then says `SI` rather than `DC`.
 #[derive(Debug, Default)]
 pub struct WriteStall {
     /// The in-flight stream's idle timeout in milliseconds; 0: none.

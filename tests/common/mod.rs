@@ -1164,3 +1164,45 @@ pub fn envoy_bin() -> Option<String> {
         .find(|c| c.is_file())
         .map(|c| c.display().to_string())
 }
+
+/// One route, `/` to cluster `up`, with the route `idle_timeout` `idle` (e.g. `"1s"`): the
+/// stream idle timeout the stalled-client tests meet. The caller adds cluster `up`.
+pub fn idle_timeout_route(idle: &str) -> Config {
+    Config::new().routes(json!([
+        {"match": {"prefix": "/"}, "route": {"cluster": "up", "idle_timeout": idle}}
+    ]))
+}
+
+/// A client asks `client` for a download of `bytes` from `up` through `strait`, takes the
+/// response head and stops reading. The stream must end at the proxy's stream idle timeout as
+/// in Envoy: logged `200 SI` (`request_line` is the request as the access log quotes it,
+/// e.g. `GET /stall HTTP/2`), counted in `downstream_rq_idle_timeout`, the upstream request
+/// released, and what the client buffered ending in an error rather than a clean end.
+pub async fn stalled_download_is_cut(
+    strait: &Strait,
+    up: &Upstream,
+    client: &Client,
+    request_line: &str,
+    bytes: u64,
+) {
+    up.script([Reply::Stream(bytes)]);
+    let resp = client.get_streaming(&strait.url("/stall")).await;
+    assert_eq!(resp.status(), 200);
+    // Held, not read: the client's buffers (its window, its socket) fill, then the proxy's.
+    let body = resp.into_body();
+    strait
+        .access_log(&format!("\"{request_line}\" 200 SI "), 1)
+        .await;
+    assert_eq!(
+        strait
+            .wait_stat("http.ingress.downstream_rq_idle_timeout", 1)
+            .await,
+        Some(1)
+    );
+    assert_eq!(
+        strait.wait_stat("cluster.up.upstream_rq_active", 0).await,
+        Some(0)
+    );
+    let read = within("reading the stalled body", drain_body(body)).await;
+    assert!(read.is_err(), "{read:?}");
+}
