@@ -647,7 +647,7 @@ impl Drop for RespBody {
 
 /// Entry point for one downstream request (HTTP/1.1 from hyper's server, HTTP/2 from `h2server`).
 pub async fn handle(
-    req: Request<Inbound>,
+    mut req: Request<Inbound>,
     cx: Arc<ConnCtx>,
 ) -> Result<Response<RespBody>, Infallible> {
     let hs = &cx.listener.http_stats;
@@ -657,7 +657,6 @@ pub async fn handle(
         Version::HTTP_2 => hs.downstream_rq_http2_total.inc(),
         _ => hs.downstream_rq_http1_total.inc(),
     }
-    let mut req = req;
     // One pass over the names decides which lookups by name the request needs.
     let seen = headers::Seen::of(req.headers());
     let upgrade = if req.version() == Version::HTTP_11 && seen.connection() {
