@@ -667,7 +667,7 @@ pub async fn handle(
     let down_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let mut fin = crate::boxed(|| Finisher::new(cx.clone(), &parts));
-    let (resp, timed, tunnel) = route(parts, seen, body, upgrade, &cx, &mut fin).await;
+    let (resp, timed, mut tunnel) = route(parts, seen, body, upgrade, &cx, &mut fin).await;
     if timed {
         fin.timer.response_started();
     } else {
@@ -675,7 +675,6 @@ pub async fn handle(
         fin.timer.stop();
     }
     let (mut head, mut inner) = resp.into_parts();
-    let mut tunnel = tunnel;
     if let Some(mut run) = fin.filters.take() {
         // Boxed, as every path taken only with filters or retries: inline, its state would
         // size the request's future (moved and copied whole) even when it never runs.
