@@ -31,7 +31,7 @@ use crate::body::{
 use crate::cluster::{Breakers, ClusterState, Host};
 use crate::headers;
 use crate::local_reply::{self, ResetReason};
-use crate::pool::{Lease, PoolError, SendError};
+use crate::pool::{Lease, PoolError, SendError, Sender};
 use crate::response_flags::ResponseFlags;
 use crate::router::{self, Selected};
 use crate::server::{ListenerRuntime, ServerShared};
@@ -1636,8 +1636,16 @@ impl Attempts<'_> {
         cluster.info.stats.upstream_rq_total.inc();
         let req = self.upstream_request(host, body);
         let started = Instant::now();
-        let (fut, lease) = conn.send(req, self.upgrade, self.idle);
-        match fut.await {
+        let (sender, lease) = conn.into_sender();
+        // The exchange awaited here, not through `Sender::send`: one state machine fewer per
+        // request, the HTTP/1.1 and HTTP/2 exchanges sharing this future's space.
+        let sent = match sender {
+            Sender::H1(c) => crate::h1client::send(c, req, self.upgrade, self.idle)
+                .await
+                .map_err(SendError::H1),
+            Sender::H2(s) => crate::h2client::send(s, req).await.map_err(SendError::H2),
+        };
+        match sent {
             Ok(resp) => Ok((resp, lease, started)),
             Err(e) => {
                 tracing::debug!(upstream = %host.address, error = %e, "upstream request failed");
