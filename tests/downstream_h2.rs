@@ -153,7 +153,15 @@ async fn a_client_that_stops_reading_meets_the_idle_timeout() {
         .start()
         .await;
     let client = Client::h2c();
-    common::stalled_download_is_cut(&strait, &up, &client, "GET /stall HTTP/2", 512 * MIB).await;
+    common::stalled_download_is_cut(
+        &strait,
+        &up,
+        &client,
+        "GET /stall HTTP/2",
+        512 * MIB,
+        common::IDLE_TIMEOUT,
+    )
+    .await;
 }
 
 /// Local replies over HTTP/2 as Envoy sends them: `date` always; `content-length` with a body

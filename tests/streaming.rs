@@ -223,7 +223,36 @@ async fn an_http1_client_that_stops_reading_meets_the_idle_timeout() {
         .start()
         .await;
     let client = Client::http1();
-    common::stalled_download_is_cut(&strait, &up, &client, "GET /stall HTTP/1.1", BIG).await;
+    common::stalled_download_is_cut(
+        &strait,
+        &up,
+        &client,
+        "GET /stall HTTP/1.1",
+        BIG,
+        common::IDLE_TIMEOUT,
+    )
+    .await;
+}
+
+/// The same stalled HTTP/1.1 client under a route timeout shorter than its idle timeout: the
+/// route timeout covers the whole upstream response, which the client now holds back, so the
+/// stream ends there (`200 UT`, counted in `upstream_rq_timeout`), as in Envoy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_that_stops_reading_meets_the_route_timeout() {
+    let up = Upstream::start("up").await;
+    let strait = Config::new()
+        .routes(json!([{"match": {"prefix": "/"},
+                        "route": {"cluster": "up", "idle_timeout": "30s", "timeout": "1s"}}]))
+        .cluster("up", &[up.addr])
+        .start()
+        .await;
+    let client = Client::http1();
+    let route_timeout = common::StallEnd {
+        flag: "UT",
+        counter: "cluster.up.upstream_rq_timeout",
+    };
+    let line = "GET /stall HTTP/1.1";
+    common::stalled_download_is_cut(&strait, &up, &client, line, BIG, route_timeout).await;
 }
 
 /// An upstream streaming [`BIG`] (over HTTP/2 with `h2_upstream`) behind a proxy whose route has

@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
@@ -91,7 +91,9 @@ impl CountingIo {
         self.stall = Some(Box::new(StallGuard {
             cx,
             sleep: None,
+            sleep_at: None,
             armed: false,
+            idle_deadline: None,
         }));
     }
 
@@ -220,29 +222,74 @@ impl AsyncWrite for CountingIo {
 // === Write stalls ===
 
 /// A downstream HTTP/1 connection's write-stall watch. hyper's HTTP/1 server stops polling the
-/// response body while the socket is full, so the body's own stream idle timer cannot fire for a
-/// client that stopped reading; Envoy's stream idle timeout does (no data moved for the timeout:
-/// the stream is reset, over HTTP/1 the connection closed, logged `SI`). The request path
-/// records the stream's idle timeout here; the connection's writes fail once they made no
-/// progress for that long (bytes read from the client count as progress too), and the stream's
-/// record then says `SI` rather than `DC`.
+/// response body while the socket is full, so the body's own timers cannot fire for a client
+/// that stopped reading; Envoy's do: the stream idle timeout (no data moved for that long, `SI`)
+/// and the route timeout (the upstream response not complete in time, `UT`, the upstream held
+/// back by the stalled client). Either resets the stream, over HTTP/1 closes the connection. The
+/// request path records the stream's idle timeout and route deadline here; the connection's
+/// writes fail once they made no progress for the idle timeout (bytes read from the client count
+/// as progress too) or reach the deadline, and the stream's record then says `SI` or `UT`
+/// rather than `DC`.
 #[derive(Debug, Default)]
 pub struct WriteStall {
     /// The in-flight stream's idle timeout in milliseconds; 0: none.
     timeout_ms: AtomicU64,
-    fired: AtomicBool,
+    /// The in-flight stream's route deadline, milliseconds after [`stall_base`] plus one; 0: none.
+    route_deadline: AtomicU64,
+    /// What ended the connection's writes: [`STALL_IDLE`] or [`STALL_ROUTE`]; 0: nothing.
+    fired: AtomicU8,
+}
+
+const STALL_IDLE: u8 = 1;
+const STALL_ROUTE: u8 = 2;
+
+/// Why the connection's writes failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stalled {
+    /// The stream idle timeout.
+    Idle,
+    /// The route timeout.
+    Route,
+}
+
+/// The origin of the route deadlines kept as integers.
+fn stall_base() -> std::time::Instant {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *BASE.get_or_init(std::time::Instant::now)
 }
 
 impl WriteStall {
-    /// The idle timeout of the stream the connection now serves.
+    /// A new stream: its idle timeout, and no route deadline yet.
     pub fn set(&self, timeout: Option<Duration>) {
         let ms = timeout.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         self.timeout_ms.store(ms, Ordering::Relaxed);
+        self.route_deadline.store(0, Ordering::Relaxed);
     }
 
-    /// Whether the connection's writes failed for the stall.
-    pub fn fired(&self) -> bool {
-        self.fired.load(Ordering::Relaxed)
+    /// The stream's route deadline (the end of the request plus the route timeout), or none
+    /// once its response is complete.
+    pub fn set_route_deadline(&self, deadline: Option<std::time::Instant>) {
+        let v = deadline.map_or(0, |d| {
+            let ms = d.saturating_duration_since(stall_base()).as_millis();
+            u64::try_from(ms).unwrap_or(u64::MAX - 1) + 1
+        });
+        self.route_deadline.store(v, Ordering::Relaxed);
+    }
+
+    fn route_deadline(&self) -> Option<tokio::time::Instant> {
+        match self.route_deadline.load(Ordering::Relaxed) {
+            0 => None,
+            v => Some((stall_base() + Duration::from_millis(v - 1)).into()),
+        }
+    }
+
+    /// Whether, and why, the connection's writes failed for a stall.
+    pub fn fired(&self) -> Option<Stalled> {
+        match self.fired.load(Ordering::Relaxed) {
+            STALL_IDLE => Some(Stalled::Idle),
+            STALL_ROUTE => Some(Stalled::Route),
+            _ => None,
+        }
     }
 }
 
@@ -250,8 +297,11 @@ struct StallGuard {
     cx: Arc<ConnCtx>,
     /// Created at the first write that cannot go, then reused.
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// The sleep runs from the first write that could not go since the last progress.
+    /// What the sleep is set to.
+    sleep_at: Option<tokio::time::Instant>,
+    /// The idle deadline runs from the first write that could not go since the last progress.
     armed: bool,
+    idle_deadline: Option<tokio::time::Instant>,
 }
 
 impl std::fmt::Debug for StallGuard {
@@ -265,31 +315,46 @@ impl std::fmt::Debug for StallGuard {
 impl StallGuard {
     #[cold]
     fn poll_stalled(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
-        let ms = self.cx.write_stall.timeout_ms.load(Ordering::Relaxed);
-        if ms == 0 {
-            self.armed = false;
-            return None;
-        }
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
-        let sleep = self
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        let ws = &self.cx.write_stall;
+        let ms = ws.timeout_ms.load(Ordering::Relaxed);
+        let route = ws.route_deadline();
         if !self.armed {
-            sleep.as_mut().reset(deadline);
+            self.idle_deadline =
+                (ms > 0).then(|| tokio::time::Instant::now() + Duration::from_millis(ms));
             self.armed = true;
         }
-        if sleep.as_mut().poll(cx).is_pending() {
-            return None;
+        loop {
+            let target = match (self.idle_deadline, route) {
+                (Some(a), Some(b)) => a.min(b),
+                (a, b) => a.or(b)?,
+            };
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(target)));
+            if self.sleep_at != Some(target) {
+                sleep.as_mut().reset(target);
+                self.sleep_at = Some(target);
+            }
+            if sleep.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+            let now = tokio::time::Instant::now();
+            let (why, what) = if route.is_some_and(|r| now >= r) {
+                (STALL_ROUTE, "route timeout")
+            } else if self.idle_deadline.is_some_and(|d| now >= d) {
+                (STALL_IDLE, "stream idle timeout")
+            } else {
+                // Fired for a deadline since moved: sleep again.
+                self.sleep_at = None;
+                continue;
+            };
+            ws.fired.store(why, Ordering::Relaxed);
+            tracing::debug!("downstream stopped reading: {what}");
+            return Some(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no write progress before the {what}"),
+            ));
         }
-        self.cx.write_stall.fired.store(true, Ordering::Relaxed);
-        tracing::debug!(
-            timeout_ms = ms,
-            "downstream stopped reading: stream idle timeout"
-        );
-        Some(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "no write progress for the stream idle timeout",
-        ))
     }
 }
 

@@ -177,6 +177,8 @@ impl Finisher {
             return;
         }
         self.done = true;
+        // The stream is over: its route timeout no longer bounds the connection's writes.
+        self.cx.write_stall.set_route_deadline(None);
         let hs = &self.cx.listener.http_stats;
         hs.downstream_rq_active.dec();
         match outcome {
@@ -633,12 +635,12 @@ impl Drop for RespBody {
         // Dropped before its end: the downstream went away (or hyper gave up on the stream),
         // or, over HTTP/1, stopped reading for the stream idle timeout.
         if let Some(mut f) = self.fin.take() {
-            let stalled = f.cx.write_stall.fired();
-            f.finish(if stalled {
-                Outcome::IdleTimeout
-            } else {
-                Outcome::DownstreamGone
-            });
+            let outcome = match f.cx.write_stall.fired() {
+                Some(crate::conn::Stalled::Idle) => Outcome::IdleTimeout,
+                Some(crate::conn::Stalled::Route) => Outcome::Timeout,
+                None => Outcome::DownstreamGone,
+            };
+            f.finish(outcome);
         }
     }
 }
@@ -670,6 +672,14 @@ pub async fn handle(
     let (resp, timed, mut tunnel) = route(parts, seen, body, upgrade, &cx, &mut fin).await;
     if timed {
         fin.timer.response_started();
+        // HTTP/1: a client that stops reading still meets the route timeout (`conn::WriteStall`),
+        // counted from the end of the request as the stream's own timer counts it.
+        if let (Some(t), Some(end)) = (
+            fin.timer.route_timeout(),
+            fin.source.as_ref().and_then(|s| s.end().when()),
+        ) {
+            cx.write_stall.set_route_deadline(Some(end + t));
+        }
     } else {
         // Local replies are not timed.
         fin.timer.stop();

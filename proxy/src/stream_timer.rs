@@ -96,6 +96,11 @@ impl StreamTimer {
         self.idle
     }
 
+    /// The route timeout, counted from the end of the request.
+    pub fn route_timeout(&self) -> Option<Duration> {
+        self.route_timeout
+    }
+
     /// The response headers are out: the request timeout no longer applies.
     pub fn response_started(&mut self) {
         self.request_deadline = None;

@@ -1173,17 +1173,31 @@ pub fn idle_timeout_route(idle: &str) -> Config {
     ]))
 }
 
+/// How a stalled download must end: the access log's response flag and the counter that counts
+/// it (`SI` / `http.ingress.downstream_rq_idle_timeout` for the stream idle timeout).
+pub struct StallEnd<'a> {
+    pub flag: &'a str,
+    pub counter: &'a str,
+}
+
+/// The stream idle timeout's [`StallEnd`].
+pub const IDLE_TIMEOUT: StallEnd<'static> = StallEnd {
+    flag: "SI",
+    counter: "http.ingress.downstream_rq_idle_timeout",
+};
+
 /// A client asks `client` for a download of `bytes` from `up` through `strait`, takes the
-/// response head and stops reading. The stream must end at the proxy's stream idle timeout as
-/// in Envoy: logged `200 SI` (`request_line` is the request as the access log quotes it,
-/// e.g. `GET /stall HTTP/2`), counted in `downstream_rq_idle_timeout`, the upstream request
-/// released, and what the client buffered ending in an error rather than a clean end.
+/// response head and stops reading. The stream must end at the proxy's timeout as in Envoy:
+/// logged `200 <flag>` (`request_line` is the request as the access log quotes it, e.g.
+/// `GET /stall HTTP/2`), counted in `end.counter`, the upstream request released, and what the
+/// client buffered ending in an error rather than a clean end.
 pub async fn stalled_download_is_cut(
     strait: &Strait,
     up: &Upstream,
     client: &Client,
     request_line: &str,
     bytes: u64,
+    end: StallEnd<'_>,
 ) {
     up.script([Reply::Stream(bytes)]);
     let resp = client.get_streaming(&strait.url("/stall")).await;
@@ -1191,14 +1205,9 @@ pub async fn stalled_download_is_cut(
     // Held, not read: the client's buffers (its window, its socket) fill, then the proxy's.
     let body = resp.into_body();
     strait
-        .access_log(&format!("\"{request_line}\" 200 SI "), 1)
+        .access_log(&format!("\"{request_line}\" 200 {} ", end.flag), 1)
         .await;
-    assert_eq!(
-        strait
-            .wait_stat("http.ingress.downstream_rq_idle_timeout", 1)
-            .await,
-        Some(1)
-    );
+    assert_eq!(strait.wait_stat(end.counter, 1).await, Some(1));
     assert_eq!(
         strait.wait_stat("cluster.up.upstream_rq_active", 0).await,
         Some(0)
