@@ -178,7 +178,9 @@ impl Finisher {
         }
         self.done = true;
         // The stream is over: its route timeout no longer bounds the connection's writes.
-        self.cx.write_stall.set_route_deadline(None);
+        if self.version != Version::HTTP_2 {
+            self.cx.write_stall.set_route_deadline(None);
+        }
         let hs = &self.cx.listener.http_stats;
         hs.downstream_rq_active.dec();
         match outcome {
@@ -674,11 +676,13 @@ pub async fn handle(
         fin.timer.response_started();
         // HTTP/1: a client that stops reading still meets the route timeout (`conn::WriteStall`),
         // counted from the end of the request as the stream's own timer counts it.
-        if let (Some(t), Some(end)) = (
-            fin.timer.route_timeout(),
-            fin.source.as_ref().and_then(|s| s.end().when()),
-        ) {
-            cx.write_stall.set_route_deadline(Some(end + t));
+        if fin.version != Version::HTTP_2 {
+            if let (Some(t), Some(end)) = (
+                fin.timer.route_timeout(),
+                fin.source.as_ref().and_then(|s| s.end().when()),
+            ) {
+                cx.write_stall.set_route_deadline(Some(end + t));
+            }
         }
     } else {
         // Local replies are not timed.
