@@ -3,7 +3,7 @@
 //! executable pages 64 KiB around each page touched, so grouping what runs keeps the mapped,
 //! resident part of the binary small (BENCHMARKS.md, "Memory: symbol ordering"). They also pack
 //! their relative relocations (`-z pack-relative-relocs`, DT_RELR) where the linker and the C
-//! library take them: 378 KiB of `.rela.dyn`, read whole at every start, become 5 KiB.
+//! library take them: 378 KiB of `.rela.dyn`, read whole at every start, become 7 KiB.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -1,7 +1,7 @@
 //! One downstream connection: picks the codec (HTTP/1.1, or HTTP/2 with prior knowledge when the
 //! client sends the h2 preface), serves it, counts bytes and connection stats, drains it
 //! gracefully (Connection: close / GOAWAY) when the server shuts down, and ends an HTTP/1
-//! connection whose client stopped reading at the stream idle timeout.
+//! connection whose client stopped reading at the stream idle or route timeout.
 
 use std::future::Future;
 use std::io;
@@ -85,8 +85,8 @@ impl CountingIo {
         }
     }
 
-    /// Writes that make no progress for the current stream's idle timeout fail (see
-    /// [`WriteStall`]).
+    /// Writes that make no progress for the current stream's idle timeout, or by its route
+    /// deadline, fail (see [`WriteStall`]).
     fn guard_writes(&mut self, cx: Arc<ConnCtx>) {
         self.stall = Some(Box::new(StallGuard {
             cx,

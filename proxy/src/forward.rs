@@ -50,7 +50,8 @@ pub struct ConnCtx {
     pub local: SocketAddr,
     /// Spare stream timers, reused by the connection's next streams.
     pub timers: TimerPool,
-    /// HTTP/1: the in-flight stream's idle timeout, for writes the client does not take.
+    /// HTTP/1: the in-flight stream's idle timeout and route deadline, for writes the client
+    /// does not take.
     pub write_stall: crate::conn::WriteStall,
 }
 
@@ -635,7 +636,7 @@ impl crate::h2server::Stall for RespBody {
 impl Drop for RespBody {
     fn drop(&mut self) {
         // Dropped before its end: the downstream went away (or hyper gave up on the stream),
-        // or, over HTTP/1, stopped reading for the stream idle timeout.
+        // or, over HTTP/1, stopped reading until the stream idle or the route timeout.
         if let Some(mut f) = self.fin.take() {
             let outcome = match f.cx.write_stall.fired() {
                 Some(crate::conn::Stalled::Idle) => Outcome::IdleTimeout,
@@ -674,14 +675,14 @@ pub async fn handle(
     let (resp, timed, mut tunnel) = route(parts, seen, body, upgrade, &cx, &mut fin).await;
     if timed {
         fin.timer.response_started();
-        // HTTP/1: a client that stops reading still meets the route timeout (`conn::WriteStall`),
-        // counted from the end of the request as the stream's own timer counts it.
+        // HTTP/1: a client that stops reading still meets the route timeout (`conn::WriteStall`).
         if fin.version != Version::HTTP_2 {
-            if let (Some(t), Some(end)) = (
-                fin.timer.route_timeout(),
-                fin.source.as_ref().and_then(|s| s.end().when()),
-            ) {
-                cx.write_stall.set_route_deadline(Some(end + t));
+            if let Some(d) = fin
+                .source
+                .as_ref()
+                .and_then(|s| fin.timer.route_deadline(s))
+            {
+                cx.write_stall.set_route_deadline(Some(d));
             }
         }
     } else {

@@ -33,7 +33,7 @@ pub mod xds;
 /// `Box::new(make())`, built where it goes. `Box::new` takes its value as an argument, so a large
 /// one (a request's future, its record) is built on the stack and then copied whole into the
 /// allocation; allocating first lets the compiler build it in place (BENCHMARKS.md, "Changes
-/// and their effect", 24).
+/// and their effect", 28).
 #[inline(always)]
 pub(crate) fn boxed<T>(make: impl FnOnce() -> T) -> Box<T> {
     Box::write(Box::new_uninit(), make())

@@ -96,9 +96,11 @@ impl StreamTimer {
         self.idle
     }
 
-    /// The route timeout, counted from the end of the request.
-    pub fn route_timeout(&self) -> Option<Duration> {
-        self.route_timeout
+    /// When the route timeout expires, once the request has ended (the deadline `poll_expired`
+    /// works to).
+    pub fn route_deadline(&self, source: &RequestSource) -> Option<Instant> {
+        let t = self.route_timeout?;
+        Some(self.ended.or_else(|| source.end().when())? + t)
     }
 
     /// The response headers are out: the request timeout no longer applies.
