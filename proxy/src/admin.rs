@@ -401,10 +401,10 @@ fn config_dump(source: &dyn AdminSource, query: &str) -> Value {
     let dump = &config.dump;
     let dynamic = &config.dynamic_dump;
     let updated = timestamp(source.start_time());
-    let entries = |list: &[(String, Value)], key: &str, type_name: &str| -> Vec<Value> {
+    let entries = |list: &[(String, model::Doc)], key: &str, type_name: &str| -> Vec<Value> {
         list.iter()
             .map(|(_, v)| {
-                json!({ key: with_type(v, &format!("{T}{type_name}")), "last_updated": updated })
+                json!({ key: with_type(&v.render(), &format!("{T}{type_name}")), "last_updated": updated })
             })
             .collect()
     };
@@ -436,7 +436,7 @@ fn config_dump(source: &dyn AdminSource, query: &str) -> Value {
     let mut configs = vec![
         json!({
             "@type": format!("{T}envoy.admin.v3.BootstrapConfigDump"),
-            "bootstrap": dump.bootstrap,
+            "bootstrap": dump.bootstrap.as_ref().map(|d| d.render()),
             "last_updated": updated,
         }),
         json!({
@@ -877,10 +877,10 @@ mod tests {
                 ..Default::default()
             },
             dump: model::ConfigDump {
-                bootstrap: json!({"node": {"id": "n1"}}),
-                static_clusters: vec![("backend".into(), json!({"name": "backend"}))],
-                static_listeners: vec![("ingress".into(), json!({"name": "ingress"}))],
-                static_route_configs: vec![("ingress".into(), json!({"name": "local"}))],
+                bootstrap: Some(Arc::new(json!({"node": {"id": "n1"}}))),
+                static_clusters: vec![("backend".into(), Arc::new(json!({"name": "backend"})))],
+                static_listeners: vec![("ingress".into(), Arc::new(json!({"name": "ingress"})))],
+                static_route_configs: vec![("ingress".into(), Arc::new(json!({"name": "local"})))],
             },
             ..Default::default()
         };

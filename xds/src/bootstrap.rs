@@ -46,7 +46,8 @@ pub fn load_full(
     source: &Source,
     overrides: &Overrides,
 ) -> Result<crate::dynamic::Loaded, ConfigErrors> {
-    // One pool for the decode and the config dump; freed when loading ends.
+    // A pool built for the decode (only if a document needs prost-reflect) is freed when loading
+    // ends.
     let _descriptors = decode::Descriptors::hold();
     let mut bytes = match source {
         Source::Path(p) => {
@@ -117,10 +118,30 @@ fn apply_overrides(b: &mut bs::Bootstrap, o: &Overrides) {
     }
 }
 
-/// Canonical JSON of the bootstrap and of each static resource, for `/config_dump`.
+/// A source message kept encoded for `/config_dump`.
+#[derive(Debug)]
+struct Encoded {
+    type_name: &'static str,
+    bytes: Vec<u8>,
+}
+
+impl model::Render for Encoded {
+    fn render(&self) -> serde_json::Value {
+        decode::bytes_to_json(&self.bytes, self.type_name)
+    }
+}
+
+fn doc<M: Message>(msg: &M, type_name: &'static str) -> model::Doc {
+    std::sync::Arc::new(Encoded {
+        type_name,
+        bytes: msg.encode_to_vec(),
+    })
+}
+
+/// The bootstrap and each static resource, for `/config_dump`.
 fn config_dump(b: &bs::Bootstrap) -> model::ConfigDump {
     let mut dump = model::ConfigDump {
-        bootstrap: decode::to_json(b, decode::BOOTSTRAP),
+        bootstrap: Some(doc(b, decode::BOOTSTRAP)),
         ..Default::default()
     };
     let Some(sr) = &b.static_resources else {
@@ -134,7 +155,7 @@ fn config_dump(b: &bs::Bootstrap) -> model::ConfigDump {
             l.name.clone()
         };
         dump.static_listeners
-            .push((name.clone(), decode::to_json(l, decode::LISTENER)));
+            .push((name.clone(), doc(l, decode::LISTENER)));
         let inline_routes = l
             .filter_chains
             .iter()
@@ -154,15 +175,13 @@ fn config_dump(b: &bs::Bootstrap) -> model::ConfigDump {
                 _ => None,
             });
         for rc in inline_routes {
-            dump.static_route_configs.push((
-                name.clone(),
-                decode::to_json(&rc, decode::ROUTE_CONFIGURATION),
-            ));
+            dump.static_route_configs
+                .push((name.clone(), doc(&rc, decode::ROUTE_CONFIGURATION)));
         }
     }
     for c in &sr.clusters {
         dump.static_clusters
-            .push((c.name.clone(), decode::to_json(c, decode::CLUSTER)));
+            .push((c.name.clone(), doc(c, decode::CLUSTER)));
     }
     dump
 }

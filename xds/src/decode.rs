@@ -14,6 +14,8 @@ use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage};
 
 use crate::error::ConfigError;
 
+mod json;
+
 /// The `FileDescriptorSet` shipped by `envoy-types` 0.7.7 (see `xds/proto/README.md`).
 static FULL_DESCRIPTORS: &[u8] = include_bytes!("../proto/envoy-types-0.7.7.bin");
 /// The part of it Strait can decode (built by `build.rs`): a few MiB of pool instead of ~45.
@@ -24,34 +26,60 @@ pub(crate) const LISTENER: &str = "envoy.config.listener.v3.Listener";
 pub(crate) const CLUSTER: &str = "envoy.config.cluster.v3.Cluster";
 pub(crate) const ROUTE_CONFIGURATION: &str = "envoy.config.route.v3.RouteConfiguration";
 
-/// The pruned descriptor pool while anyone holds it. It is rebuilt on demand (about a millisecond
-/// for the pruned set) rather than kept for the process's life: a sidecar decodes JSON/YAML only
-/// at start-up, on a file-subscription change or for `/config_dump`, and its memory is better
-/// spent on connections. Callers that decode many messages in a row hold a [`Descriptors`]
-/// lease so the pool is built once for the batch.
+/// The pruned descriptor pool while anyone uses it or a [`Descriptors`] lease is out. It is built
+/// on demand (about a millisecond, ~4 MiB at its peak) rather than kept for the process's life:
+/// decoding goes through the static tables of [`json`] and needs no pool unless a document has
+/// something they leave to prost-reflect, so a sidecar builds it for `/config_dump` and for
+/// errors, and its memory is better spent on connections.
 pub(crate) fn pool() -> Result<Arc<DescriptorPool>, ConfigError> {
-    static POOL: Mutex<Weak<DescriptorPool>> = Mutex::new(Weak::new());
-    let mut cached = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = cached.upgrade() {
+    let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = shared.pool.upgrade() {
         return Ok(p);
     }
     let p = Arc::new(
         DescriptorPool::decode(DESCRIPTORS).map_err(|e| descriptor_error(&e.to_string()))?,
     );
-    *cached = Arc::downgrade(&p);
+    shared.pool = Arc::downgrade(&p);
+    if shared.leases > 0 {
+        shared.held = Some(p.clone());
+    }
     Ok(p)
 }
 
-/// Keeps the descriptor pool alive for a batch of decodes (a bootstrap and its config dump, a
-/// file subscription's resources, one `/config_dump`); dropping the last lease frees it.
-#[derive(Debug)]
-pub struct Descriptors {
-    _pool: Option<Arc<DescriptorPool>>,
+struct Shared {
+    pool: Weak<DescriptorPool>,
+    /// Keeps the pool alive while leases are out.
+    held: Option<Arc<DescriptorPool>>,
+    leases: usize,
 }
+
+static SHARED: Mutex<Shared> = Mutex::new(Shared {
+    pool: Weak::new(),
+    held: None,
+    leases: 0,
+});
+
+/// A batch of decodes or renders (a bootstrap, a file subscription's resources, one
+/// `/config_dump`): a pool built during the batch is kept until the last lease drops, so it is
+/// built at most once per batch, and not at all if nothing in the batch needs it.
+#[derive(Debug)]
+pub struct Descriptors(());
 
 impl Descriptors {
     pub fn hold() -> Self {
-        Descriptors { _pool: pool().ok() }
+        let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+        shared.leases += 1;
+        Descriptors(())
+    }
+}
+
+impl Drop for Descriptors {
+    fn drop(&mut self) {
+        let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+        shared.leases -= 1;
+        if shared.leases == 0 {
+            shared.held = None;
+        }
     }
 }
 
@@ -100,6 +128,22 @@ pub(crate) fn parse_document(text: &str, syntax: Syntax) -> Result<serde_json::V
 /// Decodes a proto3-JSON value as message `full_name`, returning its binary encoding.
 /// Unknown fields, unknown enum names and unknown `@type`s are errors at their field path.
 pub(crate) fn json_to_proto(
+    value: &serde_json::Value,
+    full_name: &str,
+) -> Result<Vec<u8>, ConfigError> {
+    let fast = json::encode(value, full_name);
+    // Every document the unit tests decode doubles as a check of the tables against prost-reflect.
+    #[cfg(test)]
+    json::tests::agrees_with_reflect(value, full_name, fast.as_deref());
+    match fast {
+        Some(bytes) => Ok(bytes),
+        None => reflect_json_to_proto(value, full_name),
+    }
+}
+
+/// [`json_to_proto`] through prost-reflect: the canonical decoder, and the only one that reports
+/// errors.
+fn reflect_json_to_proto(
     value: &serde_json::Value,
     full_name: &str,
 ) -> Result<Vec<u8>, ConfigError> {
@@ -161,14 +205,18 @@ pub(crate) fn decode_json<M: Message + Default>(
 
 /// Canonical proto3 JSON (camelCase names, `@type` on `Any`, defaults omitted) of a message.
 pub(crate) fn to_json<M: Message>(msg: &M, full_name: &str) -> serde_json::Value {
-    let bytes = msg.encode_to_vec();
-    if let Some(v) = pool().ok().and_then(|p| to_json_in(&p, &bytes, full_name)) {
+    bytes_to_json(&msg.encode_to_vec(), full_name)
+}
+
+/// [`to_json`] of an encoded message.
+pub(crate) fn bytes_to_json(bytes: &[u8], full_name: &str) -> serde_json::Value {
+    if let Some(v) = pool().ok().and_then(|p| to_json_in(&p, bytes, full_name)) {
         return v;
     }
     // An `Any` of a type outside the subset (an optional filter Strait skips, say).
     full_pool()
         .ok()
-        .and_then(|p| to_json_in(&p, &bytes, full_name))
+        .and_then(|p| to_json_in(&p, bytes, full_name))
         .unwrap_or(serde_json::Value::Null)
 }
 

@@ -33,18 +33,23 @@ pub struct Bootstrap {
     pub dynamic_dump: Arc<DynamicDump>,
 }
 
-/// Source documents kept for `/config_dump` (canonical proto3 JSON, `@type` on `Any`s).
+/// Source documents kept for `/config_dump`, rendered as canonical proto3 JSON (`@type` on
+/// `Any`s) when asked for.
 #[derive(Debug, Clone, Default)]
 pub struct ConfigDump {
     /// The whole bootstrap.
-    pub bootstrap: serde_json::Value,
+    pub bootstrap: Option<Doc>,
     /// Each static listener by name.
-    pub static_listeners: Vec<(String, serde_json::Value)>,
+    pub static_listeners: Vec<(String, Doc)>,
     /// Each static cluster by name.
-    pub static_clusters: Vec<(String, serde_json::Value)>,
+    pub static_clusters: Vec<(String, Doc)>,
     /// Each inline route configuration, by listener name.
-    pub static_route_configs: Vec<(String, serde_json::Value)>,
+    pub static_route_configs: Vec<(String, Doc)>,
 }
+
+/// A document for `/config_dump`. Sources are kept encoded and rendered on demand: rendering
+/// needs the descriptor pool, which a sidecar should not carry for a page it may never serve.
+pub type Doc = Arc<dyn Render>;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Node {
@@ -1055,6 +1060,13 @@ pub enum ConfigSourceKind {
 /// until asked for (the model does not know protobuf; `strait-xds` implements this).
 pub trait Render: std::fmt::Debug + Send + Sync {
     fn render(&self) -> serde_json::Value;
+}
+
+/// An already-rendered document.
+impl Render for serde_json::Value {
+    fn render(&self) -> serde_json::Value {
+        self.clone()
+    }
 }
 
 /// Where a dynamic resource came from (Strait-specific `strait_source` in `/config_dump`).

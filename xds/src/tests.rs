@@ -287,14 +287,16 @@ fn service_overrides_set_the_node() {
     assert_eq!(b.node.id, "n1");
     assert_eq!(b.node.cluster, "cl");
     assert_eq!(b.node.locality.zone, "z1");
-    assert_eq!(b.dump.bootstrap["node"]["locality"]["zone"], "z1");
+    let dump = b.dump.bootstrap.as_ref().unwrap().render();
+    assert_eq!(dump["node"]["locality"]["zone"], "z1");
 }
 
 #[test]
 fn config_dump_is_canonical_json() {
     let b = ok(&base());
     let d = &b.dump;
-    let l = &d.bootstrap["staticResources"]["listeners"][0];
+    let bootstrap = d.bootstrap.as_ref().unwrap().render();
+    let l = &bootstrap["staticResources"]["listeners"][0];
     assert_eq!(l["name"], "l0");
     assert_eq!(
         l["filterChains"][0]["filters"][0]["typedConfig"]["@type"],
@@ -302,12 +304,15 @@ fn config_dump_is_canonical_json() {
     );
     assert_eq!(d.static_listeners[0].0, "l0");
     assert_eq!(
-        d.static_listeners[0].1["address"]["socketAddress"]["portValue"],
+        d.static_listeners[0].1.render()["address"]["socketAddress"]["portValue"],
         10000
     );
     assert_eq!(d.static_clusters[0].0, "c0");
     assert_eq!(d.static_route_configs[0].0, "l0");
-    assert_eq!(d.static_route_configs[0].1["virtualHosts"][0]["name"], "vh");
+    assert_eq!(
+        d.static_route_configs[0].1.render()["virtualHosts"][0]["name"],
+        "vh"
+    );
 }
 
 // === Defaults ===
