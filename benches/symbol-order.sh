@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Writes benches/symbol-order.txt: the functions a release build of Strait runs, from start-up
-# through HTTP/1.1, h2c, gRPC (HTTP/2 upstream), uploads, new connections and admin requests,
-# hottest first. build.rs hands the list to the linker (lld's --symbol-ordering-file), which
+# through HTTP/1.1, h2c, gRPC (HTTP/2 upstream), uploads, new connections and admin requests, in
+# three groups: the request path (hottest first), then what only start-up runs, then what only
+# admin pages and shutdown run. Start-up code is touched once and stays resident, so it should
+# not be spread between request-path functions; admin-only code (the descriptor pool behind
+# /config_dump) should not be resident at all unless a page is served. build.rs hands the list to the linker (lld's --symbol-ordering-file), which
 # places those functions together at the start of .text: the kernel maps a binary's pages 64 KiB
 # around each page a process touches, so code run scattered over the whole 9 MB .text maps most
 # of it, and grouped it maps a fraction (BENCHMARKS.md, "Memory: symbol ordering").
@@ -14,7 +17,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 bin="${STRAIT_BIN:-${CARGO_TARGET_DIR:-$here/../target}/release/strait}"
-for tool in valgrind nginx curl h2load python3; do
+for tool in valgrind callgrind_control nginx curl h2load python3; do
     command -v "$tool" >/dev/null || { echo "missing $tool" >&2; exit 2; }
 done
 [[ -x "$bin" ]] || { echo "no release build at $bin: cargo build --release" >&2; exit 2; }
@@ -46,6 +49,8 @@ for _ in $(seq 600); do
     curl -fs -o /dev/null http://127.0.0.1:28100/ && break
     sleep 0.1
 done
+# Part 1: start-up (and the readiness probe's one request, which the load runs again).
+callgrind_control --dump=startup "$pid" >/dev/null 2>&1
 url=http://127.0.0.1:28100/
 # Every request must succeed: a profile of error paths would order the wrong functions.
 load() {
@@ -64,6 +69,8 @@ for _ in 1 2 3; do
     curl -fs -o /dev/null --data-binary @"$work/1m.bin" "$url"
     curl -fs -o /dev/null -H 'Connection: close' "$url"
 done
+# Part 2: the request path.
+callgrind_control --dump=requests "$pid" >/dev/null 2>&1
 for p in ready stats stats/prometheus clusters config_dump server_info; do
     curl -fs -o /dev/null "http://127.0.0.1:28101/$p"
 done
@@ -71,44 +78,66 @@ kill -TERM "$pid"
 wait "$pid" || true
 pid=
 
-python3 - "$work/cg.out" "$here/symbol-order.txt" "$(basename "$bin")" <<'PY'
-import re, sys
-src, dst, binname = sys.argv[1:4]
-names, objs, fn_obj, cost = {}, {}, {}, {}
-cur = cur_ob = None
-skip = False
-for line in open(src, errors="replace"):
-    m = re.match(r"(c?fn|c?ob)=\((\d+)\)(?: (.*))?", line)
-    if m:
-        kind, fid, name = m.groups()
-        table = objs if kind.endswith("ob") else names
-        if name:
-            table[fid] = name.strip()
-        if kind == "ob":
-            cur_ob = fid
-        elif kind == "fn":
-            cur = fid
-            fn_obj[fid] = cur_ob
-        continue
-    if line.startswith("calls="):
-        skip = True  # the next cost line is the call's inclusive cost
-        continue
-    if line[:1].isdigit() or line[:1] in "+-*":
-        if skip:
-            skip = False
-        elif cur is not None:
-            parts = line.split()
-            if len(parts) > 1:
-                cost[cur] = cost.get(cur, 0) + int(parts[1])
-# Callgrind names recursion levels `name'2`, `name'3`: one symbol.
-by_name = {}
-for f, c in cost.items():
-    if objs.get(fn_obj.get(f), "").endswith("/" + binname):
-        name = re.sub(r"'\d+$", "", names[f])
-        by_name[name] = by_name.get(name, 0) + c
-ours = sorted(by_name, key=lambda n: -by_name[n])
+python3 - "$work" "$here/symbol-order.txt" "$(basename "$bin")" <<'PY'
+import glob, re, sys
+work, dst, binname = sys.argv[1:4]
+
+
+def part_number(path):
+    tail = path.rsplit(".", 1)[1]
+    return int(tail) if tail.isdigit() else 1 << 30  # an unnumbered file is the final part
+
+
+def profile(src):
+    """Self cost (Ir) per function of the binary in one callgrind part."""
+    names, objs, fn_obj, cost = {}, {}, {}, {}
+    cur = cur_ob = None
+    skip = False
+    for line in open(src, errors="replace"):
+        m = re.match(r"(c?fn|c?ob)=\((\d+)\)(?: (.*))?", line)
+        if m:
+            kind, fid, name = m.groups()
+            table = objs if kind.endswith("ob") else names
+            if name:
+                table[fid] = name.strip()
+            if kind == "ob":
+                cur_ob = fid
+            elif kind == "fn":
+                cur = fid
+                fn_obj[fid] = cur_ob
+            continue
+        if line.startswith("calls="):
+            skip = True  # the next cost line is the call's inclusive cost
+            continue
+        if line[:1].isdigit() or line[:1] in "+-*":
+            if skip:
+                skip = False
+            elif cur is not None:
+                fields = line.split()
+                if len(fields) > 1:
+                    cost[cur] = cost.get(cur, 0) + int(fields[1])
+    # Callgrind names recursion levels `name'2`, `name'3`: one symbol.
+    by_name = {}
+    for f, c in cost.items():
+        if c > 0 and objs.get(fn_obj.get(f), "").endswith("/" + binname):
+            name = re.sub(r"'\d+$", "", names[f])
+            by_name[name] = by_name.get(name, 0) + c
+    return by_name
+
+
+# Parts in dump order: start-up, requests, then admin pages and shutdown (the final dump).
+parts = sorted(glob.glob(f"{work}/cg.out*"), key=part_number)
+if len(parts) != 3:
+    sys.exit(f"expected 3 callgrind parts (start-up, requests, the rest), found {parts}")
+startup, requests, rest = (profile(p) for p in parts)
+only_startup = set(startup) - set(requests)
+only_rest = set(rest) - set(requests) - set(startup)
+ours = sorted(requests, key=lambda n: -requests[n])
+ours += sorted(only_startup, key=lambda n: -startup[n])
+ours += sorted(only_rest, key=lambda n: -rest[n])
 with open(dst, "w") as out:
     for n in ours:
         out.write(n + "\n")
-print(f"{len(ours)} functions written to {dst}")
+print(f"{len(ours)} functions written to {dst}: {len(requests)} on the request path, "
+      f"{len(only_startup)} start-up only, {len(only_rest)} admin pages / shutdown only")
 PY
