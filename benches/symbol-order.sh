@@ -13,6 +13,8 @@
 # with them): a stale list only groups less well, names that no longer exist are ignored. Names
 # are v0-mangled (.cargo/config.toml), so editing a function's body does not rename it.
 #   cargo build --release && benches/symbol-order.sh && cargo build --release
+# Profile a plain `cargo build --release` binary: building examples or benches with it turns on
+# dev-dependency features (tokio's among them), which changes the crates' hashes in every name.
 # Needs valgrind, nginx, curl and h2load.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
