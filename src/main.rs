@@ -10,7 +10,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
 use strait_proxy::admin::AdminSource;
 use strait_proxy::grpc_clusters::ProxyClusters;
 use strait_proxy::server::{Options, Server, Workers};
@@ -20,88 +19,12 @@ use strait_xds::dynamic::{Dynamic, Loaded};
 use strait_xds::filter_env;
 use tracing_subscriber::filter::LevelFilter;
 
+mod cli;
+use cli::{Cli, LogLevel, Mode, WorkerModel};
+
 /// mimalloc instead of the system allocator: see BENCHMARKS.md, "Allocator".
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Envoy's flag names, so existing command lines keep working.
-#[derive(Debug, Parser)]
-#[command(
-    name = "strait",
-    version,
-    about = "A service-mesh proxy configured like Envoy"
-)]
-struct Cli {
-    /// Bootstrap file (YAML, or JSON by extension).
-    #[arg(short = 'c', long = "config-path")]
-    config_path: Option<PathBuf>,
-    /// Bootstrap YAML, merged over the file if both are given.
-    #[arg(long = "config-yaml")]
-    config_yaml: Option<String>,
-    #[arg(long, value_enum, default_value_t = Mode::Serve)]
-    mode: Mode,
-    /// Overrides `node.id`.
-    #[arg(long = "service-node")]
-    service_node: Option<String>,
-    /// Overrides `node.cluster`.
-    #[arg(long = "service-cluster")]
-    service_cluster: Option<String>,
-    /// Overrides `node.locality.zone`.
-    #[arg(long = "service-zone")]
-    service_zone: Option<String>,
-    #[arg(short = 'l', long = "log-level", value_enum, default_value_t = LogLevel::Info)]
-    log_level: LogLevel,
-    /// Worker threads; default: the number of hardware threads.
-    #[arg(long)]
-    concurrency: Option<usize>,
-    /// Strait-only: how the --concurrency workers share connections. per-core (Envoy's model,
-    /// the default): one single-threaded runtime per worker, each with its own SO_REUSEPORT
-    /// listening sockets and upstream pools, serving the connections it accepts (admin, xDS and
-    /// health checks run on the main thread). work-stealing: one multi-threaded runtime (idle
-    /// workers steal tasks) sharing one pool per host.
-    #[arg(long = "worker-model", value_enum, default_value_t = WorkerModel::PerCore)]
-    worker_model: WorkerModel,
-    /// How long a drain lets in-flight requests finish, in seconds.
-    #[arg(long = "drain-time-s", default_value_t = 600)]
-    drain_time_s: u64,
-    /// Hot-restart base id: accepted for compatibility; Strait has no hot restart yet.
-    #[arg(long = "base-id")]
-    base_id: Option<u64>,
-    /// Accepted for compatibility: there is no hot restart to disable.
-    #[arg(long = "disable-hot-restart")]
-    disable_hot_restart: bool,
-    /// Writes the admin server's bound `ip:port` here once it listens.
-    #[arg(long = "admin-address-path")]
-    admin_address_path: Option<PathBuf>,
-    /// Strait-only: keeps every accepted xDS resource set here (the last-known-good store) and
-    /// serves from it when no control plane answers at start. Off unless given.
-    #[arg(long = "xds-state-dir")]
-    xds_state_dir: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Mode {
-    Serve,
-    Validate,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum WorkerModel {
-    WorkStealing,
-    PerCore,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum LogLevel {
-    Trace,
-    Debug,
-    Info,
-    #[value(alias = "warn")]
-    Warning,
-    Error,
-    Critical,
-    Off,
-}
 
 impl LogLevel {
     /// A plain level filter: Envoy's `-l` is one level for every logger. (tracing's
@@ -133,7 +56,20 @@ impl LogLevel {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match cli::parse(std::env::args_os().skip(1)) {
+        Ok(cli::Parsed::Run(cli)) => cli,
+        Ok(cli::Parsed::Print(text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!(
+                "error: {e}\n\n{}\n\nFor more information, try '--help'.",
+                cli::USAGE
+            );
+            return ExitCode::from(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
