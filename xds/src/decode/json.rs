@@ -128,8 +128,8 @@ fn message(m: usize, v: &Value, out: &mut Vec<u8>) -> Option<()> {
         // A wrapper's `value` (field 1) has no presence.
         let wrapper = |kind, out: &mut Vec<u8>| {
             let start = out.len();
-            scalar(kind, 1, v, out)?;
-            drop_default(out, start, start + 1);
+            let value = scalar(kind, 1, v, out)?;
+            drop_default(out, start, value);
             Some(())
         };
         return match wkt {
@@ -206,32 +206,25 @@ fn field(f: &Field, v: &Value, out: &mut Vec<u8>) -> Option<()> {
 }
 
 fn single(f: &Field, v: &Value, out: &mut Vec<u8>) -> Option<()> {
-    match f.kind {
+    let start = out.len();
+    let value = match f.kind {
         Kind::Message => {
             let mut body = Vec::new();
             message(f.target as usize, v, &mut body)?;
-            length_delimited(f.number, &body, out)
+            return length_delimited(f.number, &body, out);
         }
         Kind::Enum => {
-            let start = out.len();
             key(f.number, 0, out);
             let value = out.len();
             scalar_value(f, v, out)?;
-            if f.implicit {
-                drop_default(out, start, value);
-            }
-            Some(())
+            value
         }
-        kind => {
-            let start = out.len();
-            scalar(kind, f.number, v, out)?;
-            if f.implicit {
-                let value = start + key_len(f.number);
-                drop_default(out, start, value);
-            }
-            Some(())
-        }
+        kind => scalar(kind, f.number, v, out)?,
+    };
+    if f.implicit {
+        drop_default(out, start, value);
     }
+    Some(())
 }
 
 /// Leaves out a field whose value (from `value` on) encodes a default: zero, false, an empty
@@ -240,12 +233,6 @@ fn drop_default(out: &mut Vec<u8>, start: usize, value: usize) {
     if out[value..].iter().all(|&b| b == 0) {
         out.truncate(start);
     }
-}
-
-fn key_len(number: u32) -> usize {
-    let mut key = Vec::new();
-    self::key(number, 0, &mut key);
-    key.len()
 }
 
 /// A map field: one entry message (key = 1, value = 2) per JSON member.
@@ -265,13 +252,18 @@ fn map(f: &Field, obj: &Map<String, Value>, out: &mut Vec<u8>) -> Option<()> {
     Some(())
 }
 
-/// A scalar field with its tag.
-fn scalar(kind: Kind, number: u32, v: &Value, out: &mut Vec<u8>) -> Option<()> {
+/// A scalar field with its tag; returns where its value starts.
+fn scalar(kind: Kind, number: u32, v: &Value, out: &mut Vec<u8>) -> Option<usize> {
     let wire = match kind {
         Kind::Double | Kind::Fixed64 | Kind::Sfixed64 => 1,
         Kind::Fixed32 | Kind::Sfixed32 => 5,
         Kind::String => {
-            return length_delimited(number, v.as_str()?.as_bytes(), out);
+            let text = v.as_str()?;
+            key(number, 2, out);
+            let value = out.len();
+            varint(text.len() as u64, out);
+            out.extend_from_slice(text.as_bytes());
+            return Some(value);
         }
         Kind::Int64
         | Kind::Uint64
@@ -283,7 +275,9 @@ fn scalar(kind: Kind, number: u32, v: &Value, out: &mut Vec<u8>) -> Option<()> {
         Kind::Float | Kind::Group | Kind::Bytes | Kind::Message | Kind::Enum => return None,
     };
     key(number, wire, out);
-    encode_scalar(kind, v, out)
+    let value = out.len();
+    encode_scalar(kind, v, out)?;
+    Some(value)
 }
 
 /// A packable value without its tag (enums and numeric scalars).
