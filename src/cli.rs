@@ -119,21 +119,74 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, String>
     let mut cli = Cli::default();
     let mut seen: Vec<&'static str> = Vec::new();
     while let Some(arg) = p.next().map_err(|e| e.to_string())? {
-        let flag: &'static str = match arg {
-            Short('c') | Long("config-path") => "--config-path <PATH>",
-            Long("config-yaml") => "--config-yaml <YAML>",
-            Long("mode") => "--mode <MODE>",
-            Long("service-node") => "--service-node <ID>",
-            Long("service-cluster") => "--service-cluster <NAME>",
-            Long("service-zone") => "--service-zone <ZONE>",
-            Short('l') | Long("log-level") => "--log-level <LEVEL>",
-            Long("concurrency") => "--concurrency <N>",
-            Long("worker-model") => "--worker-model <MODEL>",
-            Long("drain-time-s") => "--drain-time-s <SECONDS>",
-            Long("base-id") => "--base-id <ID>",
-            Long("disable-hot-restart") => "--disable-hot-restart",
-            Long("admin-address-path") => "--admin-address-path <PATH>",
-            Long("xds-state-dir") => "--xds-state-dir <DIR>",
+        match arg {
+            Short('c') | Long("config-path") => {
+                cli.config_path = Some(take(&mut p, &mut seen, "--config-path <PATH>")?.raw.into())
+            }
+            Long("config-yaml") => {
+                cli.config_yaml = Some(take(&mut p, &mut seen, "--config-yaml <YAML>")?.utf8()?)
+            }
+            Long("mode") => {
+                cli.mode = take(&mut p, &mut seen, "--mode <MODE>")?
+                    .choice(&[("serve", Mode::Serve), ("validate", Mode::Validate)], &[])?
+            }
+            Long("service-node") => {
+                cli.service_node = Some(take(&mut p, &mut seen, "--service-node <ID>")?.utf8()?)
+            }
+            Long("service-cluster") => {
+                cli.service_cluster =
+                    Some(take(&mut p, &mut seen, "--service-cluster <NAME>")?.utf8()?)
+            }
+            Long("service-zone") => {
+                cli.service_zone = Some(take(&mut p, &mut seen, "--service-zone <ZONE>")?.utf8()?)
+            }
+            Short('l') | Long("log-level") => {
+                cli.log_level = take(&mut p, &mut seen, "--log-level <LEVEL>")?.choice(
+                    &[
+                        ("trace", LogLevel::Trace),
+                        ("debug", LogLevel::Debug),
+                        ("info", LogLevel::Info),
+                        ("warning", LogLevel::Warning),
+                        ("error", LogLevel::Error),
+                        ("critical", LogLevel::Critical),
+                        ("off", LogLevel::Off),
+                    ],
+                    &[("warn", LogLevel::Warning)],
+                )?
+            }
+            Long("concurrency") => {
+                cli.concurrency = Some(take(&mut p, &mut seen, "--concurrency <N>")?.number()?)
+            }
+            Long("worker-model") => {
+                cli.worker_model = take(&mut p, &mut seen, "--worker-model <MODEL>")?.choice(
+                    &[
+                        ("work-stealing", WorkerModel::WorkStealing),
+                        ("per-core", WorkerModel::PerCore),
+                    ],
+                    &[],
+                )?
+            }
+            Long("drain-time-s") => {
+                cli.drain_time_s = take(&mut p, &mut seen, "--drain-time-s <SECONDS>")?.number()?
+            }
+            Long("base-id") => {
+                cli.base_id = Some(take(&mut p, &mut seen, "--base-id <ID>")?.number()?)
+            }
+            Long("admin-address-path") => {
+                cli.admin_address_path = Some(
+                    take(&mut p, &mut seen, "--admin-address-path <PATH>")?
+                        .raw
+                        .into(),
+                )
+            }
+            Long("xds-state-dir") => {
+                cli.xds_state_dir =
+                    Some(take(&mut p, &mut seen, "--xds-state-dir <DIR>")?.raw.into())
+            }
+            Long("disable-hot-restart") => {
+                once(&mut seen, "--disable-hot-restart")?;
+                cli.disable_hot_restart = true;
+            }
             Short('h') | Long("help") => return Ok(Parsed::Print(HELP.to_string())),
             Short('V') | Long("version") => {
                 return Ok(Parsed::Print(format!(
@@ -141,77 +194,88 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, String>
                     env!("CARGO_PKG_VERSION")
                 )))
             }
-            Value(v) => {
+            lexopt::Arg::Value(v) => {
                 return Err(format!(
                     "unexpected argument '{}' found",
                     v.to_string_lossy()
                 ))
             }
             other => return Err(other.unexpected().to_string()),
-        };
-        if seen.contains(&flag) {
-            return Err(format!(
-                "the argument '{flag}' cannot be used multiple times"
-            ));
-        }
-        seen.push(flag);
-        if flag == "--disable-hot-restart" {
-            cli.disable_hot_restart = true;
-            continue;
-        }
-        let value = p
-            .value()
-            .map_err(|_| format!("a value is required for '{flag}' but none was supplied"))?;
-        let text = value.to_string_lossy().into_owned();
-        let invalid = || format!("invalid value '{text}' for '{flag}'");
-        match flag {
-            "--config-path <PATH>" => cli.config_path = Some(PathBuf::from(value)),
-            "--admin-address-path <PATH>" => cli.admin_address_path = Some(PathBuf::from(value)),
-            "--xds-state-dir <DIR>" => cli.xds_state_dir = Some(PathBuf::from(value)),
-            "--config-yaml <YAML>" => cli.config_yaml = Some(utf8(value, flag)?),
-            "--service-node <ID>" => cli.service_node = Some(utf8(value, flag)?),
-            "--service-cluster <NAME>" => cli.service_cluster = Some(utf8(value, flag)?),
-            "--service-zone <ZONE>" => cli.service_zone = Some(utf8(value, flag)?),
-            "--mode <MODE>" => {
-                cli.mode = match text.as_str() {
-                    "serve" => Mode::Serve,
-                    "validate" => Mode::Validate,
-                    _ => return Err(invalid() + " [possible values: serve, validate]"),
-                }
-            }
-            "--log-level <LEVEL>" => {
-                cli.log_level = match text.as_str() {
-                    "trace" => LogLevel::Trace,
-                    "debug" => LogLevel::Debug,
-                    "info" => LogLevel::Info,
-                    "warning" | "warn" => LogLevel::Warning,
-                    "error" => LogLevel::Error,
-                    "critical" => LogLevel::Critical,
-                    "off" => LogLevel::Off,
-                    _ => return Err(invalid()
-                        + " [possible values: trace, debug, info, warning, error, critical, off]"),
-                }
-            }
-            "--worker-model <MODEL>" => {
-                cli.worker_model = match text.as_str() {
-                    "per-core" => WorkerModel::PerCore,
-                    "work-stealing" => WorkerModel::WorkStealing,
-                    _ => return Err(invalid() + " [possible values: work-stealing, per-core]"),
-                }
-            }
-            "--concurrency <N>" => cli.concurrency = Some(text.parse().map_err(|_| invalid())?),
-            "--drain-time-s <SECONDS>" => cli.drain_time_s = text.parse().map_err(|_| invalid())?,
-            "--base-id <ID>" => cli.base_id = Some(text.parse().map_err(|_| invalid())?),
-            _ => unreachable!("every flag above takes a value"),
         }
     }
     Ok(Parsed::Run(cli))
 }
 
-fn utf8(value: OsString, flag: &str) -> Result<String, String> {
-    value
-        .into_string()
-        .map_err(|v| format!("invalid UTF-8 in '{}' for '{flag}'", v.to_string_lossy()))
+/// A repeated flag is an error, as with clap.
+fn once(seen: &mut Vec<&'static str>, flag: &'static str) -> Result<(), String> {
+    if seen.contains(&flag) {
+        return Err(format!(
+            "the argument '{flag}' cannot be used multiple times"
+        ));
+    }
+    seen.push(flag);
+    Ok(())
+}
+
+/// The value of `flag`, given once.
+fn take(
+    p: &mut lexopt::Parser,
+    seen: &mut Vec<&'static str>,
+    flag: &'static str,
+) -> Result<Value, String> {
+    once(seen, flag)?;
+    let raw = p
+        .value()
+        .map_err(|_| format!("a value is required for '{flag}' but none was supplied"))?;
+    Ok(Value { flag, raw })
+}
+
+/// A flag's value, with the flag for its error messages.
+struct Value {
+    flag: &'static str,
+    raw: OsString,
+}
+
+impl Value {
+    fn invalid(&self) -> String {
+        format!(
+            "invalid value '{}' for '{}'",
+            self.raw.to_string_lossy(),
+            self.flag
+        )
+    }
+
+    fn utf8(self) -> Result<String, String> {
+        let flag = self.flag;
+        self.raw
+            .into_string()
+            .map_err(|v| format!("invalid UTF-8 in '{}' for '{flag}'", v.to_string_lossy()))
+    }
+
+    fn number<T: std::str::FromStr>(self) -> Result<T, String> {
+        self.raw
+            .to_str()
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| self.invalid())
+    }
+
+    /// One of `choices` or `aliases` by name; the error lists the choices.
+    fn choice<T: Copy>(self, choices: &[(&str, T)], aliases: &[(&str, T)]) -> Result<T, String> {
+        let text = self.raw.to_string_lossy();
+        if let Some((_, v)) = choices
+            .iter()
+            .chain(aliases)
+            .find(|(name, _)| *name == text)
+        {
+            return Ok(*v);
+        }
+        let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
+        Err(format!(
+            "{} [possible values: {}]",
+            self.invalid(),
+            names.join(", ")
+        ))
+    }
 }
 
 #[cfg(test)]
