@@ -50,11 +50,11 @@ def control(*args):
                    check=True, timeout=120)
 
 
-def instructions(peer, work, n, keep_dir):
+def instructions(peer, work, n, keep_dir, lines=False):
     """Ir per request for h1 and h2c, from one callgrind run of the proxy."""
     cg_out = os.path.join(work, f"callgrind.{peer.name}.%p")
     vg = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={cg_out}",
-          "--dump-line=no"]
+          "--dump-line=" + ("yes" if lines else "no")]
     peer.argv = vg + peer.argv
     peer.ready_timeout = 300.0
     peer.start(work)
@@ -108,6 +108,8 @@ def main():
     ap.add_argument("-n", type=int, default=1000, help="sequential requests counted per protocol")
     ap.add_argument("--no-instructions", action="store_true")
     ap.add_argument("--keep", help="copy callgrind dumps here")
+    ap.add_argument("--lines", action="store_true",
+                    help="with --keep: record source lines in the dumps (callgrind_annotate --auto=yes)")
     ap.add_argument("--json", help="write the counts here")
     ap.add_argument("--strait-bin", default=os.environ.get("STRAIT_BIN", os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "target")), "release", "strait")))
     ap.add_argument("--strait-config", default=os.environ.get("STRAIT_CONFIG"),
@@ -140,7 +142,7 @@ def main():
                 counts[name].update({f"syscalls_{k}": v for k, v in sc.items()})
                 if not args.no_instructions:
                     peer = bench.make_peers(argparse.Namespace(**{**vars(args), "peers": [name]}), work)[0]
-                    ins = instructions(peer, work, args.n, args.keep)
+                    ins = instructions(peer, work, args.n, args.keep, args.lines)
                     counts[name].update({f"instructions_{k}": v for k, v in ins.items()})
             except (RuntimeError, subprocess.SubprocessError, OSError) as e:
                 bench.log(f"{name}: {e}\n{bench.tail(os.path.join(work, name + '.log'))}")

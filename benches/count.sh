@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Instructions (callgrind) and syscalls (perf raw_syscalls:sys_enter) per request, one request in
 # flight, HTTP/1.1 and h2c. Default targets: strait,envoy,haproxy,nginx; pass --peers to choose.
-#   benches/count.sh [--peers strait] [-n 1000] [--json out.json] [--keep dir-for-callgrind-dumps]
+#   benches/count.sh [--peers strait] [-n 1000] [--json out.json] [--keep dir-for-callgrind-dumps [--lines]]
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 export STRAIT_BIN="${STRAIT_BIN:-${CARGO_TARGET_DIR:-$here/../target}/release/strait}"
