@@ -2,9 +2,10 @@
 # Writes benches/symbol-order.txt: the functions a release build of Strait runs, from start-up
 # through HTTP/1.1, h2c, gRPC (HTTP/2 upstream), uploads, new connections and admin requests, in
 # three groups: the request path (hottest first), then what only start-up runs, then what only
-# admin pages and shutdown run. Start-up code is touched once and stays resident, so it should
-# not be spread between request-path functions; admin-only code (the descriptor pool behind
-# /config_dump) should not be resident at all unless a page is served. build.rs hands the list to the linker (lld's --symbol-ordering-file), which
+# admin pages and shutdown run. Once serving, Strait unmaps the pages start-up ran
+# (src/memory.rs); a request-path function placed among start-up code would map a window of it
+# back. Admin-only code (the descriptor pool behind /config_dump) should not be resident at
+# all unless a page is served. build.rs hands the list to the linker (lld's --symbol-ordering-file), which
 # places those functions together at the start of .text: the kernel maps a binary's pages 64 KiB
 # around each page a process touches, so code run scattered over the whole 9 MB .text maps most
 # of it, and grouped it maps a fraction (BENCHMARKS.md, "Memory: symbol ordering").
@@ -48,10 +49,12 @@ valgrind --tool=callgrind --demangle=no --dump-line=no --callgrind-out-file="$wo
     > "$work/strait.log" 2>&1 &
 pid=$!
 for _ in $(seq 600); do
-    curl -fs -o /dev/null http://127.0.0.1:28100/ && break
+    curl -fs -o /dev/null http://127.0.0.1:28101/ready && break
     sleep 0.1
 done
-# Part 1: start-up (and the readiness probe's one request, which the load runs again).
+# Part 1: start-up, up to the first readiness probe. Nothing proxied yet: what the first request
+# runs once (CPU feature detection, say) belongs with the request path, which is all that stays
+# mapped once Strait has unmapped what start-up ran (src/memory.rs).
 callgrind_control --dump=startup "$pid" >/dev/null 2>&1
 url=http://127.0.0.1:28100/
 # Every request must succeed: a profile of error paths would order the wrong functions.
@@ -74,6 +77,13 @@ head -c 1048576 /dev/zero > "$work/1m.bin"
 for _ in 1 2 3; do
     curl -fs -o /dev/null --data-binary @"$work/1m.bin" "$url"
     curl -fs -o /dev/null -H 'Connection: close' "$url"
+done
+# Clients that go away with requests in flight (wrk and h2load at the end of a timed run) and
+# readiness probes, which a sidecar answers all day.
+h2load --h1 -c50 -D 2 "$url" >/dev/null 2>&1 || true
+h2load -c10 -m10 -D 2 "$url" >/dev/null 2>&1 || true
+for _ in 1 2 3; do
+    curl -fs -o /dev/null http://127.0.0.1:28101/ready
 done
 # Part 2: the request path, with the connections' teardown: under callgrind the proxy may still
 # be closing the clients' connections when they exit, so give it a moment before the dump.

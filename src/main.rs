@@ -1,7 +1,7 @@
 //! The `strait` binary: parses Envoy's command line, loads the bootstrap, runs the proxy until
 //! SIGTERM / SIGINT (or `POST /quitquitquit`), then drains and exits. Wiring only: the work is
 //! in the `strait-xds` and `strait-proxy` crates.
-// One FFI call to the allocator (`release_startup_garbage`) is the only unsafe code.
+// The only unsafe code is in `memory`: one call to the allocator, and madvise.
 #![deny(unsafe_code)]
 
 use std::io::IsTerminal;
@@ -20,6 +20,7 @@ use strait_xds::filter_env;
 use tracing_subscriber::filter::LevelFilter;
 
 mod cli;
+mod memory;
 use cli::{Cli, LogLevel, Mode, WorkerModel};
 
 /// mimalloc instead of the system allocator: see BENCHMARKS.md, "Allocator".
@@ -219,8 +220,8 @@ async fn serve(
         Err(loaded.model)
     };
     let started = match &dynamic {
-        Ok(d) => Server::start_initializing_on(d.initial(), opts, workers).await,
-        Err(config) => Server::start_initializing_on(config.clone(), opts, workers)
+        Ok(d) => Server::start_initializing_on(d.initial(), opts, workers.clone()).await,
+        Err(config) => Server::start_initializing_on(config.clone(), opts, workers.clone())
             .await
             .inspect(|s| s.shared().set_live()),
     };
@@ -250,32 +251,25 @@ async fn serve(
     for (name, addr) in server.listener_addresses() {
         tracing::info!("listening on {name} {addr}");
     }
-    release_startup_garbage();
     // POST /quitquitquit drains through the same shared state, so wait() covers it too.
     let shared = server.shared().clone();
     let signals = tokio::spawn(async move {
         termination_signal().await;
         shared.begin_shutdown();
     });
+    // Last in start-up: once the signal handlers are installed, wait() has been polled and
+    // every worker has started its accept loops, what only start-up runs need not stay mapped.
+    tokio::spawn(async move {
+        tokio::task::yield_now().await;
+        if let Some(w) = workers {
+            w.settled().await;
+        }
+        memory::release_startup_memory();
+    });
     server.wait().await;
     signals.abort();
     tracing::info!("exiting");
     ExitCode::SUCCESS
-}
-
-/// Start-up (decoding and translating the bootstrap, building the descriptor pool) frees
-/// megabytes that mimalloc keeps in this thread's heap until later allocations here reuse
-/// them, and this thread allocates little once serving: hand them back to the system now
-/// (BENCHMARKS.md, "Memory").
-#[allow(unsafe_code)]
-fn release_startup_garbage() {
-    extern "C" {
-        /// mimalloc's `mi_collect`: frees what the calling thread's heap caches, and purges
-        /// what every thread has returned to the arenas.
-        fn mi_collect(force: bool);
-    }
-    // SAFETY: mi_collect takes no pointers and may be called from any thread at any time.
-    unsafe { mi_collect(true) }
 }
 
 /// Resolves on the first SIGTERM or SIGINT.

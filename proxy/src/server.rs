@@ -172,6 +172,14 @@ impl Workers {
         self.handles.len()
     }
 
+    /// Resolves once every worker has run what was spawned on it before this call (its
+    /// runtime takes tasks from other threads in order).
+    pub async fn settled(&self) {
+        for h in &self.handles {
+            let _ = h.spawn(async {}).await;
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.handles.is_empty()
     }
