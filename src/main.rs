@@ -57,6 +57,7 @@ impl LogLevel {
 }
 
 fn main() -> ExitCode {
+    memory::note_initial_objects();
     let cli = match cli::parse(std::env::args_os().skip(1)) {
         Ok(cli::Parsed::Run(cli)) => cli,
         Ok(cli::Parsed::Print(text)) => {
@@ -251,21 +252,18 @@ async fn serve(
     for (name, addr) in server.listener_addresses() {
         tracing::info!("listening on {name} {addr}");
     }
+    memory::collect_heap();
     // POST /quitquitquit drains through the same shared state, so wait() covers it too.
     let shared = server.shared().clone();
     let signals = tokio::spawn(async move {
         termination_signal().await;
         shared.begin_shutdown();
     });
-    // Last in start-up: once the signal handlers are installed, wait() has been polled and
-    // every worker has started its accept loops, what only start-up runs need not stay mapped.
-    tokio::spawn(async move {
-        tokio::task::yield_now().await;
-        if let Some(w) = workers {
-            w.settled().await;
-        }
-        memory::release_startup_memory();
-    });
+    // Last in start-up: once the signal handlers are installed and wait() has been polled.
+    tokio::spawn(memory::release_when_serving(
+        server.shared().clone(),
+        workers,
+    ));
     server.wait().await;
     signals.abort();
     tracing::info!("exiting");

@@ -225,6 +225,8 @@ pub struct ServerShared {
     snapshot: ArcSwap<Snapshot>,
     stats: Arc<Store>,
     state: AtomicU8,
+    /// Notified when `state` leaves INITIALIZING (`wait_live`).
+    became_live: tokio::sync::Notify,
     start_time: SystemTime,
     command_line_options: serde_json::Value,
     drain_tx: watch::Sender<bool>,
@@ -271,6 +273,7 @@ impl ServerShared {
 
     fn begin_drain(&self) {
         self.state.store(STATE_DRAINING, Ordering::Release);
+        self.became_live.notify_waiters();
         self.stats.server.live.set(0);
         self.drain_tx.send_replace(true);
         for l in self.control().listeners.values() {
@@ -291,6 +294,21 @@ impl ServerShared {
             .is_ok()
         {
             self.stats.server.live.set(1);
+            self.became_live.notify_waiters();
+        }
+    }
+
+    /// Resolves once the server is LIVE (true, at once if it is already) or draining (false).
+    pub async fn wait_live(&self) -> bool {
+        loop {
+            let live = self.became_live.notified();
+            tokio::pin!(live);
+            live.as_mut().enable();
+            match self.state.load(Ordering::Acquire) {
+                STATE_LIVE => return true,
+                STATE_INIT => live.await,
+                _ => return false,
+            }
         }
     }
 
@@ -465,6 +483,7 @@ impl Server {
             }),
             stats,
             state: AtomicU8::new(STATE_INIT),
+            became_live: tokio::sync::Notify::new(),
             start_time: SystemTime::now(),
             command_line_options: opts.command_line_options,
             drain_tx,
