@@ -518,6 +518,107 @@ enum Parsed {
 }
 
 /// Parses a response head at the start of `buf` and takes it out; `None`: not all there yet.
+/// What the response-head loop does with a header.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Role {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    /// Other hop-by-hop headers: `upgrade`, `keep-alive`, `proxy-connection`.
+    Hop,
+    Plain,
+}
+
+/// Names most upstreams send, lower-case, by length.
+static COMMON_NAMES: [(&[u8], HeaderName, Role); 17] = [
+    (b"date", header::DATE, Role::Plain),
+    (b"vary", header::VARY, Role::Plain),
+    (b"etag", header::ETAG, Role::Plain),
+    (b"server", header::SERVER, Role::Plain),
+    (b"upgrade", header::UPGRADE, Role::Hop),
+    (b"location", header::LOCATION, Role::Plain),
+    (b"connection", header::CONNECTION, Role::Connection),
+    (b"set-cookie", header::SET_COOKIE, Role::Plain),
+    (
+        b"keep-alive",
+        HeaderName::from_static("keep-alive"),
+        Role::Hop,
+    ),
+    (b"content-type", header::CONTENT_TYPE, Role::Plain),
+    (b"accept-ranges", header::ACCEPT_RANGES, Role::Plain),
+    (b"cache-control", header::CACHE_CONTROL, Role::Plain),
+    (b"last-modified", header::LAST_MODIFIED, Role::Plain),
+    (
+        b"content-length",
+        header::CONTENT_LENGTH,
+        Role::ContentLength,
+    ),
+    (b"content-encoding", header::CONTENT_ENCODING, Role::Plain),
+    (
+        b"proxy-connection",
+        HeaderName::from_static("proxy-connection"),
+        Role::Hop,
+    ),
+    (
+        b"transfer-encoding",
+        header::TRANSFER_ENCODING,
+        Role::TransferEncoding,
+    ),
+];
+
+/// A response header's name and role. The names upstreams usually send are matched here, a
+/// word at a time, instead of through `HeaderName::from_bytes`, which lower-cases a copy and
+/// looks it up among every standard name (about half the cost of each header); any other name
+/// goes through it.
+fn response_header_name(raw: &[u8]) -> Result<(HeaderName, Role), Error> {
+    for (lower, name, role) in &COMMON_NAMES {
+        if lower.len() == raw.len() && token_eq_lower(raw, lower) {
+            return Ok((name.clone(), *role));
+        }
+    }
+    let name =
+        HeaderName::from_bytes(raw).map_err(|_| Error::Protocol("invalid response header name"))?;
+    let role = if name == header::CONTENT_LENGTH {
+        Role::ContentLength
+    } else if name == header::TRANSFER_ENCODING {
+        Role::TransferEncoding
+    } else if name == header::CONNECTION {
+        Role::Connection
+    } else if name == header::UPGRADE || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+    {
+        Role::Hop
+    } else {
+        Role::Plain
+    };
+    Ok((name, role))
+}
+
+/// Whether `raw`, an HTTP token (httparse checked every name), equals `lower`, a name of the
+/// same length in lower-case letters and `-`, ignoring ASCII case. Setting bit 0x20 lower-cases
+/// a letter and keeps `-`; the only other byte it turns into a letter or `-` is CR (into `-`),
+/// which no token contains.
+fn token_eq_lower(raw: &[u8], lower: &[u8]) -> bool {
+    let n = raw.len();
+    if n < 8 {
+        return raw.iter().zip(lower).all(|(&r, &l)| r | 0x20 == l);
+    }
+    let word = |s: &[u8], at: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&s[at..at + 8]);
+        u64::from_ne_bytes(w)
+    };
+    const CASE: u64 = 0x2020_2020_2020_2020;
+    let mut at = 0;
+    while at + 8 < n {
+        if word(raw, at) | CASE != word(lower, at) {
+            return false;
+        }
+        at += 8;
+    }
+    // The last word overlaps the previous one when the length is not a multiple of 8.
+    word(raw, n - 8) | CASE == word(lower, n - 8)
+}
+
 fn parse_head(
     buf: &mut BytesMut,
     head_request: bool,
@@ -574,35 +675,38 @@ fn parse_head(
     let mut te: Option<bool> = None;
     let mut cl: Option<u64> = None;
     for &[ns, ne, vs, ve] in &idx[..count] {
-        let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
-            .map_err(|_| Error::Protocol("invalid response header name"))?;
+        let (name, role) = response_header_name(&head[ns as usize..ne as usize])?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
             .map_err(|_| Error::Protocol("invalid response header value"))?;
         // Hop-by-hop headers this codec consumes are left out, so the proxy's own hop-by-hop
         // removal finds nothing to do on the usual response. A `Connection` naming other
         // headers stays for that removal to act on; a 101 keeps everything for the tunnel.
-        let hop = if name == header::CONTENT_LENGTH {
-            match content_length(std::iter::once(&value)) {
-                Some(Ok(n)) if cl.is_none_or(|c| c == n) => cl = Some(n),
-                _ => return Err(Error::Protocol("invalid content-length")),
+        let hop = match role {
+            Role::ContentLength => {
+                match content_length(std::iter::once(&value)) {
+                    Some(Ok(n)) if cl.is_none_or(|c| c == n) => cl = Some(n),
+                    _ => return Err(Error::Protocol("invalid content-length")),
+                }
+                false
             }
-            false
-        } else if name == header::TRANSFER_ENCODING {
-            te = Some(ends_in_chunked(&value));
-            true
-        } else if name == header::CONNECTION {
-            let mut only_handled = true;
-            for t in value.as_bytes().split(|&b| b == b',') {
-                let t = t.trim_ascii();
-                let c = t.eq_ignore_ascii_case(b"close");
-                let k = t.eq_ignore_ascii_case(b"keep-alive");
-                close |= c;
-                keep_alive_token |= k;
-                only_handled &= c || k || t.is_empty();
+            Role::TransferEncoding => {
+                te = Some(ends_in_chunked(&value));
+                true
             }
-            only_handled
-        } else {
-            name == header::UPGRADE || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+            Role::Connection => {
+                let mut only_handled = true;
+                for t in value.as_bytes().split(|&b| b == b',') {
+                    let t = t.trim_ascii();
+                    let c = t.eq_ignore_ascii_case(b"close");
+                    let k = t.eq_ignore_ascii_case(b"keep-alive");
+                    close |= c;
+                    keep_alive_token |= k;
+                    only_handled &= c || k || t.is_empty();
+                }
+                only_handled
+            }
+            Role::Hop => true,
+            Role::Plain => false,
         };
         if hop && !switching {
             continue;
@@ -1006,6 +1110,76 @@ impl<C: Pooled> AsyncWrite for Upgraded<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The slow path's answer, to hold the table to.
+    fn slow(raw: &[u8]) -> (HeaderName, Role) {
+        let name = match HeaderName::from_bytes(raw) {
+            Ok(n) => n,
+            Err(e) => panic!("{raw:?}: {e}"),
+        };
+        let role = match name.as_str() {
+            "content-length" => Role::ContentLength,
+            "transfer-encoding" => Role::TransferEncoding,
+            "connection" => Role::Connection,
+            "upgrade" | "keep-alive" | "proxy-connection" => Role::Hop,
+            _ => Role::Plain,
+        };
+        (name, role)
+    }
+
+    fn title_case(s: &[u8]) -> Vec<u8> {
+        let mut up = true;
+        s.iter()
+            .map(|&b| {
+                let out = if up { b.to_ascii_uppercase() } else { b };
+                up = b == b'-';
+                out
+            })
+            .collect()
+    }
+
+    #[test]
+    fn common_names_match_in_any_case_as_the_slow_path_would() {
+        for (lower, name, role) in &COMMON_NAMES {
+            assert_eq!(name.as_str().as_bytes(), *lower);
+            for raw in [
+                lower.to_vec(),
+                title_case(lower),
+                lower.to_ascii_uppercase(),
+            ] {
+                let got = response_header_name(&raw).ok();
+                assert_eq!(got.as_ref(), Some(&slow(&raw)), "{raw:?}");
+                assert_eq!(got.map(|(_, r)| r), Some(*role));
+            }
+        }
+    }
+
+    #[test]
+    fn other_names_take_the_slow_path() {
+        // Same lengths as table names, one byte off (first, middle, last; a word boundary).
+        for raw in [
+            &b"dat_"[..],
+            b"Xerver",
+            b"content_type",
+            b"content-lengtx",
+            b"Content-Lengt0",
+            b"transfer-encodinx",
+            b"x-envoy-upstream-service-time",
+            b"X-Custom",
+            b"a",
+        ] {
+            let got = response_header_name(raw).ok();
+            assert_eq!(got, Some(slow(raw)), "{raw:?}");
+        }
+        assert!(token_eq_lower(b"Transfer-Encoding", b"transfer-encoding"));
+        assert!(!token_eq_lower(b"Transfer-Encodinh", b"transfer-encoding"));
+        assert!(!token_eq_lower(b"Uransfer-Encoding", b"transfer-encoding"));
+        assert!(!token_eq_lower(b"Transfer_Encoding", b"transfer-encoding"));
+        assert!(matches!(
+            response_header_name(b"bad name"),
+            Err(Error::Protocol("invalid response header name"))
+        ));
+    }
 
     fn decode_bytewise(wire: &[u8]) -> Result<(Vec<u8>, bool), Error> {
         let (mut buf, mut st, mut out) = (BytesMut::new(), Chunk::Size, Vec::new());
