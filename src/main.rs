@@ -1,7 +1,7 @@
 //! The `strait` binary: parses Envoy's command line, loads the bootstrap, runs the proxy until
 //! SIGTERM / SIGINT (or `POST /quitquitquit`), then drains and exits. Wiring only: the work is
 //! in the `strait-xds` and `strait-proxy` crates.
-// The only unsafe code is in `memory`: one call to the allocator, and madvise.
+// The only unsafe code is in `memory`: FFI to the allocator, the loader's object walk and madvise.
 #![deny(unsafe_code)]
 
 use std::io::IsTerminal;

@@ -6,16 +6,18 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::sync::{Arc, OnceLock};
 
-/// Load addresses of the objects the loader mapped before `main` (the binary, libc, libm,
-/// libgcc_s, ld.so): never unloaded, never remapped, unlike a library `dlopen`ed later (the
-/// resolver's NSS modules, say), whose mappings can change under a concurrent walk.
-static INITIAL_OBJECTS: OnceLock<Vec<usize>> = OnceLock::new();
+/// The whole pages of the non-writable loadable segments (code, `.rodata`, `.eh_frame`) of the
+/// objects the loader mapped before `main` (the binary, libc, libm, libgcc_s, ld.so): never
+/// unloaded or remapped, unlike a library `dlopen`ed later (the resolver's NSS modules, say),
+/// whose mappings can change under a concurrent walk. The binary comes first.
+static INITIAL_SEGMENTS: OnceLock<Vec<(usize, usize)>> = OnceLock::new();
 
 /// Call first in `main`, before any thread starts or library loads.
 pub fn note_initial_objects() {
-    let mut bases = Vec::new();
-    for_each_object(&mut |base, _| bases.push(base));
-    let _ = INITIAL_OBJECTS.set(bases);
+    let page = page_size();
+    let mut segments = Vec::new();
+    for_each_object(&mut |base, phdrs| segments.extend(read_only_segments(base, phdrs, page)));
+    let _ = INITIAL_SEGMENTS.set(segments);
 }
 
 /// Start-up (decoding and translating the bootstrap, building the descriptor pool) frees
@@ -56,7 +58,7 @@ pub async fn release_when_serving(
 /// file's bytes are touched (no anonymous copy-on-write page, none swapped out), so nothing a
 /// loader, debugger or uprobe wrote is lost.
 pub fn release_startup_pages() {
-    let Some(initial) = INITIAL_OBJECTS.get() else {
+    let Some(segments) = INITIAL_SEGMENTS.get() else {
         return;
     };
     let clean = match File::open("/proc/self/smaps") {
@@ -66,21 +68,15 @@ pub fn release_startup_pages() {
             return;
         }
     };
-    let page = page_size();
     let mut ranges = Vec::with_capacity(64);
-    for_each_object(&mut |base, phdrs| {
-        if !initial.contains(&base) {
-            return;
-        }
-        for (start, end) in read_only_segments(base, phdrs, page) {
-            for &(cs, ce) in &clean {
-                let (s, e) = (start.max(cs), end.min(ce));
-                if s < e {
-                    ranges.push((s, e));
-                }
+    for &(start, end) in segments {
+        for &(cs, ce) in &clean {
+            let (s, e) = (start.max(cs), end.min(ce));
+            if s < e {
+                ranges.push((s, e));
             }
         }
-    });
+    }
     // Everything but the unmapping itself comes first (the log line too): code run after the
     // binary's pages go maps its windows straight back. The binary is the walk's first object,
     // so it goes last.
@@ -104,7 +100,7 @@ pub fn release_startup_pages() {
 #[allow(unsafe_code)]
 fn unmap_pages(start: usize, end: usize) -> bool {
     // SAFETY: the range lies in a non-writable PT_LOAD segment of an object loaded before
-    // `main` (so never unmapped or remapped since), within a private file mapping that smaps
+    // `main` (so never unmapped or remapped since: segments noted then are still its own), within a private file mapping that smaps
     // showed with no anonymous or swapped-out pages: every page equals the file's content, and
     // MADV_DONTNEED only drops page-table entries; the next access maps the same bytes from
     // the page cache. No Rust reference can observe a difference.
@@ -121,7 +117,7 @@ fn page_size() -> usize {
 }
 
 /// Calls `f(load address, program headers)` for each object the loader has mapped, under the
-/// loader's lock (no object is added or removed meanwhile).
+/// loader's lock (no object is added or removed meanwhile), the binary first.
 #[allow(unsafe_code)]
 fn for_each_object(f: &mut dyn FnMut(usize, &[libc::Elf64_Phdr])) {
     unsafe extern "C" fn each(

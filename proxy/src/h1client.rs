@@ -517,7 +517,6 @@ enum Parsed {
     Final(Head),
 }
 
-/// Parses a response head at the start of `buf` and takes it out; `None`: not all there yet.
 /// What the response-head loop does with a header.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Role {
@@ -529,7 +528,8 @@ enum Role {
     Plain,
 }
 
-/// Names most upstreams send, lower-case, by length.
+/// Names most upstreams send, lower-case, by length; every name with a role other than
+/// [`Role::Plain`] is among them.
 static COMMON_NAMES: [(&[u8], HeaderName, Role); 17] = [
     (b"date", header::DATE, Role::Plain),
     (b"vary", header::VARY, Role::Plain),
@@ -576,21 +576,10 @@ fn response_header_name(raw: &[u8]) -> Result<(HeaderName, Role), Error> {
             return Ok((name.clone(), *role));
         }
     }
+    // Not a table name in any case, so a plain header.
     let name =
         HeaderName::from_bytes(raw).map_err(|_| Error::Protocol("invalid response header name"))?;
-    let role = if name == header::CONTENT_LENGTH {
-        Role::ContentLength
-    } else if name == header::TRANSFER_ENCODING {
-        Role::TransferEncoding
-    } else if name == header::CONNECTION {
-        Role::Connection
-    } else if name == header::UPGRADE || matches!(name.as_str(), "keep-alive" | "proxy-connection")
-    {
-        Role::Hop
-    } else {
-        Role::Plain
-    };
-    Ok((name, role))
+    Ok((name, Role::Plain))
 }
 
 /// Whether `raw`, an HTTP token (httparse checked every name), equals `lower`, a name of the
@@ -619,6 +608,7 @@ fn token_eq_lower(raw: &[u8], lower: &[u8]) -> bool {
     word(raw, n - 8) | CASE == word(lower, n - 8)
 }
 
+/// Parses a response head at the start of `buf` and takes it out; `None`: not all there yet.
 fn parse_head(
     buf: &mut BytesMut,
     head_request: bool,
