@@ -379,6 +379,8 @@ impl Body for AttemptBody {
 pub enum Inbound {
     H1(Incoming),
     H2(crate::h2server::H2Body),
+    /// A request without a body (`h1server`'s fast path).
+    Empty,
 }
 
 impl Body for Inbound {
@@ -392,6 +394,7 @@ impl Body for Inbound {
         match self.get_mut() {
             Inbound::H1(b) => Pin::new(b).poll_frame(cx).map_err(|e| e.into()),
             Inbound::H2(b) => Pin::new(b).poll_frame(cx),
+            Inbound::Empty => Poll::Ready(None),
         }
     }
 
@@ -399,6 +402,7 @@ impl Body for Inbound {
         match self {
             Inbound::H1(b) => b.is_end_stream(),
             Inbound::H2(b) => b.is_end_stream(),
+            Inbound::Empty => true,
         }
     }
 
@@ -406,6 +410,7 @@ impl Body for Inbound {
         match self {
             Inbound::H1(b) => b.size_hint(),
             Inbound::H2(b) => b.size_hint(),
+            Inbound::Empty => SizeHint::with_exact(0),
         }
     }
 }

@@ -116,6 +116,18 @@ impl CountingIo {
         }
     }
 
+    /// Puts bytes already read back in front of what the socket has yet to give.
+    pub(crate) fn unread(&mut self, bytes: Bytes) {
+        if self.prefix.is_empty() {
+            self.prefix = bytes;
+        } else if !bytes.is_empty() {
+            let mut all = BytesMut::with_capacity(bytes.len() + self.prefix.len());
+            all.extend_from_slice(&bytes);
+            all.extend_from_slice(&self.prefix);
+            self.prefix = all.freeze();
+        }
+    }
+
     /// The socket, for readiness checks on an idle connection.
     pub fn tcp(&self) -> &TcpStream {
         &self.inner
@@ -560,6 +572,7 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
     }
     let svc_cx = cx.clone();
     let drain_time = cx.server.drain_time();
+    let max_buf = MIN_H1_BUF.max(max_request_headers_kb as usize * 1024);
 
     if is_h2 {
         let settings = crate::h2server::Settings {
@@ -579,12 +592,25 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
         b.timer(TokioTimer::new())
             // hyper would otherwise default to 30 s; Envoy has no header timeout unless set.
             .header_read_timeout(request_headers_timeout)
-            .max_buf_size(MIN_H1_BUF.max(max_request_headers_kb as usize * 1024));
-        let svc = service_fn(move |req: Request<Incoming>| {
-            forward::handle(req.map(Inbound::H1), svc_cx.clone())
-        });
-        let conn = b.serve_connection(TokioIo::new(io), svc).with_upgrades();
-        serve_until_drained!(conn, cx, hs, drain, drain_time);
+            .max_buf_size(max_buf);
+        let hyper_cx = svc_cx.clone();
+        let hyper_conn = move |io: CountingIo| {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                forward::handle(req.map(Inbound::H1), hyper_cx.clone())
+            });
+            b.serve_connection(TokioIo::new(io), svc).with_upgrades()
+        };
+        if request_headers_timeout.is_some() {
+            // The fast path has no header timer: hyper serves such connections whole.
+            let conn = hyper_conn(io);
+            serve_until_drained!(conn, cx, hs, drain, drain_time);
+        } else {
+            // Boxed in place, as on HTTP/2: the ~3 KB request future moves as a pointer.
+            let svc =
+                move |req| Box::into_pin(crate::boxed(|| forward::handle(req, svc_cx.clone())));
+            let conn = crate::h1server::Server::new(io, max_buf, svc, hyper_conn);
+            serve_until_drained!(conn, cx, hs, drain, drain_time);
+        }
         hs.downstream_cx_http1_active.dec();
     }
     hs.downstream_cx_active.dec();
@@ -613,6 +639,12 @@ trait ConnError: std::fmt::Display {
 impl ConnError for hyper::Error {
     fn is_protocol_error(&self) -> bool {
         self.is_parse() || self.is_parse_too_large()
+    }
+}
+
+impl ConnError for crate::h1server::Error {
+    fn is_protocol_error(&self) -> bool {
+        matches!(self, crate::h1server::Error::Fallback(e) if e.is_protocol_error())
     }
 }
 

@@ -623,7 +623,7 @@ fn strip_connection_headers(h: &mut HeaderMap) {
 }
 
 /// The `Date` value for now, formatted once per second per thread.
-fn date() -> HeaderValue {
+pub(crate) fn date() -> HeaderValue {
     use std::cell::RefCell;
     use std::time::{SystemTime, UNIX_EPOCH};
     thread_local! {

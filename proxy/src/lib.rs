@@ -13,6 +13,7 @@ pub mod conn;
 pub mod forward;
 pub mod grpc_clusters;
 pub mod h1client;
+pub mod h1server;
 pub mod h2client;
 pub mod h2server;
 pub mod headers;

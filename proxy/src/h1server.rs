@@ -1,0 +1,809 @@
+//! The downstream HTTP/1.1 connection. Requests without a body (GET, HEAD, DELETE, a POST with
+//! `content-length: 0` …) on a keep-alive HTTP/1.1 connection are served here: the head parsed
+//! with httparse, the request future polled in the connection's task, the response head encoded
+//! the way hyper's server encodes it and sent with the body's first bytes in one write. The first
+//! request that needs more (a body, `Expect`, an upgrade or CONNECT, `TE`, HTTP/1.0, a head that
+//! does not parse or is too large) hands the connection, with the bytes already read, to hyper's
+//! server for the rest of its life, so those keep hyper's behaviour exactly.
+//!
+//! Why: hyper's dispatcher cost ~8.4k instructions of a 26.6k-instruction proxied request
+//! (BENCHMARKS.md, "Strait's own HTTP/1.1 server").
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use tokio::io::AsyncWrite;
+
+use crate::body::{BoxError, Inbound};
+use crate::conn::CountingIo;
+
+/// hyper's default limit on request header fields.
+const MAX_HEADERS: usize = 100;
+/// hyper's limit on the request target (longer ones get its 414).
+const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
+/// Read size; a request head larger than this grows the buffer up to the header size limit.
+const READ_SIZE: usize = 4096;
+
+/// hyper's connection, which takes over when a request needs more than this module serves.
+pub trait Fallback: Future<Output = Result<(), hyper::Error>> {
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> Fallback for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: Body + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self)
+    }
+}
+
+/// How a connection ended badly.
+#[derive(Debug)]
+pub enum Error {
+    /// hyper's, after the hand-off.
+    Fallback(hyper::Error),
+    Io(io::Error),
+    /// The client closed its side with a request in flight (hyper: "incomplete message").
+    ClosedMidMessage,
+    /// The response cannot be sent whole; the connection is closed to say so.
+    Response(&'static str),
+    Body(BoxError),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Fallback(e) => e.fmt(f),
+            Error::Io(e) => write!(f, "connection error: {e}"),
+            Error::ClosedMidMessage => f.write_str("connection closed before message completed"),
+            Error::Response(what) => f.write_str(what),
+            Error::Body(e) => write!(f, "error reading the response body: {e}"),
+        }
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Error {
+        Error::Io(e)
+    }
+}
+
+/// One downstream HTTP/1.1 connection. A future that ends with the connection.
+pub struct Server<S, F, B, M, H> {
+    fast: Option<Fast<S, F, B>>,
+    make_fallback: Option<M>,
+    fallback: Option<Pin<Box<H>>>,
+    shutdown: bool,
+}
+
+impl<S, F, B, M, H> Server<S, F, B, M, H>
+where
+    S: FnMut(Request<Inbound>) -> F + Unpin,
+    F: Future<Output = Result<Response<B>, Infallible>> + Unpin,
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+    M: FnOnce(CountingIo) -> H + Unpin,
+    H: Fallback,
+{
+    /// `max_head`: the request header size limit (hyper's `max_buf_size`); `make_fallback`
+    /// builds hyper's connection on the socket when a request needs it.
+    pub fn new(io: CountingIo, max_head: usize, service: S, make_fallback: M) -> Self {
+        Server {
+            fast: Some(Fast {
+                io,
+                service,
+                rbuf: BytesMut::new(),
+                max_head,
+                wbuf: Vec::new(),
+                wpos: 0,
+                data: Bytes::new(),
+                post: b"",
+                stream: Stream::Idle,
+                read_closed: false,
+            }),
+            make_fallback: Some(make_fallback),
+            fallback: None,
+            shutdown: false,
+        }
+    }
+
+    /// Finishes the response in flight with `connection: close` (or without, if its head went
+    /// already) and closes; an idle connection closes at once. hyper's graceful shutdown.
+    pub fn graceful_shutdown(self: Pin<&mut Self>) {
+        let me = self.get_mut();
+        me.shutdown = true;
+        if let Some(h) = me.fallback.as_mut() {
+            h.as_mut().graceful_shutdown();
+        }
+    }
+}
+
+impl<S, F, B, M, H> Future for Server<S, F, B, M, H>
+where
+    S: FnMut(Request<Inbound>) -> F + Unpin,
+    F: Future<Output = Result<Response<B>, Infallible>> + Unpin,
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+    M: FnOnce(CountingIo) -> H + Unpin,
+    H: Fallback,
+{
+    type Output = Result<(), Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let me = self.get_mut();
+        if let Some(fast) = me.fast.as_mut() {
+            match ready!(fast.poll(cx, me.shutdown)) {
+                Ok(End::Closed) => return Poll::Ready(Ok(())),
+                Err(e) => return Poll::Ready(Err(e)),
+                Ok(End::HandOff) => {}
+            }
+            let Some(Fast { mut io, rbuf, .. }) = me.fast.take() else {
+                unreachable!("taken just above")
+            };
+            let Some(make) = me.make_fallback.take() else {
+                unreachable!("the hand-off happens once")
+            };
+            io.unread(rbuf.freeze());
+            let mut h = Box::pin(make(io));
+            if me.shutdown {
+                h.as_mut().graceful_shutdown();
+            }
+            me.fallback = Some(h);
+        }
+        match me.fallback.as_mut() {
+            Some(h) => h.as_mut().poll(cx).map_err(Error::Fallback),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+enum End {
+    Closed,
+    HandOff,
+}
+
+/// The fast path's connection state.
+struct Fast<S, F, B> {
+    io: CountingIo,
+    service: S,
+    rbuf: BytesMut,
+    max_head: usize,
+    /// Pending output, in order: `wbuf[wpos..]`, `data`, `post`.
+    wbuf: Vec<u8>,
+    wpos: usize,
+    data: Bytes,
+    post: &'static [u8],
+    stream: Stream<F, B>,
+    read_closed: bool,
+}
+
+enum Stream<F, B> {
+    /// Between requests.
+    Idle,
+    /// The request future, until the response head.
+    Waiting {
+        fut: F,
+        keep_alive: bool,
+        head: bool,
+    },
+    /// The response body, `None` once it ended.
+    Sending {
+        body: Option<B>,
+        framing: Framing,
+        keep_alive: bool,
+    },
+    /// Sends what is pending, then closes.
+    Closing,
+}
+
+/// How the response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked,
+}
+
+// Returned once per request and taken apart at once: boxing the request would cost an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Parsed {
+    Partial,
+    HandOff,
+    Request {
+        req: Request<Inbound>,
+        keep_alive: bool,
+    },
+}
+
+impl<S, F, B> Fast<S, F, B>
+where
+    S: FnMut(Request<Inbound>) -> F,
+    F: Future<Output = Result<Response<B>, Infallible>> + Unpin,
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    fn poll(&mut self, cx: &mut Context<'_>, shutdown: bool) -> Poll<Result<End, Error>> {
+        loop {
+            match &mut self.stream {
+                Stream::Idle => {
+                    if shutdown {
+                        return Poll::Ready(Ok(End::Closed));
+                    }
+                    match self.parse() {
+                        Parsed::Request { req, keep_alive } => {
+                            let head = req.method() == Method::HEAD;
+                            let fut = (self.service)(req);
+                            self.stream = Stream::Waiting {
+                                fut,
+                                keep_alive,
+                                head,
+                            };
+                        }
+                        Parsed::HandOff => return Poll::Ready(Ok(End::HandOff)),
+                        Parsed::Partial => {
+                            // Too large, or cut short: hyper answers these (431, or nothing).
+                            if self.rbuf.len() >= self.max_head || self.read_closed {
+                                return Poll::Ready(Ok(if self.rbuf.is_empty() {
+                                    End::Closed
+                                } else {
+                                    End::HandOff
+                                }));
+                            }
+                            if ready!(self.poll_read(cx))? == 0 {
+                                self.read_closed = true;
+                            }
+                        }
+                    }
+                }
+                Stream::Waiting {
+                    fut,
+                    keep_alive,
+                    head,
+                } => match Pin::new(fut).poll(cx) {
+                    Poll::Ready(Ok(resp)) => {
+                        let keep_alive = *keep_alive && !shutdown;
+                        let head = *head;
+                        self.start_response(resp, keep_alive, head);
+                    }
+                    Poll::Ready(Err(never)) => match never {},
+                    Poll::Pending => {
+                        // hyper's `mid_message_detect_eof`: a client that closes its side ends
+                        // the connection, dropping (cancelling) the request.
+                        if self.poll_client_gone(cx)? {
+                            self.stream = Stream::Idle;
+                            return Poll::Ready(Err(Error::ClosedMidMessage));
+                        }
+                        return Poll::Pending;
+                    }
+                },
+                Stream::Sending { .. } => {
+                    ready!(self.poll_send(cx))?;
+                    let Stream::Sending { keep_alive, .. } = self.stream else {
+                        unreachable!("still sending")
+                    };
+                    self.stream = if keep_alive && !shutdown {
+                        Stream::Idle
+                    } else {
+                        Stream::Closing
+                    };
+                }
+                Stream::Closing => {
+                    ready!(self.poll_flush(cx))?;
+                    ready!(Pin::new(&mut self.io).poll_shutdown(cx))?;
+                    return Poll::Ready(Ok(End::Closed));
+                }
+            }
+        }
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.rbuf.capacity() - self.rbuf.len() < READ_SIZE / 4 {
+            self.rbuf.reserve(READ_SIZE);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf)
+    }
+
+    /// With a request in flight: true once the client closed its side. Bytes it sends meanwhile
+    /// (a pipelined request) wait in the buffer, which is not read past while non-empty.
+    fn poll_client_gone(&mut self, cx: &mut Context<'_>) -> Result<bool, Error> {
+        if !self.rbuf.is_empty() || self.read_closed {
+            return Ok(false);
+        }
+        match self.poll_read(cx) {
+            Poll::Ready(Ok(0)) => {
+                self.read_closed = true;
+                Ok(true)
+            }
+            Poll::Ready(Ok(_)) | Poll::Pending => Ok(false),
+            Poll::Ready(Err(e)) => Err(e.into()),
+        }
+    }
+
+    /// Takes a request head off the read buffer if one is complete and this module serves it.
+    fn parse(&mut self) -> Parsed {
+        if self.rbuf.is_empty() {
+            return Parsed::Partial;
+        }
+        let mut slots =
+            [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        // Offsets into the buffer, taken while the parser borrows it: method, target, headers.
+        let mut idx = [[0u32; 4]; MAX_HEADERS];
+        let (len, method_end, target, count) = {
+            let len = match httparse::ParserConfig::default()
+                .parse_request_with_uninit_headers(&mut req, &self.rbuf, &mut slots)
+            {
+                Ok(httparse::Status::Complete(len)) => len,
+                Ok(httparse::Status::Partial) => return Parsed::Partial,
+                Err(_) => return Parsed::HandOff,
+            };
+            if req.version != Some(1) {
+                return Parsed::HandOff;
+            }
+            let base = self.rbuf.as_ptr() as usize;
+            let (Some(method), Some(path)) = (req.method, req.path) else {
+                return Parsed::HandOff;
+            };
+            if path.len() > MAX_URI_LEN {
+                return Parsed::HandOff;
+            }
+            let p = path.as_ptr() as usize - base;
+            for (i, h) in req.headers.iter().enumerate() {
+                let n = h.name.as_ptr() as usize - base;
+                let v = h.value.as_ptr() as usize - base;
+                idx[i] = [
+                    n as u32,
+                    (n + h.name.len()) as u32,
+                    v as u32,
+                    (v + h.value.len()) as u32,
+                ];
+            }
+            (len, method.len(), p..p + path.len(), req.headers.len())
+        };
+        if len > self.max_head {
+            return Parsed::HandOff;
+        }
+        let head = self.rbuf.split_to(len).freeze();
+        match build_request(&head, method_end, target, &idx[..count]) {
+            Some((req, keep_alive)) => Parsed::Request { req, keep_alive },
+            None => {
+                // Put the head back in front of what follows it, for hyper to read.
+                let mut all = BytesMut::with_capacity(head.len() + self.rbuf.len());
+                all.extend_from_slice(&head);
+                all.extend_from_slice(&self.rbuf);
+                self.rbuf = all;
+                Parsed::HandOff
+            }
+        }
+    }
+
+    fn start_response(&mut self, resp: Response<B>, keep_alive: bool, head_request: bool) {
+        let (parts, body) = resp.into_parts();
+        // hyper's `Body::is_end_stream` / `size_hint` reading: no body, a known length, or not.
+        let length = if body.is_end_stream() {
+            None
+        } else {
+            Some(body.size_hint().exact())
+        };
+        self.wbuf.clear();
+        self.wpos = 0;
+        let encoded = encode_head(
+            &mut self.wbuf,
+            parts.status,
+            &parts.headers,
+            head_request,
+            length,
+            keep_alive,
+        );
+        match encoded {
+            Ok((framing, keep_alive)) => {
+                let body = match framing {
+                    Framing::Length(0) => None,
+                    _ => Some(body),
+                };
+                self.stream = Stream::Sending {
+                    body,
+                    framing,
+                    keep_alive,
+                };
+            }
+            Err(e) => {
+                tracing::debug!(error = e, "response head not sendable; closing");
+                self.wbuf.clear();
+                self.stream = Stream::Closing;
+            }
+        }
+    }
+
+    /// Sends the response: the head with the body's first bytes when they are there already,
+    /// then the rest as it comes. Ready(Ok) once all of it is written.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        loop {
+            let Stream::Sending { body, framing, .. } = &mut self.stream else {
+                return Poll::Ready(Ok(()));
+            };
+            let mut waiting = false;
+            if self.data.is_empty() && self.post.is_empty() {
+                if let Some(b) = body.as_mut() {
+                    match Pin::new(&mut *b).poll_frame(cx) {
+                        Poll::Pending => waiting = true,
+                        Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                            Ok(data) => {
+                                let end = b.is_end_stream();
+                                queue(
+                                    &mut self.wbuf,
+                                    &mut self.data,
+                                    &mut self.post,
+                                    framing,
+                                    data,
+                                );
+                                if end {
+                                    *body = None;
+                                    end_body(&mut self.wbuf, &mut self.post, *framing)?;
+                                }
+                            }
+                            // Trailers: only sent for a request with `TE: trailers`, which
+                            // hyper serves; the body ends here.
+                            Err(_) => {
+                                *body = None;
+                                end_body(&mut self.wbuf, &mut self.post, *framing)?;
+                            }
+                        },
+                        Poll::Ready(None) => {
+                            *body = None;
+                            end_body(&mut self.wbuf, &mut self.post, *framing)?;
+                        }
+                        Poll::Ready(Some(Err(e))) => {
+                            *body = None;
+                            return Poll::Ready(Err(Error::Body(e)));
+                        }
+                    }
+                }
+            }
+            let done = body.is_none();
+            ready!(self.poll_flush(cx))?;
+            if done {
+                return Poll::Ready(Ok(()));
+            }
+            if waiting {
+                if self.poll_client_gone(cx)? {
+                    return Poll::Ready(Err(Error::ClosedMidMessage));
+                }
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let head = &self.wbuf[self.wpos..];
+            if head.is_empty() && self.data.is_empty() && self.post.is_empty() {
+                break;
+            }
+            let bufs = [
+                IoSlice::new(head),
+                IoSlice::new(&self.data),
+                IoSlice::new(self.post),
+            ];
+            let mut n = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &bufs))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            let h = head.len().min(n);
+            self.wpos += h;
+            n -= h;
+            let d = self.data.len().min(n);
+            self.data.advance(d);
+            n -= d;
+            self.post = &self.post[n.min(self.post.len())..];
+        }
+        self.wbuf.clear();
+        self.wpos = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Queues one chunk of body; bytes past a known length are dropped (hyper's length encoder).
+fn queue(
+    wbuf: &mut Vec<u8>,
+    data_slot: &mut Bytes,
+    post: &mut &'static [u8],
+    framing: &mut Framing,
+    mut data: Bytes,
+) {
+    if data.is_empty() {
+        return;
+    }
+    match framing {
+        Framing::Length(rem) => {
+            if data.len() as u64 > *rem {
+                data.truncate(*rem as usize);
+            }
+            *rem -= data.len() as u64;
+        }
+        Framing::Chunked => {
+            let mut hex = [0u8; 16];
+            wbuf.extend_from_slice(hex_digits(data.len() as u64, &mut hex));
+            wbuf.extend_from_slice(b"\r\n");
+            *post = b"\r\n";
+        }
+    }
+    *data_slot = data;
+}
+
+/// The body ended: a chunked one says so; a shorter one than its length cannot be sent whole.
+fn end_body(wbuf: &mut Vec<u8>, post: &mut &'static [u8], framing: Framing) -> Result<(), Error> {
+    match framing {
+        Framing::Length(0) => Ok(()),
+        Framing::Length(_) => Err(Error::Response(
+            "response body shorter than its content-length",
+        )),
+        Framing::Chunked if post.is_empty() => {
+            wbuf.extend_from_slice(b"0\r\n\r\n");
+            Ok(())
+        }
+        Framing::Chunked => {
+            *post = b"\r\n0\r\n\r\n";
+            Ok(())
+        }
+    }
+}
+
+fn hex_digits(mut n: u64, buf: &mut [u8; 16]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b"0123456789ABCDEF"[(n & 15) as usize];
+        n >>= 4;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// The request, if this module serves it, and whether the client keeps the connection.
+fn build_request(
+    head: &Bytes,
+    method_end: usize,
+    target: std::ops::Range<usize>,
+    idx: &[[u32; 4]],
+) -> Option<(Request<Inbound>, bool)> {
+    let method = Method::from_bytes(&head[..method_end]).ok()?;
+    if method == Method::CONNECT {
+        return None;
+    }
+    let uri = Uri::from_maybe_shared(head.slice(target)).ok()?;
+    // Room for what the proxy adds (`x-request-id`, `x-forwarded-proto`, …) without a rehash.
+    let mut headers = HeaderMap::with_capacity(idx.len() + 6);
+    let mut keep_alive = true;
+    for &[ns, ne, vs, ve] in idx {
+        let name = HeaderName::from_bytes(&head[ns as usize..ne as usize]).ok()?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize)).ok()?;
+        match name {
+            // A body, an upgrade, a 100-continue, trailers: hyper's.
+            header::TRANSFER_ENCODING | header::EXPECT | header::UPGRADE | header::TE => {
+                return None
+            }
+            header::CONTENT_LENGTH if value.as_bytes() != b"0" => return None,
+            header::CONNECTION => keep_alive &= !has_token(&value, "close"),
+            _ => {}
+        }
+        headers.append(name, value);
+    }
+    let mut req = Request::new(Inbound::Empty);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    Some((req, keep_alive))
+}
+
+fn has_token(value: &HeaderValue, token: &str) -> bool {
+    value
+        .as_bytes()
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// hyper's `Server::can_chunked` / `can_have_body` for a request that is not CONNECT.
+fn can_have_body(head_request: bool, status: StatusCode) -> bool {
+    !head_request
+        && !status.is_informational()
+        && !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
+}
+
+/// Encodes a response head to an HTTP/1.1 request as hyper's server does (`role::Server::encode`
+/// and `Conn::enforce_version`): lower-case names in the map's order; `connection` values
+/// joined on one line, with `close` added when the connection will not be kept; a body's length
+/// from its `content-length`, else its exact size, else chunked; `content-length: 0` for an empty
+/// body; `date` when absent. `length`: `None` for no body, `Some(exact size)` otherwise.
+/// Returns the body's framing and whether the connection stays open after it.
+fn encode_head(
+    dst: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    head_request: bool,
+    length: Option<Option<u64>>,
+    keep_alive: bool,
+) -> Result<(Framing, bool), &'static str> {
+    if status.is_informational() {
+        // hyper sends a 1xx as the final response nowhere: it answers 500 and closes.
+        dst.extend_from_slice(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n");
+        write_date(dst, false);
+        return Ok((Framing::Length(0), false));
+    }
+    if status == StatusCode::OK {
+        dst.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        dst.extend_from_slice(b"HTTP/1.1 ");
+        dst.extend_from_slice(status.as_str().as_bytes());
+        dst.push(b' ');
+        dst.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+        dst.extend_from_slice(b"\r\n");
+    }
+    let body_allowed = can_have_body(head_request, status);
+    let mut keep = keep_alive;
+    let mut framing: Option<Framing> = None;
+    let mut wrote_connection = false;
+    let mut prev: Option<&HeaderName> = None;
+    for (name, value) in headers {
+        let continues = prev == Some(name);
+        prev = Some(name);
+        match *name {
+            header::CONTENT_LENGTH => {
+                if continues {
+                    // Only the first value is written; others must agree when it is parsed.
+                    if length == Some(None) && framing != parse_length(value).map(Framing::Length) {
+                        return Err("multiple content-length values");
+                    }
+                    continue;
+                }
+                if framing.is_some() {
+                    return Err("content-length after transfer-encoding");
+                }
+                match length {
+                    Some(Some(n)) => framing = Some(Framing::Length(n)),
+                    Some(None) => match parse_length(value) {
+                        Some(n) => framing = Some(Framing::Length(n)),
+                        None => return Err("invalid content-length"),
+                    },
+                    // No body: the header stays only on a HEAD response.
+                    None if head_request => framing = Some(Framing::Length(0)),
+                    None => continue,
+                }
+                write_line(dst, "content-length: ", value);
+            }
+            header::TRANSFER_ENCODING => {
+                if continues {
+                    continue;
+                }
+                if framing.is_some() {
+                    return Err("transfer-encoding after content-length");
+                }
+                if !body_allowed {
+                    continue;
+                }
+                framing = Some(Framing::Chunked);
+                let values: Vec<&HeaderValue> = headers.get_all(name).iter().collect();
+                write_joined(dst, "transfer-encoding: ", &values);
+                if !values.last().is_some_and(|v| ends_in_chunked(v)) {
+                    dst.truncate(dst.len() - 2);
+                    dst.extend_from_slice(b", chunked\r\n");
+                }
+            }
+            header::CONNECTION => {
+                if continues {
+                    continue;
+                }
+                wrote_connection = true;
+                let values: Vec<&HeaderValue> = headers.get_all(name).iter().collect();
+                let close = values.iter().any(|v| has_token(v, "close"));
+                write_joined(dst, "connection: ", &values);
+                if close {
+                    keep = false;
+                } else if !keep_alive {
+                    dst.truncate(dst.len() - 2);
+                    dst.extend_from_slice(b", close\r\n");
+                }
+            }
+            header::TRAILER => {
+                if !body_allowed || continues {
+                    continue;
+                }
+                let values: Vec<&HeaderValue> = headers.get_all(name).iter().collect();
+                write_joined(dst, "trailer: ", &values);
+            }
+            _ => {
+                dst.extend_from_slice(name.as_str().as_bytes());
+                dst.extend_from_slice(b": ");
+                dst.extend_from_slice(value.as_bytes());
+                dst.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+    if !keep_alive && !wrote_connection {
+        dst.extend_from_slice(b"connection: close\r\n");
+    }
+    let framing = match (framing, length) {
+        (Some(f), _) => f,
+        (None, Some(None)) if body_allowed => {
+            dst.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            Framing::Chunked
+        }
+        (None, Some(Some(n))) if n > 0 => {
+            if !status.is_informational()
+                && !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
+            {
+                write_line(dst, "content-length: ", &crate::headers::int_value(n));
+                Framing::Length(n)
+            } else {
+                Framing::Length(0)
+            }
+        }
+        _ => {
+            if body_allowed {
+                dst.extend_from_slice(b"content-length: 0\r\n");
+            }
+            Framing::Length(0)
+        }
+    };
+    let framing = if body_allowed {
+        framing
+    } else {
+        Framing::Length(0)
+    };
+    write_date(dst, headers.contains_key(header::DATE));
+    Ok((framing, keep))
+}
+
+/// The head's last lines: `date` unless the response has one, and the empty line.
+fn write_date(dst: &mut Vec<u8>, has_date: bool) {
+    if !has_date {
+        dst.extend_from_slice(b"date: ");
+        dst.extend_from_slice(crate::h2server::date().as_bytes());
+        dst.extend_from_slice(b"\r\n");
+    }
+    dst.extend_from_slice(b"\r\n");
+}
+
+fn write_line(dst: &mut Vec<u8>, name: &str, value: &HeaderValue) {
+    dst.extend_from_slice(name.as_bytes());
+    dst.extend_from_slice(value.as_bytes());
+    dst.extend_from_slice(b"\r\n");
+}
+
+fn write_joined(dst: &mut Vec<u8>, name: &str, values: &[&HeaderValue]) {
+    dst.extend_from_slice(name.as_bytes());
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            dst.extend_from_slice(b", ");
+        }
+        dst.extend_from_slice(v.as_bytes());
+    }
+    dst.extend_from_slice(b"\r\n");
+}
+
+fn ends_in_chunked(v: &HeaderValue) -> bool {
+    v.as_bytes()
+        .rsplit(|&b| b == b',')
+        .next()
+        .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// hyper's `content_length_parse`: digits only.
+fn parse_length(v: &HeaderValue) -> Option<u64> {
+    let b = v.as_bytes();
+    if b.is_empty() || b.len() > 19 || !b.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(b.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
+}
