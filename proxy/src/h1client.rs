@@ -586,7 +586,7 @@ fn response_header_name(raw: &[u8]) -> Result<(HeaderName, Role), Error> {
 /// same length in lower-case letters and `-`, ignoring ASCII case. Setting bit 0x20 lower-cases
 /// a letter and keeps `-`; the only other byte it turns into a letter or `-` is CR (into `-`),
 /// which no token contains.
-fn token_eq_lower(raw: &[u8], lower: &[u8]) -> bool {
+pub(crate) fn token_eq_lower(raw: &[u8], lower: &[u8]) -> bool {
     let n = raw.len();
     if n < 8 {
         return raw.iter().zip(lower).all(|(&r, &l)| r | 0x20 == l);

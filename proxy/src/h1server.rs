@@ -586,7 +586,7 @@ fn build_request(
     let mut headers = HeaderMap::with_capacity(idx.len() + 6);
     let mut keep_alive = true;
     for &[ns, ne, vs, ve] in idx {
-        let name = HeaderName::from_bytes(&head[ns as usize..ne as usize]).ok()?;
+        let name = request_header_name(&head[ns as usize..ne as usize])?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize)).ok()?;
         match name {
             // A body, an upgrade, a 100-continue, trailers: hyper's.
@@ -605,6 +605,41 @@ fn build_request(
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
     Some((req, keep_alive))
+}
+
+/// Names most clients send, lower-case; every name this module acts on is among them.
+static COMMON_NAMES: [(&[u8], HeaderName); 20] = [
+    (b"te", header::TE),
+    (b"host", header::HOST),
+    (b"accept", header::ACCEPT),
+    (b"cookie", header::COOKIE),
+    (b"expect", header::EXPECT),
+    (b"origin", header::ORIGIN),
+    (b"referer", header::REFERER),
+    (b"upgrade", header::UPGRADE),
+    (b"user-agent", header::USER_AGENT),
+    (b"connection", header::CONNECTION),
+    (b"content-type", header::CONTENT_TYPE),
+    (b"x-request-id", HeaderName::from_static("x-request-id")),
+    (b"authorization", header::AUTHORIZATION),
+    (b"cache-control", header::CACHE_CONTROL),
+    (b"content-length", header::CONTENT_LENGTH),
+    (b"accept-encoding", header::ACCEPT_ENCODING),
+    (b"accept-language", header::ACCEPT_LANGUAGE),
+    (b"x-forwarded-for", HeaderName::from_static("x-forwarded-for")),
+    (b"x-forwarded-proto", HeaderName::from_static("x-forwarded-proto")),
+    (b"transfer-encoding", header::TRANSFER_ENCODING),
+];
+
+/// A request header's name: the usual ones matched a word at a time (as `h1client` does for
+/// responses), any other through `HeaderName::from_bytes`.
+fn request_header_name(raw: &[u8]) -> Option<HeaderName> {
+    for (lower, name) in &COMMON_NAMES {
+        if lower.len() == raw.len() && crate::h1client::token_eq_lower(raw, lower) {
+            return Some(name.clone());
+        }
+    }
+    HeaderName::from_bytes(raw).ok()
 }
 
 fn has_token(value: &HeaderValue, token: &str) -> bool {
@@ -806,4 +841,92 @@ fn parse_length(v: &HeaderValue) -> Option<u64> {
         return None;
     }
     Some(b.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table gives what `HeaderName::from_bytes` gives, whatever the case on the wire.
+    #[test]
+    fn common_request_names_match_the_slow_path_in_any_case() {
+        for (lower, name) in &COMMON_NAMES {
+            let upper = lower.to_ascii_uppercase();
+            let mut title = lower.to_vec();
+            let mut start = true;
+            for b in title.iter_mut() {
+                if start {
+                    b.make_ascii_uppercase();
+                }
+                start = *b == b'-';
+            }
+            for raw in [lower.to_vec(), upper, title] {
+                assert_eq!(request_header_name(&raw).as_ref(), Some(name));
+                assert_eq!(HeaderName::from_bytes(&raw).ok().as_ref(), Some(name));
+            }
+        }
+        assert_eq!(
+            request_header_name(b"X-Custom").as_ref().map(HeaderName::as_str),
+            Some("x-custom")
+        );
+        assert!(request_header_name(b"bad name").is_none());
+    }
+
+    fn head(
+        status: u16,
+        headers: &[(&str, &str)],
+        head_request: bool,
+        length: Option<Option<u64>>,
+        keep_alive: bool,
+    ) -> (String, Result<(Framing, bool), &'static str>) {
+        let mut h = HeaderMap::new();
+        for (n, v) in headers {
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let mut dst = Vec::new();
+        let status = StatusCode::from_u16(status).unwrap();
+        let r = encode_head(&mut dst, status, &h, head_request, length, keep_alive);
+        (String::from_utf8(dst).unwrap(), r)
+    }
+
+    /// Heads hyper would refuse (it closes the connection instead) and the cases the
+    /// end-to-end comparison cannot reach through the router.
+    #[test]
+    fn heads_hyper_refuses_or_frames_specially() {
+        let date = [("date", "x")];
+        let (_, r) = head(
+            200,
+            &[("content-length", "3"), ("content-length", "4"), date[0]],
+            false,
+            Some(None),
+            true,
+        );
+        assert_eq!(r, Err("multiple content-length values"));
+        let (_, r) = head(
+            200,
+            &[("content-length", "3"), ("transfer-encoding", "chunked"), date[0]],
+            false,
+            Some(None),
+            true,
+        );
+        assert_eq!(r, Err("transfer-encoding after content-length"));
+        // A transfer-coding that does not end in chunked gets it added.
+        let (h, r) = head(200, &[("transfer-encoding", "gzip"), date[0]], false, Some(None), true);
+        assert_eq!(r, Ok((Framing::Chunked, true)));
+        assert!(h.contains("transfer-encoding: gzip, chunked\r\n"), "{h}");
+        // A 1xx cannot be the final response: hyper answers 500 and closes.
+        let (h, r) = head(103, &[], false, None, true);
+        assert_eq!(r, Ok((Framing::Length(0), false)));
+        assert!(h.starts_with("HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\ndate: "));
+        // The response's own `connection: close` ends the connection; a drain adds one.
+        let (h, r) = head(200, &[("connection", "close"), date[0]], false, None, true);
+        assert_eq!(r, Ok((Framing::Length(0), false)));
+        assert!(h.contains("connection: close\r\n"));
+        let (h, r) = head(200, &[("connection", "x-a"), date[0]], false, Some(Some(2)), false);
+        assert_eq!(r, Ok((Framing::Length(2), false)));
+        assert!(h.contains("connection: x-a, close\r\n"), "{h}");
+    }
 }
