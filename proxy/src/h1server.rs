@@ -626,8 +626,14 @@ static COMMON_NAMES: [(&[u8], HeaderName); 20] = [
     (b"content-length", header::CONTENT_LENGTH),
     (b"accept-encoding", header::ACCEPT_ENCODING),
     (b"accept-language", header::ACCEPT_LANGUAGE),
-    (b"x-forwarded-for", HeaderName::from_static("x-forwarded-for")),
-    (b"x-forwarded-proto", HeaderName::from_static("x-forwarded-proto")),
+    (
+        b"x-forwarded-for",
+        HeaderName::from_static("x-forwarded-for"),
+    ),
+    (
+        b"x-forwarded-proto",
+        HeaderName::from_static("x-forwarded-proto"),
+    ),
     (b"transfer-encoding", header::TRANSFER_ENCODING),
 ];
 
@@ -866,7 +872,9 @@ mod tests {
             }
         }
         assert_eq!(
-            request_header_name(b"X-Custom").as_ref().map(HeaderName::as_str),
+            request_header_name(b"X-Custom")
+                .as_ref()
+                .map(HeaderName::as_str),
             Some("x-custom")
         );
         assert!(request_header_name(b"bad name").is_none());
@@ -907,14 +915,24 @@ mod tests {
         assert_eq!(r, Err("multiple content-length values"));
         let (_, r) = head(
             200,
-            &[("content-length", "3"), ("transfer-encoding", "chunked"), date[0]],
+            &[
+                ("content-length", "3"),
+                ("transfer-encoding", "chunked"),
+                date[0],
+            ],
             false,
             Some(None),
             true,
         );
         assert_eq!(r, Err("transfer-encoding after content-length"));
         // A transfer-coding that does not end in chunked gets it added.
-        let (h, r) = head(200, &[("transfer-encoding", "gzip"), date[0]], false, Some(None), true);
+        let (h, r) = head(
+            200,
+            &[("transfer-encoding", "gzip"), date[0]],
+            false,
+            Some(None),
+            true,
+        );
         assert_eq!(r, Ok((Framing::Chunked, true)));
         assert!(h.contains("transfer-encoding: gzip, chunked\r\n"), "{h}");
         // A 1xx cannot be the final response: hyper answers 500 and closes.
@@ -925,7 +943,13 @@ mod tests {
         let (h, r) = head(200, &[("connection", "close"), date[0]], false, None, true);
         assert_eq!(r, Ok((Framing::Length(0), false)));
         assert!(h.contains("connection: close\r\n"));
-        let (h, r) = head(200, &[("connection", "x-a"), date[0]], false, Some(Some(2)), false);
+        let (h, r) = head(
+            200,
+            &[("connection", "x-a"), date[0]],
+            false,
+            Some(Some(2)),
+            false,
+        );
         assert_eq!(r, Ok((Framing::Length(2), false)));
         assert!(h.contains("connection: x-a, close\r\n"), "{h}");
     }
