@@ -31,6 +31,8 @@ impl Drop for Raw {
 }
 
 impl Raw {
+    /// Answers with these bytes in turn; an HTTP/1.0 answer without a length ends its body by
+    /// closing the connection.
     async fn start(script: Vec<Vec<u8>>) -> Raw {
         let listener = common::bind().await;
         let addr = common::local_addr(&listener);
@@ -53,6 +55,11 @@ impl Raw {
                         let next = script.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
                         let Some(bytes) = next else { return };
                         if s.write_all(&bytes).await.is_err() {
+                            return;
+                        }
+                        let head = String::from_utf8_lossy(&bytes).to_ascii_lowercase();
+                        if head.starts_with("http/1.0") && !head.contains("content-length") {
+                            let _ = s.shutdown().await;
                             return;
                         }
                     }
@@ -171,10 +178,13 @@ impl RawConn {
                 }
             }
         }
-        let len: usize = r
-            .header("content-length")
-            .map(|v| v.parse().expect("content-length"))
-            .unwrap_or(0);
+        let Some(len) = r.header("content-length") else {
+            // Delimited by the connection's end.
+            while self.fill().await {}
+            r.body = std::mem::take(&mut self.buf);
+            return r;
+        };
+        let len: usize = len.parse().expect("content-length");
         while self.buf.len() < len {
             assert!(self.fill().await, "closed inside a body");
         }
@@ -275,6 +285,59 @@ async fn fast_path_writes_the_heads_hyper_writes() {
     assert!(hyper.closed().await, "hyper kept a closed connection");
     assert_eq!(a.normalized_head(), b.normalized_head());
     assert_eq!(a.header("connection"), Some("close"));
+
+    // An HTTP/1.0 upstream's answer keeps its version; without a length its body ends with
+    // the connection, which then closes downstream too.
+    for answer in [
+        &b"HTTP/1.0 200 OK\r\ncontent-length: 5\r\n\r\nhello"[..],
+        &b"HTTP/1.0 200 OK\r\nx-a: 1\r\n\r\nhello"[..],
+    ] {
+        let script = vec![
+            answer.to_vec(),
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec(),
+            answer.to_vec(),
+        ];
+        let raw = Raw::start(script).await;
+        let strait = proxy(raw.addr).await;
+        let addr = strait.listener("ingress");
+        let mut fast = RawConn::open(addr).await;
+        fast.send(&get("/old", "")).await;
+        let a = fast.response(false).await;
+        let mut hyper = RawConn::open(addr).await;
+        hyper.send(&get("/h", "te: gzip\r\n")).await;
+        hyper.response(false).await;
+        hyper.send(&get("/old", "")).await;
+        let b = hyper.response(false).await;
+        assert!(a.head.starts_with("HTTP/1.0 200 OK"), "{}", a.head);
+        assert_eq!(a.normalized_head(), b.normalized_head());
+        assert_eq!(a.body, b"hello");
+        assert_eq!(a.body, b.body);
+        if a.header("content-length").is_none() {
+            assert!(
+                fast.closed().await,
+                "a body delimited by the close left it open"
+            );
+            assert!(hyper.closed().await);
+        }
+    }
+}
+
+/// A head that arrives a byte at a time is parsed once it is whole, and answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_sent_a_byte_at_a_time_is_served() {
+    let up = Upstream::start("up").await;
+    let strait = proxy(up.addr).await;
+    let mut c = RawConn::open(strait.listener("ingress")).await;
+    let filler = "a".repeat(2000);
+    let req = get("/slow", &format!("x-filler: {filler}\r\n"));
+    for b in &req {
+        c.send(std::slice::from_ref(b)).await;
+    }
+    let r = c.response(false).await;
+    assert_eq!(r.status(), 200);
+    let e = echoed(&r);
+    assert_eq!(e["path"], "/slow");
+    assert_eq!(e["headers"]["x-filler"][0], filler.as_str());
 }
 
 fn echoed(r: &RawResponse) -> Value {

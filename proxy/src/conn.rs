@@ -474,6 +474,12 @@ impl Side {
         fut.poll(&mut Context::from_waker(&self.waker))
     }
 
+    /// Has a wake of the side wake the task polled with `cx`, for callers that poll the side
+    /// by hand ([`Self::take`], [`Self::context`]).
+    pub(crate) fn register(&self, cx: &Context<'_>) {
+        self.wake.task.register(cx.waker());
+    }
+
     /// Makes the next [`Self::poll`] poll the future (after it was reset, for instance).
     pub(crate) fn rearm(&self) {
         self.wake.fired.store(true, Ordering::Release);

@@ -23,7 +23,7 @@ use http_body::Body;
 use tokio::io::AsyncWrite;
 
 use crate::body::{BoxError, Inbound};
-use crate::conn::CountingIo;
+use crate::conn::{CountingIo, Side};
 
 /// hyper's default limit on request header fields.
 const MAX_HEADERS: usize = 100;
@@ -58,8 +58,6 @@ pub enum Error {
     Io(io::Error),
     /// The client closed its side with a request in flight (hyper: "incomplete message").
     ClosedMidMessage,
-    /// The response cannot be sent whole; the connection is closed to say so.
-    Response(&'static str),
     Body(BoxError),
 }
 
@@ -69,7 +67,6 @@ impl fmt::Display for Error {
             Error::Fallback(e) => e.fmt(f),
             Error::Io(e) => write!(f, "connection error: {e}"),
             Error::ClosedMidMessage => f.write_str("connection closed before message completed"),
-            Error::Response(what) => f.write_str(what),
             Error::Body(e) => write!(f, "error reading the response body: {e}"),
         }
     }
@@ -112,6 +109,9 @@ where
                 post: b"",
                 stream: Stream::Idle,
                 read_closed: false,
+                scanned: 0,
+                served: false,
+                read_side: Side::new(),
             }),
             make_fallback: Some(make_fallback),
             fallback: None,
@@ -186,6 +186,17 @@ struct Fast<S, F, B> {
     post: &'static [u8],
     stream: Stream<F, B>,
     read_closed: bool,
+    /// How much of `rbuf` is known to hold no complete head: httparse runs only once the end
+    /// of a head arrived (hyper's `is_complete_fast`), so a head sent a byte at a time is not
+    /// re-parsed from its start on every read.
+    scanned: usize,
+    /// A request was taken off this connection: a drain then closes between requests, where
+    /// before the first one it still answers what the client is sending (hyper's `KA::Busy`).
+    served: bool,
+    /// The socket is read only after its own wake-up (or after a read that found bytes): a
+    /// read that would find nothing costs ~200 instructions, and the task wakes for the
+    /// upstream's response too.
+    read_side: Side,
 }
 
 enum Stream<F, B> {
@@ -212,6 +223,8 @@ enum Stream<F, B> {
 enum Framing {
     Length(u64),
     Chunked,
+    /// An HTTP/1.0 response of unknown length: the body ends with the connection.
+    Close,
 }
 
 // Returned once per request and taken apart at once: boxing the request would cost an allocation.
@@ -235,11 +248,12 @@ where
         loop {
             match &mut self.stream {
                 Stream::Idle => {
-                    if shutdown {
+                    if shutdown && (self.served || self.rbuf.is_empty()) {
                         return Poll::Ready(Ok(End::Closed));
                     }
                     match self.parse() {
                         Parsed::Request { req, keep_alive } => {
+                            self.served = true;
                             let head = req.method() == Method::HEAD;
                             let fut = (self.service)(req);
                             self.stream = Stream::Waiting {
@@ -264,27 +278,32 @@ where
                         }
                     }
                 }
-                Stream::Waiting {
-                    fut,
-                    keep_alive,
-                    head,
-                } => match Pin::new(fut).poll(cx) {
-                    Poll::Ready(Ok(resp)) => {
-                        let keep_alive = *keep_alive && !shutdown;
-                        let head = *head;
-                        self.start_response(resp, keep_alive, head);
+                Stream::Waiting { .. } => {
+                    // hyper's `mid_message_detect_eof`, before each poll of the request as in
+                    // its dispatcher: a client that closed its side ends the connection,
+                    // dropping (cancelling) the request.
+                    if self.poll_client_gone(cx)? {
+                        self.stream = Stream::Idle;
+                        return Poll::Ready(Err(Error::ClosedMidMessage));
                     }
-                    Poll::Ready(Err(never)) => match never {},
-                    Poll::Pending => {
-                        // hyper's `mid_message_detect_eof`: a client that closes its side ends
-                        // the connection, dropping (cancelling) the request.
-                        if self.poll_client_gone(cx)? {
-                            self.stream = Stream::Idle;
-                            return Poll::Ready(Err(Error::ClosedMidMessage));
+                    let Stream::Waiting {
+                        fut,
+                        keep_alive,
+                        head,
+                    } = &mut self.stream
+                    else {
+                        unreachable!("matched above")
+                    };
+                    match Pin::new(fut).poll(cx) {
+                        Poll::Ready(Ok(resp)) => {
+                            let keep_alive = *keep_alive && !shutdown;
+                            let head = *head;
+                            self.start_response(resp, keep_alive, head);
                         }
-                        return Poll::Pending;
+                        Poll::Ready(Err(never)) => match never {},
+                        Poll::Pending => return Poll::Pending,
                     }
-                },
+                }
                 Stream::Sending { .. } => {
                     ready!(self.poll_send(cx))?;
                     let Stream::Sending { keep_alive, .. } = self.stream else {
@@ -306,10 +325,27 @@ where
     }
 
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        // Not fired: the side's waker is registered with the socket, and this task with the
+        // side (the connection's future never changes task), so nothing to do until it fires.
+        if !self.read_side.fired() {
+            return Poll::Pending;
+        }
+        self.read_side.register(cx);
+        self.read_side.take();
         if self.rbuf.capacity() - self.rbuf.len() < READ_SIZE / 4 {
             self.rbuf.reserve(READ_SIZE);
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf)
+        let r = tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            &mut self.read_side.context(),
+            &mut self.rbuf,
+        );
+        // Pending registered the side's waker with the socket. A read that found bytes may
+        // leave the socket readable with no waker registered: the next read must go to it.
+        if r.is_ready() {
+            self.read_side.rearm();
+        }
+        r
     }
 
     /// With a request in flight: true once the client closed its side. Bytes it sends meanwhile
@@ -330,7 +366,15 @@ where
 
     /// Takes a request head off the read buffer if one is complete and this module serves it.
     fn parse(&mut self) -> Parsed {
-        if self.rbuf.is_empty() {
+        // After a partial head, httparse runs again only once an empty line (the head's end)
+        // arrived: look for one in the new bytes, from 3 back where `\r\n\r\n` may be split.
+        if self.scanned > 0 {
+            let tail = &self.rbuf[self.scanned.saturating_sub(3).min(self.rbuf.len())..];
+            if !has_empty_line(tail) {
+                self.scanned = self.rbuf.len();
+                return Parsed::Partial;
+            }
+        } else if self.rbuf.is_empty() {
             return Parsed::Partial;
         }
         let mut slots =
@@ -343,7 +387,10 @@ where
                 .parse_request_with_uninit_headers(&mut req, &self.rbuf, &mut slots)
             {
                 Ok(httparse::Status::Complete(len)) => len,
-                Ok(httparse::Status::Partial) => return Parsed::Partial,
+                Ok(httparse::Status::Partial) => {
+                    self.scanned = self.rbuf.len();
+                    return Parsed::Partial;
+                }
                 Err(_) => return Parsed::HandOff,
             };
             if req.version != Some(1) {
@@ -373,6 +420,7 @@ where
             return Parsed::HandOff;
         }
         let head = self.rbuf.split_to(len).freeze();
+        self.scanned = 0;
         match build_request(&head, method_end, target, &idx[..count]) {
             Some((req, keep_alive)) => Parsed::Request { req, keep_alive },
             None => {
@@ -398,6 +446,7 @@ where
         self.wpos = 0;
         let encoded = encode_head(
             &mut self.wbuf,
+            parts.version,
             parts.status,
             &parts.headers,
             head_request,
@@ -410,6 +459,7 @@ where
                     Framing::Length(0) => None,
                     _ => Some(body),
                 };
+                let keep_alive = keep_alive && framing != Framing::Close;
                 self.stream = Stream::Sending {
                     body,
                     framing,
@@ -428,14 +478,26 @@ where
     /// then the rest as it comes. Ready(Ok) once all of it is written.
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         loop {
-            let Stream::Sending { body, framing, .. } = &mut self.stream else {
-                return Poll::Ready(Ok(()));
-            };
             let mut waiting = false;
             if self.data.is_empty() && self.post.is_empty() {
+                // hyper's dispatcher looks for the client's EOF on every round of its loop.
+                if self.poll_client_gone(cx)? {
+                    return Poll::Ready(Err(Error::ClosedMidMessage));
+                }
+                let Stream::Sending {
+                    body,
+                    framing,
+                    keep_alive,
+                } = &mut self.stream
+                else {
+                    return Poll::Ready(Ok(()));
+                };
                 if let Some(b) = body.as_mut() {
-                    match Pin::new(&mut *b).poll_frame(cx) {
-                        Poll::Pending => waiting = true,
+                    let ended = match Pin::new(&mut *b).poll_frame(cx) {
+                        Poll::Pending => {
+                            waiting = true;
+                            false
+                        }
                         Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                             Ok(data) => {
                                 let end = b.is_end_stream();
@@ -446,38 +508,35 @@ where
                                     framing,
                                     data,
                                 );
-                                if end {
-                                    *body = None;
-                                    end_body(&mut self.wbuf, &mut self.post, *framing)?;
-                                }
+                                // A length reached ends the body (hyper drops the rest).
+                                end || *framing == Framing::Length(0)
                             }
                             // Trailers: only sent for a request with `TE: trailers`, which
                             // hyper serves; the body ends here.
-                            Err(_) => {
-                                *body = None;
-                                end_body(&mut self.wbuf, &mut self.post, *framing)?;
-                            }
+                            Err(_) => true,
                         },
-                        Poll::Ready(None) => {
-                            *body = None;
-                            end_body(&mut self.wbuf, &mut self.post, *framing)?;
-                        }
+                        Poll::Ready(None) => true,
                         Poll::Ready(Some(Err(e))) => {
                             *body = None;
                             return Poll::Ready(Err(Error::Body(e)));
                         }
+                    };
+                    if ended {
+                        *body = None;
+                        // A body shorter than its length: what came is sent, then the
+                        // connection closes (hyper's `encode_and_end` / `end_body`).
+                        if !end_body(&mut self.wbuf, &mut self.post, *framing) {
+                            *keep_alive = false;
+                        }
                     }
                 }
             }
-            let done = body.is_none();
+            let done = matches!(self.stream, Stream::Sending { body: None, .. });
             ready!(self.poll_flush(cx))?;
             if done {
                 return Poll::Ready(Ok(()));
             }
             if waiting {
-                if self.poll_client_gone(cx)? {
-                    return Poll::Ready(Err(Error::ClosedMidMessage));
-                }
                 return Poll::Pending;
             }
         }
@@ -530,6 +589,7 @@ fn queue(
             }
             *rem -= data.len() as u64;
         }
+        Framing::Close => {}
         Framing::Chunked => {
             let mut hex = [0u8; 16];
             wbuf.extend_from_slice(hex_digits(data.len() as u64, &mut hex));
@@ -540,20 +600,19 @@ fn queue(
     *data_slot = data;
 }
 
-/// The body ended: a chunked one says so; a shorter one than its length cannot be sent whole.
-fn end_body(wbuf: &mut Vec<u8>, post: &mut &'static [u8], framing: Framing) -> Result<(), Error> {
+/// The body ended: a chunked one says so. False when it was shorter than its length, which
+/// the connection's end must then tell the client.
+fn end_body(wbuf: &mut Vec<u8>, post: &mut &'static [u8], framing: Framing) -> bool {
     match framing {
-        Framing::Length(0) => Ok(()),
-        Framing::Length(_) => Err(Error::Response(
-            "response body shorter than its content-length",
-        )),
+        Framing::Length(n) => n == 0,
+        Framing::Close => true,
         Framing::Chunked if post.is_empty() => {
             wbuf.extend_from_slice(b"0\r\n\r\n");
-            Ok(())
+            true
         }
         Framing::Chunked => {
             *post = b"\r\n0\r\n\r\n";
-            Ok(())
+            true
         }
     }
 }
@@ -568,6 +627,13 @@ fn hex_digits(mut n: u64, buf: &mut [u8; 16]) -> &[u8] {
             return &buf[i..];
         }
     }
+}
+
+/// Whether `b` holds `\n\n` or `\n\r\n` (hyper's `is_complete_fast`).
+fn has_empty_line(b: &[u8]) -> bool {
+    b.iter().enumerate().any(|(i, &c)| {
+        c == b'\n' && (b.get(i + 1) == Some(&b'\n') || b.get(i + 1..i + 3) == Some(b"\r\n"))
+    })
 }
 
 /// The request, if this module serves it, and whether the client keeps the connection.
@@ -594,6 +660,8 @@ fn build_request(
                 return None
             }
             header::CONTENT_LENGTH if value.as_bytes() != b"0" => return None,
+            // hyper keeps one of equal lengths.
+            header::CONTENT_LENGTH if headers.contains_key(header::CONTENT_LENGTH) => continue,
             header::CONNECTION => keep_alive &= !has_token(&value, "close"),
             _ => {}
         }
@@ -648,11 +716,11 @@ fn request_header_name(raw: &[u8]) -> Option<HeaderName> {
     HeaderName::from_bytes(raw).ok()
 }
 
+/// hyper's `connection_has`: a value that is not visible ASCII has no tokens.
 fn has_token(value: &HeaderValue, token: &str) -> bool {
     value
-        .as_bytes()
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        .to_str()
+        .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 /// hyper's `Server::can_chunked` / `can_have_body` for a request that is not CONNECT.
@@ -670,6 +738,7 @@ fn can_have_body(head_request: bool, status: StatusCode) -> bool {
 /// Returns the body's framing and whether the connection stays open after it.
 fn encode_head(
     dst: &mut Vec<u8>,
+    version: Version,
     status: StatusCode,
     headers: &HeaderMap,
     head_request: bool,
@@ -678,20 +747,27 @@ fn encode_head(
 ) -> Result<(Framing, bool), &'static str> {
     if status.is_informational() {
         // hyper sends a 1xx as the final response nowhere: it answers 500 and closes.
-        dst.extend_from_slice(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n");
+        dst.extend_from_slice(b"HTTP/1.1 500 Internal Server Error\r\n");
+        if !head_request {
+            dst.extend_from_slice(b"content-length: 0\r\n");
+        }
         write_date(dst, false);
         return Ok((Framing::Length(0), false));
     }
-    if status == StatusCode::OK {
+    // The response's own version (an HTTP/1.0 upstream's answer keeps it), as hyper writes it.
+    let http10 = version == Version::HTTP_10;
+    if status == StatusCode::OK && !http10 {
         dst.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
     } else {
-        dst.extend_from_slice(b"HTTP/1.1 ");
+        dst.extend_from_slice(if http10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
         dst.extend_from_slice(status.as_str().as_bytes());
         dst.push(b' ');
         dst.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
         dst.extend_from_slice(b"\r\n");
     }
     let body_allowed = can_have_body(head_request, status);
+    // hyper frames an HTTP/1.0 response by length or by closing, never chunked.
+    let can_chunk = body_allowed && !http10;
     let mut keep = keep_alive;
     let mut framing: Option<Framing> = None;
     let mut wrote_connection = false;
@@ -703,7 +779,11 @@ fn encode_head(
             header::CONTENT_LENGTH => {
                 if continues {
                     // Only the first value is written; others must agree when it is parsed.
-                    if length == Some(None) && framing != parse_length(value).map(Framing::Length) {
+                    // Without a body, hyper writes a HEAD's first value as a plain field and
+                    // then refuses the second.
+                    if length == Some(None) && framing != parse_length(value).map(Framing::Length)
+                        || length.is_none() && head_request
+                    {
                         return Err("multiple content-length values");
                     }
                     continue;
@@ -730,7 +810,7 @@ fn encode_head(
                 if framing.is_some() {
                     return Err("transfer-encoding after content-length");
                 }
-                if !body_allowed {
+                if !can_chunk {
                     continue;
                 }
                 framing = Some(Framing::Chunked);
@@ -757,7 +837,7 @@ fn encode_head(
                 }
             }
             header::TRAILER => {
-                if !body_allowed || continues {
+                if !can_chunk || continues {
                     continue;
                 }
                 let values: Vec<&HeaderValue> = headers.get_all(name).iter().collect();
@@ -776,10 +856,11 @@ fn encode_head(
     }
     let framing = match (framing, length) {
         (Some(f), _) => f,
-        (None, Some(None)) if body_allowed => {
+        (None, Some(None)) if can_chunk => {
             dst.extend_from_slice(b"transfer-encoding: chunked\r\n");
             Framing::Chunked
         }
+        (None, Some(None)) if body_allowed => Framing::Close,
         (None, Some(Some(n))) if n > 0 => {
             if !status.is_informational()
                 && !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
@@ -843,10 +924,15 @@ fn ends_in_chunked(v: &HeaderValue) -> bool {
 /// hyper's `content_length_parse`: digits only.
 fn parse_length(v: &HeaderValue) -> Option<u64> {
     let b = v.as_bytes();
-    if b.is_empty() || b.len() > 19 || !b.iter().all(u8::is_ascii_digit) {
+    if b.is_empty() {
         return None;
     }
-    Some(b.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
+    b.iter().try_fold(0u64, |n, &d| {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
 #[cfg(test)]
@@ -896,7 +982,15 @@ mod tests {
         }
         let mut dst = Vec::new();
         let status = StatusCode::from_u16(status).unwrap();
-        let r = encode_head(&mut dst, status, &h, head_request, length, keep_alive);
+        let r = encode_head(
+            &mut dst,
+            Version::HTTP_11,
+            status,
+            &h,
+            head_request,
+            length,
+            keep_alive,
+        );
         (String::from_utf8(dst).unwrap(), r)
     }
 
@@ -952,5 +1046,62 @@ mod tests {
         );
         assert_eq!(r, Ok((Framing::Length(2), false)));
         assert!(h.contains("connection: x-a, close\r\n"), "{h}");
+        // A HEAD's repeated length without a body: hyper refuses it.
+        let (_, r) = head(
+            200,
+            &[("content-length", "3"), ("content-length", "3"), date[0]],
+            true,
+            None,
+            true,
+        );
+        assert_eq!(r, Err("multiple content-length values"));
+        // A 1xx answering a HEAD: the 500 has no content-length either.
+        let (h, _) = head(100, &[], true, None, true);
+        assert!(!h.contains("content-length"), "{h}");
+    }
+
+    /// An HTTP/1.0 response (an HTTP/1.0 upstream's) keeps its version and is framed by
+    /// length or by the connection's end, never chunked.
+    #[test]
+    fn http10_responses_are_never_chunked() {
+        let h = HeaderMap::new();
+        let mut dst = Vec::new();
+        let r = encode_head(
+            &mut dst,
+            Version::HTTP_10,
+            StatusCode::OK,
+            &h,
+            false,
+            Some(None),
+            true,
+        );
+        assert_eq!(r, Ok((Framing::Close, true)));
+        let text = String::from_utf8(dst).unwrap();
+        assert!(text.starts_with("HTTP/1.0 200 OK\r\ndate: "), "{text}");
+        assert!(!text.contains("transfer-encoding"));
+    }
+
+    #[test]
+    fn a_head_end_is_found_across_read_boundaries() {
+        assert!(has_empty_line(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"));
+        assert!(has_empty_line(b"\n\r\n"));
+        assert!(has_empty_line(b"x\n\n"));
+        assert!(!has_empty_line(b"GET / HTTP/1.1\r\nhost: a\r\n\r"));
+        assert!(!has_empty_line(b"\r\n"));
+        assert!(!has_empty_line(b""));
+    }
+
+    #[test]
+    fn lengths_and_tokens_read_as_hyper_reads_them() {
+        let v = |s: &str| HeaderValue::from_str(s).unwrap();
+        assert_eq!(parse_length(&v("00000000000000000005")), Some(5));
+        assert_eq!(parse_length(&v("18446744073709551616")), None);
+        assert_eq!(parse_length(&v("1 2")), None);
+        assert_eq!(parse_length(&v("")), None);
+        assert!(has_token(&v("keep-alive, Close"), "close"));
+        assert!(!has_token(
+            &HeaderValue::from_bytes(b"close, \xe9").unwrap(),
+            "close"
+        ));
     }
 }
