@@ -444,3 +444,40 @@ async fn client_closing_mid_request_cancels_it() {
     );
     strait.access_log("\"GET /hang HTTP/1.1\" 0 DC ", 1).await;
 }
+
+/// A drain that begins while a connection's first request is still arriving answers that
+/// request, with `connection: close`, as hyper's server does (a fresh connection is busy, not
+/// idle); the process then exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_answers_a_first_request_still_arriving() {
+    if common::under_envoy() {
+        return; // Envoy exits at once on SIGTERM.
+    }
+    let up = Upstream::start("up").await;
+    let mut strait = proxy(up.addr).await;
+    let addr = strait.listener("ingress");
+    let mut c = RawConn::open(addr).await;
+    c.send(b"GET /late HTTP/1.1\r\nhost: example.com\r\n").await;
+    // Counted once the codec is chosen from the first bytes.
+    assert_eq!(
+        strait
+            .wait_stat("http.ingress.downstream_cx_active", 1)
+            .await,
+        Some(1)
+    );
+    strait.sigterm();
+    // The listener closing is the signal that the drain began.
+    common::within("the listener to close", async {
+        while tokio::net::TcpStream::connect(addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    c.send(b"\r\n").await;
+    let r = c.response(false).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(echoed(&r)["path"], "/late");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(c.closed().await);
+    assert!(strait.wait_exit().await.success());
+}
