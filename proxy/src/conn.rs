@@ -4,11 +4,11 @@
 //! connection whose client stopped reading at the stream idle or route timeout.
 
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{ready, Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -113,6 +113,36 @@ impl CountingIo {
             }
             Poll::Pending => guard.poll_stalled(cx),
             Poll::Ready(_) => None,
+        }
+    }
+
+    /// Writes `head[*wpos..]`, then `data`, then `post` (a message head, a body chunk, its
+    /// framing), in as few vectored writes as the socket takes, advancing all three.
+    pub(crate) fn poll_write_parts(
+        &mut self,
+        cx: &mut Context<'_>,
+        head: &[u8],
+        wpos: &mut usize,
+        data: &mut Bytes,
+        post: &mut &'static [u8],
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let rest = &head[*wpos..];
+            if rest.is_empty() && data.is_empty() && post.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            let bufs = [IoSlice::new(rest), IoSlice::new(data), IoSlice::new(post)];
+            let mut n = ready!(Pin::new(&mut *self).poll_write_vectored(cx, &bufs))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            let h = rest.len().min(n);
+            *wpos += h;
+            n -= h;
+            let d = data.len().min(n);
+            data.advance(d);
+            n -= d;
+            *post = &post[n.min(post.len())..];
         }
     }
 

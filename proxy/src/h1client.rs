@@ -6,7 +6,7 @@
 //! a response by HEAD/1xx/204/304, then `Transfer-Encoding`, then `Content-Length`, else read
 //! to EOF. Trailers are not sent or forwarded on HTTP/1.1 (Envoy's `enable_trailers: false`).
 
-use std::io::{self, IoSlice};
+use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
@@ -300,7 +300,7 @@ fn framing(
     (Encoder::Chunked, Some(body))
 }
 
-fn ends_in_chunked(v: &HeaderValue) -> bool {
+pub(crate) fn ends_in_chunked(v: &HeaderValue) -> bool {
     v.as_bytes()
         .rsplit(|&b| b == b',')
         .next()
@@ -424,24 +424,7 @@ impl<C: Pooled> State<C> {
             ..
         } = self;
         let c = conn.conn();
-        loop {
-            let head = &c.wbuf[*wpos..];
-            if head.is_empty() && data.is_empty() && post.is_empty() {
-                break;
-            }
-            let bufs = [IoSlice::new(head), IoSlice::new(data), IoSlice::new(post)];
-            let mut n = ready!(Pin::new(&mut c.io).poll_write_vectored(cx, &bufs))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            let h = head.len().min(n);
-            *wpos += h;
-            n -= h;
-            let d = data.len().min(n);
-            data.advance(d);
-            n -= d;
-            *post = &post[n.min(post.len())..];
-        }
+        ready!(c.io.poll_write_parts(cx, &c.wbuf, wpos, data, post))?;
         c.wbuf.clear();
         *wpos = 0;
         Poll::Ready(Ok(()))
@@ -493,7 +476,8 @@ impl<C: Pooled> State<C> {
     }
 }
 
-fn hex_digits(mut n: u64, buf: &mut [u8; 16]) -> &[u8] {
+/// `n` in upper-case hex (a chunk size), written at the end of `buf`.
+pub(crate) fn hex_digits(mut n: u64, buf: &mut [u8; 16]) -> &[u8] {
     let mut i = buf.len();
     loop {
         i -= 1;
@@ -608,6 +592,22 @@ pub(crate) fn token_eq_lower(raw: &[u8], lower: &[u8]) -> bool {
     word(raw, n - 8) | CASE == word(lower, n - 8)
 }
 
+/// Where each parsed header's name and value lie in `buf` (start and end of each), so that
+/// they can be sliced out of the head once the parser no longer borrows the buffer.
+pub(crate) fn header_offsets(buf: &[u8], headers: &[httparse::Header<'_>], idx: &mut [[u32; 4]]) {
+    let base = buf.as_ptr() as usize;
+    for (slot, h) in idx.iter_mut().zip(headers) {
+        let n = h.name.as_ptr() as usize - base;
+        let v = h.value.as_ptr() as usize - base;
+        *slot = [
+            n as u32,
+            (n + h.name.len()) as u32,
+            v as u32,
+            (v + h.value.len()) as u32,
+        ];
+    }
+}
+
 /// Parses a response head at the start of `buf` and takes it out; `None`: not all there yet.
 fn parse_head(
     buf: &mut BytesMut,
@@ -630,17 +630,7 @@ fn parse_head(
             }
             Err(_) => return Err(Error::Protocol("invalid response head")),
         };
-        let base = buf.as_ptr() as usize;
-        for (i, h) in res.headers.iter().enumerate() {
-            let n = h.name.as_ptr() as usize - base;
-            let v = h.value.as_ptr() as usize - base;
-            idx[i] = [
-                n as u32,
-                (n + h.name.len()) as u32,
-                v as u32,
-                (v + h.value.len()) as u32,
-            ];
-        }
+        header_offsets(buf, res.headers, &mut idx);
         (
             len,
             res.code.unwrap_or(0),

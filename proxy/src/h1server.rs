@@ -12,11 +12,11 @@
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
-use std::io::{self, IoSlice};
+use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
@@ -396,24 +396,14 @@ where
             if req.version != Some(1) {
                 return Parsed::HandOff;
             }
-            let base = self.rbuf.as_ptr() as usize;
             let (Some(method), Some(path)) = (req.method, req.path) else {
                 return Parsed::HandOff;
             };
             if path.len() > MAX_URI_LEN {
                 return Parsed::HandOff;
             }
-            let p = path.as_ptr() as usize - base;
-            for (i, h) in req.headers.iter().enumerate() {
-                let n = h.name.as_ptr() as usize - base;
-                let v = h.value.as_ptr() as usize - base;
-                idx[i] = [
-                    n as u32,
-                    (n + h.name.len()) as u32,
-                    v as u32,
-                    (v + h.value.len()) as u32,
-                ];
-            }
+            let p = path.as_ptr() as usize - self.rbuf.as_ptr() as usize;
+            crate::h1client::header_offsets(&self.rbuf, req.headers, &mut idx);
             (len, method.len(), p..p + path.len(), req.headers.len())
         };
         if len > self.max_head {
@@ -543,28 +533,13 @@ where
     }
 
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        loop {
-            let head = &self.wbuf[self.wpos..];
-            if head.is_empty() && self.data.is_empty() && self.post.is_empty() {
-                break;
-            }
-            let bufs = [
-                IoSlice::new(head),
-                IoSlice::new(&self.data),
-                IoSlice::new(self.post),
-            ];
-            let mut n = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &bufs))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            let h = head.len().min(n);
-            self.wpos += h;
-            n -= h;
-            let d = self.data.len().min(n);
-            self.data.advance(d);
-            n -= d;
-            self.post = &self.post[n.min(self.post.len())..];
-        }
+        ready!(self.io.poll_write_parts(
+            cx,
+            &self.wbuf,
+            &mut self.wpos,
+            &mut self.data,
+            &mut self.post
+        ))?;
         self.wbuf.clear();
         self.wpos = 0;
         Poll::Ready(Ok(()))
@@ -592,7 +567,7 @@ fn queue(
         Framing::Close => {}
         Framing::Chunked => {
             let mut hex = [0u8; 16];
-            wbuf.extend_from_slice(hex_digits(data.len() as u64, &mut hex));
+            wbuf.extend_from_slice(crate::h1client::hex_digits(data.len() as u64, &mut hex));
             wbuf.extend_from_slice(b"\r\n");
             *post = b"\r\n";
         }
@@ -613,18 +588,6 @@ fn end_body(wbuf: &mut Vec<u8>, post: &mut &'static [u8], framing: Framing) -> b
         Framing::Chunked => {
             *post = b"\r\n0\r\n\r\n";
             true
-        }
-    }
-}
-
-fn hex_digits(mut n: u64, buf: &mut [u8; 16]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b"0123456789ABCDEF"[(n & 15) as usize];
-        n >>= 4;
-        if n == 0 {
-            return &buf[i..];
         }
     }
 }
@@ -771,6 +734,7 @@ fn encode_head(
     let mut keep = keep_alive;
     let mut framing: Option<Framing> = None;
     let mut wrote_connection = false;
+    let mut has_date = false;
     let mut prev: Option<&HeaderName> = None;
     for (name, value) in headers {
         let continues = prev == Some(name);
@@ -814,36 +778,33 @@ fn encode_head(
                     continue;
                 }
                 framing = Some(Framing::Chunked);
-                let values: Vec<&HeaderValue> = headers.get_all(name).iter().collect();
-                write_joined(dst, "transfer-encoding: ", &values);
-                if !values.last().is_some_and(|v| ends_in_chunked(v)) {
-                    dst.truncate(dst.len() - 2);
-                    dst.extend_from_slice(b", chunked\r\n");
-                }
+                let values = headers.get_all(name);
+                let chunked = values
+                    .iter()
+                    .next_back()
+                    .is_some_and(crate::h1client::ends_in_chunked);
+                let end: &[u8] = if chunked { b"" } else { b", chunked" };
+                write_joined(dst, "transfer-encoding: ", values, end);
             }
             header::CONNECTION => {
                 if continues {
                     continue;
                 }
                 wrote_connection = true;
-                let values: Vec<&HeaderValue> = headers.get_all(name).iter().collect();
+                let values = headers.get_all(name);
                 let close = values.iter().any(|v| has_token(v, "close"));
-                write_joined(dst, "connection: ", &values);
-                if close {
-                    keep = false;
-                } else if !keep_alive {
-                    dst.truncate(dst.len() - 2);
-                    dst.extend_from_slice(b", close\r\n");
-                }
+                keep &= !close;
+                let end: &[u8] = if close || keep_alive { b"" } else { b", close" };
+                write_joined(dst, "connection: ", values, end);
             }
             header::TRAILER => {
                 if !can_chunk || continues {
                     continue;
                 }
-                let values: Vec<&HeaderValue> = headers.get_all(name).iter().collect();
-                write_joined(dst, "trailer: ", &values);
+                write_joined(dst, "trailer: ", headers.get_all(name), b"");
             }
             _ => {
+                has_date |= *name == header::DATE;
                 dst.extend_from_slice(name.as_str().as_bytes());
                 dst.extend_from_slice(b": ");
                 dst.extend_from_slice(value.as_bytes());
@@ -862,9 +823,8 @@ fn encode_head(
         }
         (None, Some(None)) if body_allowed => Framing::Close,
         (None, Some(Some(n))) if n > 0 => {
-            if !status.is_informational()
-                && !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED)
-            {
+            // hyper's `can_have_content_length` (a 1xx returned above).
+            if !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED) {
                 write_line(dst, "content-length: ", &crate::headers::int_value(n));
                 Framing::Length(n)
             } else {
@@ -883,7 +843,7 @@ fn encode_head(
     } else {
         Framing::Length(0)
     };
-    write_date(dst, headers.contains_key(header::DATE));
+    write_date(dst, has_date);
     Ok((framing, keep))
 }
 
@@ -891,7 +851,7 @@ fn encode_head(
 fn write_date(dst: &mut Vec<u8>, has_date: bool) {
     if !has_date {
         dst.extend_from_slice(b"date: ");
-        dst.extend_from_slice(crate::h2server::date().as_bytes());
+        dst.extend_from_slice(crate::headers::date().as_bytes());
         dst.extend_from_slice(b"\r\n");
     }
     dst.extend_from_slice(b"\r\n");
@@ -903,7 +863,13 @@ fn write_line(dst: &mut Vec<u8>, name: &str, value: &HeaderValue) {
     dst.extend_from_slice(b"\r\n");
 }
 
-fn write_joined(dst: &mut Vec<u8>, name: &str, values: &[&HeaderValue]) {
+/// One line with all of a name's values joined by `, `, then `end`.
+fn write_joined(
+    dst: &mut Vec<u8>,
+    name: &str,
+    values: http::header::GetAll<'_, HeaderValue>,
+    end: &[u8],
+) {
     dst.extend_from_slice(name.as_bytes());
     for (i, v) in values.iter().enumerate() {
         if i > 0 {
@@ -911,14 +877,8 @@ fn write_joined(dst: &mut Vec<u8>, name: &str, values: &[&HeaderValue]) {
         }
         dst.extend_from_slice(v.as_bytes());
     }
+    dst.extend_from_slice(end);
     dst.extend_from_slice(b"\r\n");
-}
-
-fn ends_in_chunked(v: &HeaderValue) -> bool {
-    v.as_bytes()
-        .rsplit(|&b| b == b',')
-        .next()
-        .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
 /// hyper's `content_length_parse`: digits only.

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::server::{Connection, Handshake, SendResponse};
 use h2::{Reason, RecvStream, SendStream};
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderName};
 use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -291,7 +291,7 @@ where
                     strip_connection_headers(&mut head.headers);
                 }
                 if !names.date {
-                    head.headers.insert(header::DATE, date());
+                    head.headers.insert(header::DATE, crate::headers::date());
                 }
                 let eos = body.is_end_stream();
                 if !eos && !names.content_length {
@@ -622,33 +622,10 @@ fn strip_connection_headers(h: &mut HeaderMap) {
     }
 }
 
-/// The `Date` value for now, formatted once per second per thread.
-pub(crate) fn date() -> HeaderValue {
-    use std::cell::RefCell;
-    use std::time::{SystemTime, UNIX_EPOCH};
-    thread_local! {
-        static CACHE: RefCell<(u64, HeaderValue)> =
-            const { RefCell::new((u64::MAX, HeaderValue::from_static(""))) };
-    }
-    let now = SystemTime::now();
-    let secs = now
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    CACHE.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.0 != secs {
-            let text = httpdate::fmt_http_date(now);
-            c.1 = HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""));
-            c.0 = secs;
-        }
-        c.1.clone()
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     #[test]
     fn connection_headers_are_found_and_stripped_with_the_fields_they_list() {
@@ -668,15 +645,5 @@ mod tests {
         assert!(!HeadNames::of(&h).connection_specific);
         assert!(h.get("x-hop").is_none());
         assert_eq!(h.len(), 2);
-    }
-
-    #[test]
-    fn date_is_an_http_date() {
-        let d = date();
-        let parsed = httpdate::parse_http_date(d.to_str().unwrap()).unwrap();
-        let age = std::time::SystemTime::now()
-            .duration_since(parsed)
-            .unwrap_or_default();
-        assert!(age < std::time::Duration::from_secs(5));
     }
 }

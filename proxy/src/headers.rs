@@ -392,6 +392,30 @@ pub fn int_value(n: u64) -> HeaderValue {
     })
 }
 
+/// The `Date` value for now, formatted once per second per thread.
+pub fn date() -> HeaderValue {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static CACHE: RefCell<(u64, HeaderValue)> =
+            const { RefCell::new((u64::MAX, HeaderValue::from_static(""))) };
+    }
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            let text = httpdate::fmt_http_date(now);
+            c.1 = HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static(""));
+            c.0 = secs;
+        }
+        c.1.clone()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -516,5 +540,15 @@ mod tests {
         let mut h = HeaderMap::new();
         request_id(&mut h, false, false);
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn date_is_an_http_date() {
+        let d = date();
+        let parsed = httpdate::parse_http_date(d.to_str().unwrap()).unwrap();
+        let age = std::time::SystemTime::now()
+            .duration_since(parsed)
+            .unwrap_or_default();
+        assert!(age < std::time::Duration::from_secs(5));
     }
 }
