@@ -481,3 +481,27 @@ async fn a_drain_answers_a_first_request_still_arriving() {
     assert!(c.closed().await);
     assert!(strait.wait_exit().await.success());
 }
+
+/// A head over `max_request_headers_kb`, after a request served on the same connection, is
+/// refused with 431 and nothing reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_over_the_limit_is_answered_431() {
+    let up = Upstream::start("up").await;
+    let strait = Config::new()
+        .routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "up"}}]))
+        .cluster("up", &[up.addr])
+        .hcm("max_request_headers_kb", json!(16))
+        .start()
+        .await;
+    let mut c = RawConn::open(strait.listener("ingress")).await;
+    c.send(&get("/ok", "")).await;
+    assert_eq!(c.response(false).await.status(), 200);
+    let big = "b".repeat(20 * 1024);
+    c.send(&get("/big", &format!("x-big: {big}\r\n"))).await;
+    assert_eq!(c.response(false).await.status(), 431);
+    assert_eq!(
+        up.requests(),
+        1,
+        "the oversized request reached the upstream"
+    );
+}

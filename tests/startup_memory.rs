@@ -12,22 +12,17 @@ use serde_json::json;
 
 /// The log line's figures: KiB to unmap, and mapped file KiB before.
 async fn start_up_line(strait: &common::Strait) -> (u64, u64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = strait.stderr();
-        if let Some(rest) = log.split("start-up done: unmapping ").nth(1) {
-            let line = rest.lines().next().unwrap_or_default();
-            let nums: Vec<u64> = line
-                .split(|c: char| !c.is_ascii_digit())
-                .filter_map(|n| n.parse().ok())
-                .collect();
-            match nums[..] {
-                [unmapping, before, ..] => return (unmapping, before),
-                _ => panic!("unexpected start-up line: {line}"),
-            }
-        }
-        assert!(Instant::now() < deadline, "no start-up line logged:\n{log}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    const NEEDLE: &str = "start-up done: unmapping ";
+    let lines = strait.log_lines(NEEDLE, 1).await;
+    // After the needle: the log line's own timestamp holds digits too.
+    let line = lines[0].split(NEEDLE).nth(1).unwrap_or_default();
+    let nums: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    match nums[..] {
+        [unmapping, before, ..] => (unmapping, before),
+        _ => panic!("unexpected start-up line: {line}"),
     }
 }
 

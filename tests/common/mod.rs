@@ -498,6 +498,12 @@ impl Strait {
         }
     }
 
+    /// Lines of the proxy's stderr (its log) containing `needle` (waits for at least `n`).
+    pub async fn log_lines(&self, needle: &str, n: usize) -> Vec<String> {
+        let f = self.dir.path().join("stderr.log");
+        self.wait_lines(&f, needle, n).await
+    }
+
     /// Access-log lines on stdout containing `needle` (waits for at least `n`).
     pub async fn access_log(&self, needle: &str, n: usize) -> Vec<String> {
         let f = self.dir.path().join("stdout.log");
