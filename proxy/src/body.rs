@@ -378,7 +378,7 @@ impl Body for AttemptBody {
 #[derive(Debug)]
 pub enum Inbound {
     H1(Incoming),
-    H2(crate::h2server::H2Body),
+    H2(crate::h2server::RecvBody),
     /// A request without a body (`h1server`'s fast path).
     Empty,
 }

@@ -510,6 +510,11 @@ impl Side {
         self.wake.task.register(cx.waker());
     }
 
+    /// The side's waker, for wakes from outside the task's poll.
+    pub(crate) fn waker(&self) -> &Waker {
+        &self.waker
+    }
+
     /// Makes the next [`Self::poll`] poll the future (after it was reset, for instance).
     pub(crate) fn rearm(&self) {
         self.wake.fired.store(true, Ordering::Release);
@@ -684,10 +689,10 @@ impl ConnError for crate::h1server::Error {
     }
 }
 
-impl ConnError for h2::Error {
+impl ConnError for crate::h2server::Error {
     fn is_protocol_error(&self) -> bool {
-        // A GOAWAY Strait sent because of what the client did; resets and I/O errors are not.
-        self.is_go_away() && self.is_library() && self.reason() != Some(h2::Reason::NO_ERROR)
+        // A GOAWAY Strait sent because of what the client did; I/O errors are not.
+        crate::h2server::Error::is_protocol_error(self)
     }
 }
 

@@ -1,5 +1,6 @@
 //! Strait's data plane. Modules follow a request:
-//! `listener` → `conn` (HTTP/1.1 through hyper's server, HTTP/2 through `h2server`) → `router` →
+//! `listener` → `conn` (HTTP/1.1 through `h1server` and hyper's server, HTTP/2 through `h2server`
+//! and `hpack`) → `router` →
 //! `forward` (retries, timeouts) → `cluster` (hosts, load balancing) → `pool` (upstream
 //! connections, spoken by `h1client` and `h2client`); `admin` and `stats` watch.
 //! The request path takes no locks, reads one config snapshot per request, and never blocks.
@@ -18,6 +19,8 @@ pub mod h2client;
 pub mod h2server;
 pub mod headers;
 pub mod health;
+pub mod hpack;
+mod hpack_huffman;
 pub mod lb;
 pub mod listener;
 pub mod local_reply;
