@@ -40,11 +40,28 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 
 /// A literal field without indexing, new name, raw strings (RFC 7541 §6.2.2).
 fn literal(name: &str, value: &str) -> Vec<u8> {
-    let mut b = vec![0x00, name.len() as u8];
-    b.extend_from_slice(name.as_bytes());
-    b.push(value.len() as u8);
-    b.extend_from_slice(value.as_bytes());
+    let mut b = vec![0x00];
+    for s in [name, value] {
+        string(&mut b, s);
+    }
     b
+}
+
+/// A raw string literal: its length as a 7-bit-prefix integer (RFC 7541 §5.1), then its bytes.
+fn string(b: &mut Vec<u8>, s: &str) {
+    let mut n = s.len();
+    if n < 127 {
+        b.push(n as u8);
+    } else {
+        b.push(127);
+        n -= 127;
+        while n >= 128 {
+            b.push((n % 128) as u8 | 0x80);
+            n /= 128;
+        }
+        b.push(n as u8);
+    }
+    b.extend_from_slice(s.as_bytes());
 }
 
 /// `method` (static-table literal name), `:scheme http`, `:path`, `:authority`, then `extra`.
@@ -323,4 +340,182 @@ fn goaway_code(buf: &[u8]) -> Option<u32> {
         at += 9 + len;
     }
     None
+}
+
+/// A stream error in the middle of an upload (here a WINDOW_UPDATE of 0 on the stream): the
+/// stream is reset with PROTOCOL_ERROR, and the request is stopped rather than forwarded as if
+/// its body had ended; the access log says `DPE` (Envoy's downstream protocol error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_error_mid_upload_stops_the_request() {
+    let up = Upstream::start("up").await;
+    let strait = proxy(&up).await;
+    let mut s = open(&strait, &[]).await;
+    let block = request_block("POST", "/upload", &[]);
+    let mut bytes = frame(HEADERS, END_HEADERS, 1, &block);
+    bytes.extend_from_slice(&frame(DATA, 0, 1, &[b'x'; 100]));
+    send(&mut s, &bytes).await;
+    up.wait_requests(1).await;
+    send(&mut s, &frame(8, 0, 1, &0u32.to_be_bytes())).await;
+    let frames = stream_frames(&mut s, 1).await;
+    assert_eq!(
+        frames.last().map(|f| (f.0, f.3.clone())),
+        Some((RST_STREAM, vec![0, 0, 0, 1])),
+        "{frames:?}"
+    );
+    let lines = strait.access_log("/upload", 1).await;
+    // The flags field: `DPE`, with `UC` for the upstream request the aborted body ended.
+    let flags = lines[0].split(' ').nth(5).unwrap_or_default();
+    assert!(flags.split(',').any(|f| f == "DPE"), "{lines:?}");
+    assert!(
+        !frames.iter().any(|f| f.0 == HEADERS),
+        "no answer for a reset stream: {frames:?}"
+    );
+}
+
+/// HEADERS on a stream id below one already used, never opened (RFC 9113 §5.1.1): a connection
+/// error, GOAWAY(PROTOCOL_ERROR), not a stream left unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_on_a_lower_unused_stream_id_end_the_connection() {
+    let up = Upstream::start("up").await;
+    let strait = proxy(&up).await;
+    let mut s = open(&strait, &[]).await;
+    let block = request_block("GET", "/five", &[]);
+    send(&mut s, &frame(HEADERS, END_STREAM | END_HEADERS, 5, &block)).await;
+    let _ = stream_frames(&mut s, 5).await;
+    let block = request_block("GET", "/three", &[]);
+    send(&mut s, &frame(HEADERS, END_STREAM | END_HEADERS, 3, &block)).await;
+    let frames = read_until(&mut s, |kind, _, _| kind == GOAWAY).await;
+    let goaway = frames
+        .iter()
+        .find(|f| f.0 == GOAWAY)
+        .unwrap_or_else(|| panic!("no GOAWAY: {frames:?}"));
+    // Last stream 5, PROTOCOL_ERROR.
+    assert_eq!(goaway.3[..8], [0, 0, 0, 5, 0, 0, 0, 1]);
+}
+
+/// A Content-Length that is not plain digits, or two that disagree, make the request malformed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_content_length_resets_the_stream() {
+    let up = Upstream::start("up").await;
+    let strait = proxy(&up).await;
+    let mut s = open(&strait, &[]).await;
+    let cases: [&[(&str, &str)]; 2] = [
+        &[("content-length", "+3")],
+        &[("content-length", "3"), ("content-length", "7")],
+    ];
+    for (i, extra) in cases.iter().enumerate() {
+        let id = 1 + 2 * i as u32;
+        let block = request_block("POST", "/cl", extra);
+        let mut bytes = frame(HEADERS, END_HEADERS, id, &block);
+        bytes.extend_from_slice(&frame(DATA, END_STREAM, id, b"abc"));
+        send(&mut s, &bytes).await;
+        let frames = stream_frames(&mut s, id).await;
+        assert_eq!(
+            frames.last().map(|f| (f.0, f.3.clone())),
+            Some((RST_STREAM, vec![0, 0, 0, 1])),
+            "{extra:?}: {frames:?}"
+        );
+    }
+    assert_eq!(up.requests(), 0);
+}
+
+/// A header list over the limit (60 KiB by default) is answered 431 and the stream refused, as
+/// the h2 crate's server did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_header_list_gets_431_and_a_refused_stream() {
+    let up = Upstream::start("up").await;
+    let strait = proxy(&up).await;
+    let mut s = open(&strait, &[]).await;
+    // 70 fields of 1,000 bytes: 70 KiB, sent over CONTINUATION frames.
+    let value = "v".repeat(1000);
+    let fields: Vec<(String, &str)> = (0..70)
+        .map(|i| (format!("x-f{i}"), value.as_str()))
+        .collect();
+    let extra: Vec<(&str, &str)> = fields.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+    let block = request_block("GET", "/big", &extra);
+    let mut chunks = block.chunks(16_000);
+    let mut bytes = frame(HEADERS, END_STREAM, 1, chunks.next().unwrap_or_default());
+    let rest: Vec<&[u8]> = chunks.collect();
+    for (i, c) in rest.iter().enumerate() {
+        let flags = if i + 1 == rest.len() { END_HEADERS } else { 0 };
+        bytes.extend_from_slice(&frame(CONTINUATION, flags, 1, c));
+    }
+    send(&mut s, &bytes).await;
+    let frames = stream_frames(&mut s, 1).await;
+    let head = frames
+        .iter()
+        .find(|f| f.0 == HEADERS)
+        .unwrap_or_else(|| panic!("no 431: {frames:?}"));
+    assert!(head.3.windows(3).any(|w| w == b"431"), "{:?}", head.3);
+    assert_eq!(up.requests(), 0);
+}
+
+/// Graceful shutdown in two steps, as h2 and Envoy do it: GOAWAY(2^31-1) with a PING, and
+/// only once the client answered the PING a GOAWAY naming the last stream. A stream the client
+/// opens before it answers (one that was on the wire when the drain began) is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_goaway_comes_in_two_steps_and_serves_streams_in_flight() {
+    if common::under_envoy() {
+        return;
+    }
+    let up = Upstream::start("up").await;
+    let strait = proxy(&up).await;
+    let mut s = open(&strait, &[]).await;
+    let block = request_block("GET", "/before", &[]);
+    send(&mut s, &frame(HEADERS, END_STREAM | END_HEADERS, 1, &block)).await;
+    let _ = stream_frames(&mut s, 1).await;
+    strait.sigterm();
+    let frames = read_until(&mut s, |kind, _, _| kind == PING).await;
+    let first = frames
+        .iter()
+        .find(|f| f.0 == GOAWAY)
+        .unwrap_or_else(|| panic!("no GOAWAY before the PING: {frames:?}"));
+    assert_eq!(first.3[..8], [0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 0]);
+    let ping = frames.last().map(|f| f.3.clone()).unwrap_or_default();
+    // A stream opened before the client acknowledges the PING is served.
+    let block = request_block("GET", "/racing", &[]);
+    send(&mut s, &frame(HEADERS, END_STREAM | END_HEADERS, 3, &block)).await;
+    let frames = stream_frames(&mut s, 3).await;
+    assert!(
+        frames.iter().any(|f| f.0 == HEADERS && is_200(&f.3)),
+        "{frames:?}"
+    );
+    send(&mut s, &frame(PING, 1, 0, &ping)).await;
+    let frames = read_until(&mut s, |kind, _, _| kind == GOAWAY).await;
+    let last = frames
+        .iter()
+        .find(|f| f.0 == GOAWAY)
+        .unwrap_or_else(|| panic!("no final GOAWAY: {frames:?}"));
+    assert_eq!(last.3[..8], [0, 0, 0, 3, 0, 0, 0, 0]);
+}
+
+/// A stream error on a request waiting for its upstream (a WINDOW_UPDATE of 0 on the stream):
+/// the request is cancelled at once, not left running until the upstream answers
+/// ("MadeYouReset", CVE-2025-8671: resets the client provokes must free what the stream held).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_error_cancels_a_request_waiting_upstream() {
+    let up = Upstream::start_with(
+        "up",
+        common::Reply::Delay(
+            std::time::Duration::from_secs(60),
+            Box::new(common::Reply::Echo),
+        ),
+    )
+    .await;
+    let strait = proxy(&up).await;
+    let mut s = open(&strait, &[]).await;
+    let block = request_block("GET", "/slow", &[]);
+    send(&mut s, &frame(HEADERS, END_STREAM | END_HEADERS, 1, &block)).await;
+    up.wait_requests(1).await;
+    send(&mut s, &frame(8, 0, 1, &0u32.to_be_bytes())).await;
+    let frames = stream_frames(&mut s, 1).await;
+    assert_eq!(
+        frames.last().map(|f| (f.0, f.3.clone())),
+        Some((RST_STREAM, vec![0, 0, 0, 1])),
+        "{frames:?}"
+    );
+    // Logged within the test's timeout (20 s), not after the upstream's 60 s.
+    let lines = strait.access_log("/slow", 1).await;
+    let flags = lines[0].split(' ').nth(5).unwrap_or_default();
+    assert!(flags.split(',').any(|f| f == "DPE"), "{lines:?}");
 }

@@ -221,11 +221,17 @@ impl Finisher {
                     // Envoy: a stream reset by the client is `DR`, `http2.remote_reset`.
                     self.flags.set(ResponseFlags::DOWNSTREAM_REMOTE_RESET);
                     self.details = Cow::Borrowed("http2.remote_reset");
+                    hs.downstream_rq_rx_reset.inc();
+                } else if crate::h2server::dropping_for_protocol_error() {
+                    // Strait reset the stream: the client broke HTTP/2 on it (Envoy's `DPE`).
+                    self.flags.set(ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR);
+                    self.details = Cow::Borrowed("http2.protocol_error");
+                    hs.downstream_rq_tx_reset.inc();
                 } else {
                     self.flags
                         .set(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION);
+                    hs.downstream_rq_rx_reset.inc();
                 }
-                hs.downstream_rq_rx_reset.inc();
                 if let Some(c) = &self.cluster {
                     if self.rq.is_some() {
                         c.stats().upstream_rq_cancelled.inc();

@@ -58,6 +58,8 @@ const PREMATURE_RESET_MIN_STREAMS: u64 = 500;
 /// Rounds of streams-then-connection in one poll before yielding to other tasks.
 const ROUNDS: usize = 16;
 const READ_SIZE: usize = 16 * 1024;
+/// The payload of the PING that follows a graceful shutdown's first GOAWAY.
+const GOAWAY_PING: [u8; 8] = *b"strait-g";
 
 // Frame types and flags (RFC 9113 §6).
 const DATA: u8 = 0;
@@ -157,6 +159,10 @@ struct Inner {
     local_resets: usize,
     closed_streams: u64,
     premature_resets: u64,
+    /// The streams Strait reset last: frames the client sent on them before it saw the reset
+    /// are ignored (RFC 9113 §5.1), other frames on closed streams are errors.
+    reset_ids: [u32; 64],
+    reset_at: usize,
 }
 
 /// One open stream (open or half-closed either way).
@@ -167,8 +173,12 @@ struct Slot {
     task: Option<Waker>,
     /// The client reset the stream.
     peer_reset: Option<Reason>,
+    /// Strait reset the stream (a stream error of the client's making): the request stops.
+    local_reset: bool,
     /// The response ended (or the stream was reset).
     send_done: bool,
+    /// The stream's task still runs (the request, then the response body).
+    task_alive: bool,
     /// Waiting for window or buffer space: woken when either grows.
     send_blocked: bool,
     recv: Recv,
@@ -221,6 +231,12 @@ impl Inner {
     fn rst(&mut self, id: u32, reason: Reason) {
         put_head(&mut self.out, 4, RST_STREAM, 0, id);
         self.out.put_u32(reason.into());
+        self.reset_ids[self.reset_at % self.reset_ids.len()] = id;
+        self.reset_at = self.reset_at.wrapping_add(1);
+    }
+
+    fn was_reset(&self, id: u32) -> bool {
+        self.reset_ids.contains(&id)
     }
 
     fn window_update(&mut self, id: u32, n: u32) {
@@ -266,35 +282,40 @@ impl Inner {
         }
     }
 
-    /// Resets a stream from Strait's side: the response stops, the request body fails.
+    /// Resets a stream from Strait's side: the response stops, the request body fails, and
+    /// the request itself is dropped when its task next runs.
     fn reset_stream(&mut self, id: u32, reason: Reason) {
         self.rst(id, reason);
         self.wake_writer();
         if let Some(s) = self.slot(id) {
             s.send_done = true;
+            s.local_reset = true;
             if s.recv.open() {
                 s.recv.error = Some(reason);
             }
             if let Some(w) = s.recv.body.take() {
                 w.wake();
             }
+            if let Some(w) = &s.task {
+                w.wake_by_ref();
+            }
         }
-        self.maybe_remove(id);
     }
 
-    /// Forgets a stream once both directions are done: the response ended and the request
-    /// body ended or is no longer read. A request still arriving after the response ended is
+    /// Forgets a stream once nothing uses it any more: its task ended and its request body was
+    /// dropped (until then the stream counts against SETTINGS_MAX_CONCURRENT_STREAMS, and the
+    /// body can still read what arrived). A request still arriving after the response ended is
     /// stopped with RST_STREAM(NO_ERROR) (RFC 9113 §8.1, as h2 does).
     fn maybe_remove(&mut self, id: u32) {
         let Some(i) = self.streams.iter().position(|s| s.id == id) else {
             return;
         };
         let s = &self.streams[i];
-        if !s.send_done || (s.recv.open() && s.recv.body_alive) {
+        if s.task_alive || s.recv.body_alive {
             return;
         }
         let discarded: usize = s.recv.data.iter().map(Bytes::len).sum();
-        let stop = s.recv.open() && s.peer_reset.is_none();
+        let stop = s.recv.open() && s.peer_reset.is_none() && !s.local_reset;
         self.streams.swap_remove(i);
         self.closed_streams += 1;
         if stop {
@@ -332,7 +353,11 @@ where
     /// A header block being assembled from HEADERS and CONTINUATION frames.
     partial: Option<Partial>,
     last_stream_id: u32,
+    /// Graceful shutdown: GOAWAY(2^31-1) and a PING sent (`goaway_noticed`), then, once the
+    /// PING is acknowledged, GOAWAY with the last stream (`goaway_sent`), as h2 and Envoy do:
+    /// streams the client opened before it saw the first GOAWAY are still served.
     goaway_due: bool,
+    goaway_noticed: bool,
     goaway_sent: bool,
     peer_goaway: bool,
     read_closed: bool,
@@ -341,9 +366,16 @@ where
 }
 
 struct Partial {
+    head: Head,
+    block: BytesMut,
+}
+
+/// What a HEADERS frame says besides its header block.
+struct Head {
     id: u32,
     end_stream: bool,
-    block: BytesMut,
+    /// A priority dependency on the stream itself (RFC 9113 §5.3.1: a stream error).
+    depends_on_itself: bool,
 }
 
 impl<T, S, F, B> Server<T, S, F, B>
@@ -383,6 +415,8 @@ where
             local_resets: 0,
             closed_streams: 0,
             premature_resets: 0,
+            reset_ids: [0; 64],
+            reset_at: 0,
         }));
         Server {
             io,
@@ -401,6 +435,7 @@ where
             partial: None,
             last_stream_id: 0,
             goaway_due: false,
+            goaway_noticed: false,
             goaway_sent: false,
             peer_goaway: false,
             read_closed: false,
@@ -429,13 +464,14 @@ where
                     self.fail(e);
                 }
             }
-            if self.goaway_due && !self.goaway_sent && self.ending.is_none() {
-                self.goaway_sent = true;
-                let last = self.last_stream_id;
+            if self.goaway_due && !self.goaway_noticed && self.ending.is_none() {
+                self.goaway_noticed = true;
                 let mut inner = lock(&self.shared);
                 put_head(&mut inner.out, 8, GOAWAY, 0, 0);
-                inner.out.put_u32(last);
+                inner.out.put_u32(MAX_WINDOW as u32);
                 inner.out.put_u32(Reason::NO_ERROR.into());
+                put_head(&mut inner.out, 8, PING, 0, 0);
+                inner.out.put_slice(&GOAWAY_PING);
             }
             // Whatever the streams and the frames just read queued goes out now, in one write.
             match self.flush() {
@@ -602,8 +638,13 @@ where
                 if id == 0 {
                     return Err(conn_err(Reason::PROTOCOL_ERROR, "PRIORITY on stream 0"));
                 }
+                // Stream errors (RFC 9113 §6.3, §5.3.1); priorities themselves are ignored.
                 if payload.len() != 5 {
-                    return Err(conn_err(Reason::FRAME_SIZE_ERROR, "PRIORITY not 5 bytes"));
+                    return self.local_reset(id, Reason::FRAME_SIZE_ERROR);
+                }
+                let dep = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
+                if dep & 0x7fff_ffff == id {
+                    return self.local_reset(id, Reason::PROTOCOL_ERROR);
                 }
                 Ok(())
             }
@@ -620,6 +661,14 @@ where
                     let mut inner = lock(&self.shared);
                     put_head(&mut inner.out, 8, PING, ACK, 0);
                     inner.out.put_slice(&payload);
+                } else if self.goaway_noticed && !self.goaway_sent && payload[..] == GOAWAY_PING {
+                    // The client has seen the first GOAWAY: streams it opens from now on are
+                    // refused.
+                    self.goaway_sent = true;
+                    let mut inner = lock(&self.shared);
+                    put_head(&mut inner.out, 8, GOAWAY, 0, 0);
+                    inner.out.put_u32(self.last_stream_id);
+                    inner.out.put_u32(Reason::NO_ERROR.into());
                 }
                 Ok(())
             }
@@ -785,7 +834,7 @@ where
             return Ok(());
         }
         s.peer_reset = Some(reason);
-        let premature = !s.send_done;
+        let premature = !s.send_done && !s.local_reset;
         if s.recv.open() {
             s.recv.error = Some(reason);
         }
@@ -901,25 +950,27 @@ where
             return Err(conn_err(Reason::PROTOCOL_ERROR, "HEADERS on stream 0"));
         }
         strip_padding(flags, &mut p)?;
+        let mut depends_on_itself = false;
         if flags & PRIORITY_FLAG != 0 {
             if p.len() < 5 {
                 return Err(conn_err(
-                    Reason::FRAME_SIZE_ERROR,
-                    "HEADERS priority too short",
+                    Reason::PROTOCOL_ERROR,
+                    "HEADERS priority fields missing",
                 ));
             }
+            depends_on_itself = u32::from_be_bytes([p[0], p[1], p[2], p[3]]) & 0x7fff_ffff == id;
             p.advance(5);
         }
-        let end_stream = flags & END_STREAM != 0;
+        let head = Head {
+            id,
+            end_stream: flags & END_STREAM != 0,
+            depends_on_itself,
+        };
         if flags & END_HEADERS == 0 {
-            self.partial = Some(Partial {
-                id,
-                end_stream,
-                block: p,
-            });
+            self.partial = Some(Partial { head, block: p });
             return Ok(());
         }
-        self.header_block(id, end_stream, p.freeze())
+        self.header_block(head, p.freeze())
     }
 
     fn on_continuation(&mut self, flags: u8, id: u32, p: BytesMut) -> Result<(), Error> {
@@ -929,7 +980,7 @@ where
                 "CONTINUATION without HEADERS",
             ));
         };
-        if partial.id != id {
+        if partial.head.id != id {
             return Err(conn_err(
                 Reason::PROTOCOL_ERROR,
                 "CONTINUATION on another stream",
@@ -952,11 +1003,16 @@ where
         let Some(partial) = self.partial.take() else {
             return Ok(());
         };
-        self.header_block(partial.id, partial.end_stream, partial.block.freeze())
+        self.header_block(partial.head, partial.block.freeze())
     }
 
     /// A whole header block: a new request, or a request's trailers.
-    fn header_block(&mut self, id: u32, end_stream: bool, block: Bytes) -> Result<(), Error> {
+    fn header_block(&mut self, head: Head, block: Bytes) -> Result<(), Error> {
+        let Head {
+            id,
+            end_stream,
+            depends_on_itself,
+        } = head;
         let mut fields = Fields::new(self.settings.max_header_list_size as usize);
         self.decoder
             .decode(block, |f| fields.push(f))
@@ -966,8 +1022,14 @@ where
         if id <= self.last_stream_id {
             let mut inner = lock(&self.shared);
             let Some(s) = inner.slot(id) else {
-                // A stream Strait already closed: ignored, its block decoded above.
-                return Ok(());
+                if inner.was_reset(id) {
+                    // Sent before the client saw Strait's reset: ignored, its block decoded above.
+                    return Ok(());
+                }
+                return Err(conn_err(
+                    Reason::PROTOCOL_ERROR,
+                    "HEADERS on a closed stream",
+                ));
             };
             if !s.recv.open() {
                 drop(inner);
@@ -1005,23 +1067,38 @@ where
             lock(&self.shared).reset_stream(id, Reason::REFUSED_STREAM);
             return Ok(());
         }
-        let open = lock(&self.shared).streams.len();
-        if over_size || open >= self.settings.max_concurrent_streams as usize {
-            if over_size {
-                tracing::debug!(
-                    stream = id,
-                    "request header list over the limit: stream refused"
-                );
-            }
-            lock(&self.shared).reset_stream(id, Reason::REFUSED_STREAM);
+        let mut inner = lock(&self.shared);
+        if over_size {
+            // As h2 did: a 431 answer, then the stream refused (no DATA wanted).
+            tracing::debug!(
+                stream = id,
+                "request header list over the limit: 431, stream refused"
+            );
+            let size_update = std::mem::take(&mut inner.size_update_due);
+            let start = inner.out.len();
+            put_head(&mut inner.out, 0, HEADERS, 0, id);
+            let status = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+            hpack::encode_response(status, &HeaderMap::new(), size_update, &mut inner.out);
+            end_header_block(&mut inner, start, true);
+            inner.reset_stream(id, Reason::REFUSED_STREAM);
             return Ok(());
         }
+        if inner.streams.len() >= self.settings.max_concurrent_streams as usize {
+            inner.reset_stream(id, Reason::REFUSED_STREAM);
+            return Ok(());
+        }
+        drop(inner);
         let Some(req) = fields.request() else {
             return self.local_reset(id, Reason::PROTOCOL_ERROR);
         };
         let (mut parts, ()) = req.into_parts();
-        let remaining = content_length(&parts.headers);
+        let Ok(remaining) = content_length(&parts.headers) else {
+            return self.local_reset(id, Reason::PROTOCOL_ERROR);
+        };
         if end_stream && remaining.is_some_and(|n| n != 0) {
+            return self.local_reset(id, Reason::PROTOCOL_ERROR);
+        }
+        if depends_on_itself {
             return self.local_reset(id, Reason::PROTOCOL_ERROR);
         }
         parts.version = Version::HTTP_2;
@@ -1045,7 +1122,9 @@ where
             send_window,
             task: None,
             peer_reset: None,
+            local_reset: false,
             send_done: false,
+            task_alive: true,
             send_blocked: false,
             recv: Recv {
                 eos: end_stream,
@@ -1129,10 +1208,22 @@ fn strip_padding(flags: u8, p: &mut BytesMut) -> Result<usize, Error> {
     Ok(pad + 1)
 }
 
-fn content_length(h: &HeaderMap) -> Option<u64> {
-    h.get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.parse().ok())
+/// The request's Content-Length: digits only, and every value the same (as h2 checked);
+/// `Err` makes the request malformed.
+fn content_length(h: &HeaderMap) -> Result<Option<u64>, ()> {
+    let mut len = None;
+    for v in h.get_all(header::CONTENT_LENGTH) {
+        let b = v.as_bytes();
+        if b.is_empty() || b.len() > 19 || !b.iter().all(u8::is_ascii_digit) {
+            return Err(());
+        }
+        let n = b.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        if len.is_some_and(|l| l != n) {
+            return Err(());
+        }
+        len = Some(n);
+    }
+    Ok(len)
 }
 
 // === Request heads ===
@@ -1313,11 +1404,8 @@ impl Body for RecvBody {
         let mut inner = lock(shared);
         let closed = inner.closed;
         let Some(s) = inner.slot(me.id) else {
-            return Poll::Ready(if closed {
-                Some(Err("HTTP/2 connection closed".into()))
-            } else {
-                None
-            });
+            // The slot lives as long as this body: only a closed connection takes it.
+            return Poll::Ready(Some(Err("HTTP/2 connection closed".into())));
         };
         if let Some(data) = s.recv.data.pop_front() {
             let n = data.len();
@@ -1413,8 +1501,19 @@ pin_project! {
     }
 }
 
+/// Why a stream's task ends before its response did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Ended {
+    /// The client reset the stream.
+    PeerReset,
+    /// Strait reset it: the client broke the protocol on this stream.
+    LocalReset,
+    /// The connection is gone.
+    Gone,
+}
+
 thread_local! {
-    static PEER_RESET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static DROPPING: std::cell::Cell<Option<Ended>> = const { std::cell::Cell::new(None) };
 }
 
 /// True while a stream's request is being dropped because the client reset the stream: the
@@ -1422,41 +1521,57 @@ thread_local! {
 /// than `DC`. A thread-local rather than a per-request flag: the drop is synchronous, on this
 /// thread, and requests that are never reset pay nothing.
 pub fn dropping_for_peer_reset() -> bool {
-    PEER_RESET.with(std::cell::Cell::get)
+    DROPPING.with(std::cell::Cell::get) == Some(Ended::PeerReset)
 }
 
-/// Drops what the stream still runs (request future or response body) as a client reset.
-fn end_by_peer_reset<F, B>(mut state: Pin<&mut StreamState<F, B>>)
+/// True while a stream's request is being dropped because Strait reset the stream for a
+/// protocol error of the client's (Envoy's `DPE`).
+pub fn dropping_for_protocol_error() -> bool {
+    DROPPING.with(std::cell::Cell::get) == Some(Ended::LocalReset)
+}
+
+/// Drops what the stream still runs (request future or response body), saying why.
+fn end_early<F, B>(mut state: Pin<&mut StreamState<F, B>>, why: Ended)
 where
     B: Body<Data = Bytes>,
 {
-    PEER_RESET.with(|f| f.set(true));
+    DROPPING.with(|f| f.set(Some(why)));
     state.set(StreamState::Done);
-    PEER_RESET.with(|f| f.set(false));
+    DROPPING.with(|f| f.set(None));
+}
+
+fn reset_of(s: &Slot) -> Option<Ended> {
+    if s.peer_reset.is_some() {
+        Some(Ended::PeerReset)
+    } else if s.local_reset {
+        Some(Ended::LocalReset)
+    } else {
+        None
+    }
 }
 
 /// Registers the stream's task to hear of a reset, window or buffer space; says whether the
-/// client reset the stream meanwhile.
-fn park(inner: &mut Inner, id: u32, cx: &Context<'_>, blocked: bool) -> bool {
+/// stream was reset meanwhile.
+fn park(inner: &mut Inner, id: u32, cx: &Context<'_>, blocked: bool) -> Option<Ended> {
     let Some(s) = inner.slot(id) else {
-        // Gone: the connection closed.
-        return true;
+        return Some(Ended::Gone);
     };
-    if s.peer_reset.is_some() {
-        return true;
+    if let Some(why) = reset_of(s) {
+        return Some(why);
     }
     s.send_blocked |= blocked;
     match &s.task {
         Some(w) if w.will_wake(cx.waker()) => {}
         _ => s.task = Some(cx.waker().clone()),
     }
-    false
+    None
 }
 
-/// The response is over from Strait's side.
+/// The stream's task ends: the response is over from Strait's side.
 fn finish(inner: &mut Inner, id: u32) {
     if let Some(s) = inner.slot(id) {
         s.send_done = true;
+        s.task_alive = false;
         s.task = None;
     }
     inner.maybe_remove(id);
@@ -1478,9 +1593,9 @@ where
                 Poll::Ready(Err(never)) => match never {},
                 Poll::Pending => {
                     let reset = park(&mut lock(me.shared), id, cx, false);
-                    if reset {
-                        tracing::debug!(stream = id, "downstream reset the stream");
-                        end_by_peer_reset(me.state.as_mut());
+                    if let Some(why) = reset {
+                        tracing::debug!(stream = id, ?why, "stream reset before its response");
+                        end_early(me.state.as_mut(), why);
                         finish(&mut lock(me.shared), id);
                         return Poll::Ready(());
                     }
@@ -1503,9 +1618,14 @@ where
                 }
             }
             let mut inner = lock(me.shared);
-            if inner.slot(id).is_none_or(|s| s.peer_reset.is_some()) {
+            let reset = inner.slot(id).map_or(Some(Ended::Gone), |s| reset_of(s));
+            if let Some(why) = reset {
                 drop(inner);
-                end_by_peer_reset(me.state.as_mut());
+                // The response body may hold the request's finisher: it logs why too.
+                DROPPING.with(|f| f.set(Some(why)));
+                drop(body);
+                DROPPING.with(|f| f.set(None));
+                end_early(me.state.as_mut(), why);
                 finish(&mut lock(me.shared), id);
                 return Poll::Ready(());
             }
@@ -1532,9 +1652,9 @@ where
             Poll::Ready(end) => {
                 match end {
                     BodyEnd::Sent => {}
-                    BodyEnd::PeerReset => {
-                        tracing::debug!(stream = id, "downstream reset the stream mid-response");
-                        end_by_peer_reset(me.state.as_mut());
+                    BodyEnd::Reset(why) => {
+                        tracing::debug!(stream = id, ?why, "stream reset mid-response");
+                        end_early(me.state.as_mut(), why);
                     }
                     BodyEnd::Failed(e) => {
                         tracing::debug!(stream = id, error = %e, "response body not sent whole");
@@ -1550,7 +1670,7 @@ where
 
 enum BodyEnd {
     Sent,
-    PeerReset,
+    Reset(Ended),
     Failed(BoxError),
 }
 
@@ -1600,16 +1720,16 @@ where
         if let Some((data, eos)) = waiting {
             let mut inner = lock(shared);
             let Some(s) = inner.slot(id) else {
-                return Poll::Ready(BodyEnd::PeerReset);
+                return Poll::Ready(BodyEnd::Reset(Ended::Gone));
             };
-            if s.peer_reset.is_some() {
-                return Poll::Ready(BodyEnd::PeerReset);
+            if let Some(why) = reset_of(s) {
+                return Poll::Ready(BodyEnd::Reset(why));
             }
             let send_window = s.send_window;
             let full = inner.out.len() >= MAX_SEND_BUFFER;
             let allowed = send_window.min(inner.conn_send_window).max(0) as usize;
             if !data.is_empty() && (allowed == 0 || full) {
-                park(&mut inner, id, cx, true);
+                let _ = park(&mut inner, id, cx, true);
                 drop(inner);
                 // Waiting for the client's window: the stream idle timeout still runs.
                 return match body.as_mut().poll_stalled(cx) {
@@ -1652,8 +1772,8 @@ where
         }
         let frame = match body.as_mut().poll_frame(cx) {
             Poll::Pending => {
-                if park(&mut lock(shared), id, cx, false) {
-                    return Poll::Ready(BodyEnd::PeerReset);
+                if let Some(why) = park(&mut lock(shared), id, cx, false) {
+                    return Poll::Ready(BodyEnd::Reset(why));
                 }
                 return Poll::Pending;
             }
@@ -1671,8 +1791,9 @@ where
                 Err(frame) => {
                     if let Ok(trailers) = frame.into_trailers() {
                         let mut inner = lock(shared);
-                        if inner.slot(id).is_none_or(|s| s.peer_reset.is_some()) {
-                            return Poll::Ready(BodyEnd::PeerReset);
+                        let reset = inner.slot(id).map_or(Some(Ended::Gone), |s| reset_of(s));
+                        if let Some(why) = reset {
+                            return Poll::Ready(BodyEnd::Reset(why));
                         }
                         let size_update = std::mem::take(&mut inner.size_update_due);
                         let start = inner.out.len();
