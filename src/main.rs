@@ -1,7 +1,8 @@
 //! The `strait` binary: parses Envoy's command line, loads the bootstrap, runs the proxy until
 //! SIGTERM / SIGINT (or `POST /quitquitquit`), then drains and exits. Wiring only: the work is
 //! in the `strait-xds` and `strait-proxy` crates.
-// The only unsafe code is in `memory`: FFI to the allocator, the loader's object walk and madvise.
+// The only unsafe code is in `memory` (FFI to the allocator, the loader's object walk and
+// madvise) and `alloc` (the global allocator's calls into mimalloc).
 #![deny(unsafe_code)]
 
 use std::io::IsTerminal;
@@ -19,13 +20,14 @@ use strait_xds::dynamic::{Dynamic, Loaded};
 use strait_xds::filter_env;
 use tracing_subscriber::filter::LevelFilter;
 
+mod alloc;
 mod cli;
 mod memory;
 use cli::{Cli, LogLevel, Mode, WorkerModel};
 
 /// mimalloc instead of the system allocator: see BENCHMARKS.md, "Allocator".
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: alloc::Mi = alloc::Mi;
 
 impl LogLevel {
     /// A plain level filter: Envoy's `-l` is one level for every logger. (tracing's
