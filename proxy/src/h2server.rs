@@ -1344,7 +1344,11 @@ impl Fields {
         match self.scheme {
             Some(_) if is_connect => return None,
             Some(s) => {
-                let scheme: uri::Scheme = std::str::from_utf8(&s).ok()?.parse().ok()?;
+                let scheme = match &s[..] {
+                    b"http" => uri::Scheme::HTTP,
+                    b"https" => uri::Scheme::HTTPS,
+                    other => std::str::from_utf8(other).ok()?.parse().ok()?,
+                };
                 // A URI cannot have a scheme without an authority: kept only with one.
                 if parts.authority.is_some() {
                     parts.scheme = Some(scheme);

@@ -510,16 +510,13 @@ pub fn encode_trailers(headers: &HeaderMap, size_update: bool, dst: &mut BytesMu
     encode_fields(headers, dst);
 }
 
-/// Reserves the whole block at once, so encoding never reallocates halfway.
+/// Reserves room for a usual block at once (a response's fields are short), from the field
+/// count alone: summing the lengths first cost as much as a fifth of the encoding. Longer
+/// values grow the buffer as they go; the connection's output buffer keeps its capacity
+/// between blocks, so that happens once.
 fn reserve(headers: &HeaderMap, extra: usize, dst: &mut BytesMut) {
-    // Per field at most 5 bytes before a literal name (its byte, then the length of a name
-    // under 64 KiB; an indexed name takes 2) and 6 for a value length below 2^35.
-    const FIELD_OVERHEAD: usize = 11;
-    let mut len = extra;
-    for (name, value) in headers {
-        len += name.as_str().len() + value.len() + FIELD_OVERHEAD;
-    }
-    dst.reserve(len);
+    const USUAL_FIELD: usize = 48;
+    dst.reserve(extra + headers.len() * USUAL_FIELD);
 }
 
 fn encode_fields(headers: &HeaderMap, dst: &mut BytesMut) {
