@@ -472,6 +472,7 @@ where
                 inner.out.put_u32(Reason::NO_ERROR.into());
                 put_head(&mut inner.out, 8, PING, 0, 0);
                 inner.out.put_slice(&GOAWAY_PING);
+                self.write_side.rearm();
             }
             // Whatever the streams and the frames just read queued goes out now, in one write.
             match self.flush() {
@@ -491,19 +492,21 @@ where
 
     /// The connection's result once it has nothing left to do.
     fn finished(&mut self) -> Option<Result<(), Error>> {
-        let flushed = self.wbuf.is_empty() && lock(&self.shared).out.is_empty();
-        if self.ending.is_some() && flushed {
-            return self.ending.take();
-        }
         let idle = self.streams.is_empty();
-        if idle && flushed && (self.read_closed || self.peer_goaway || self.goaway_sent) {
-            return Some(Ok(()));
+        let closing = self.read_closed || self.peer_goaway || self.goaway_sent;
+        if self.ending.is_none() && !(idle && closing) {
+            // Serving: the usual answer, without looking at the output.
+            return None;
         }
         if self.read_closed && !idle {
             // The client went away with streams open: they cannot answer anyone.
             return Some(Ok(()));
         }
-        None
+        let flushed = self.wbuf.is_empty() && lock(&self.shared).out.is_empty();
+        if !flushed {
+            return None;
+        }
+        Some(self.ending.take().unwrap_or(Ok(())))
     }
 
     /// A connection error: GOAWAY with its code, then the connection ends once that is out.
@@ -522,11 +525,8 @@ where
     /// Writes queued frames until done or the socket is full.
     fn flush(&mut self) -> Poll<io::Result<()>> {
         if !self.write_side.take() && self.wbuf.is_empty() {
-            // Nothing of ours is waiting for the socket; output queued meanwhile wakes the side.
-            let inner = lock(&self.shared);
-            if inner.out.is_empty() {
-                return Poll::Ready(Ok(()));
-            }
+            // Whatever queues output wakes (or rearms) the write side: nothing to do.
+            return Poll::Ready(Ok(()));
         }
         let mut cx = self.write_side.context();
         loop {
@@ -553,14 +553,12 @@ where
         }
     }
 
-    /// Reads once and handles the frames read, unless the output is too full to take more of
-    /// the client's requests (a client that sends but does not read). After a read the side is
-    /// rearmed: the streams just opened run before the next read, so that a client's resets
-    /// meet running streams rather than a backlog of refused ones.
+    /// Reads once and handles the frames read. After a read the side is rearmed, so the streams
+    /// just opened run before the next read (a client's resets then meet running streams rather
+    /// than a backlog of refused ones) — unless the output is too full to take more of the
+    /// client's requests (a client that sends but does not read): then reading resumes once the
+    /// output went to the socket.
     fn read(&mut self) -> Result<(), Error> {
-        if lock(&self.shared).out.len() >= MAX_SEND_BUFFER {
-            return Ok(());
-        }
         if self.rbuf.capacity() - self.rbuf.len() < READ_SIZE / 2 {
             self.rbuf.reserve(READ_SIZE);
         }
@@ -573,8 +571,12 @@ where
                 Ok(())
             }
             Poll::Ready(Ok(_)) => {
-                self.read_side.rearm();
-                self.frames()
+                self.frames()?;
+                // The next read waits until the output drained (`flush` rearms the side then).
+                if lock(&self.shared).out.len() < MAX_SEND_BUFFER {
+                    self.read_side.rearm();
+                }
+                Ok(())
             }
             Poll::Ready(Err(e)) => Err(Error::Io(e)),
         }
@@ -661,6 +663,7 @@ where
                     let mut inner = lock(&self.shared);
                     put_head(&mut inner.out, 8, PING, ACK, 0);
                     inner.out.put_slice(&payload);
+                    self.write_side.rearm();
                 } else if self.goaway_noticed && !self.goaway_sent && payload[..] == GOAWAY_PING {
                     // The client has seen the first GOAWAY: streams it opens from now on are
                     // refused.
@@ -669,6 +672,7 @@ where
                     put_head(&mut inner.out, 8, GOAWAY, 0, 0);
                     inner.out.put_u32(self.last_stream_id);
                     inner.out.put_u32(Reason::NO_ERROR.into());
+                    self.write_side.rearm();
                 }
                 Ok(())
             }
@@ -759,6 +763,7 @@ where
             }
         }
         put_head(&mut inner.out, 0, SETTINGS, ACK, 0);
+        self.write_side.rearm();
         Ok(())
     }
 
@@ -1067,6 +1072,14 @@ where
             lock(&self.shared).reset_stream(id, Reason::REFUSED_STREAM);
             return Ok(());
         }
+        let remaining = fields.content_length;
+        let malformed = (end_stream && remaining.is_some_and(|n| n != 0)) || depends_on_itself;
+        // Built before the lock is taken; an over-size block was not kept whole.
+        let req = if over_size || malformed {
+            None
+        } else {
+            fields.request()
+        };
         let mut inner = lock(&self.shared);
         if over_size {
             // As h2 did: a 431 answer, then the stream refused (no DATA wanted).
@@ -1087,36 +1100,16 @@ where
             inner.reset_stream(id, Reason::REFUSED_STREAM);
             return Ok(());
         }
-        drop(inner);
-        let Some(req) = fields.request() else {
+        let Some(req) = req else {
+            drop(inner);
             return self.local_reset(id, Reason::PROTOCOL_ERROR);
         };
-        let (mut parts, ()) = req.into_parts();
-        let Ok(remaining) = content_length(&parts.headers) else {
-            return self.local_reset(id, Reason::PROTOCOL_ERROR);
+        let body = RecvBody {
+            shared: (!end_stream).then(|| self.shared.clone()),
+            id,
+            remaining,
         };
-        if end_stream && remaining.is_some_and(|n| n != 0) {
-            return self.local_reset(id, Reason::PROTOCOL_ERROR);
-        }
-        if depends_on_itself {
-            return self.local_reset(id, Reason::PROTOCOL_ERROR);
-        }
-        parts.version = Version::HTTP_2;
-        let mut inner = lock(&self.shared);
         let send_window = inner.peer_initial_window;
-        let body = if end_stream {
-            RecvBody {
-                shared: None,
-                id,
-                remaining,
-            }
-        } else {
-            RecvBody {
-                shared: Some(self.shared.clone()),
-                id,
-                remaining,
-            }
-        };
         inner.streams.push(Slot {
             id,
             send_window,
@@ -1135,7 +1128,7 @@ where
             },
         });
         drop(inner);
-        let fut = (self.service)(Request::from_parts(parts, Inbound::H2(body)));
+        let fut = (self.service)(req.map(|()| Inbound::H2(body)));
         self.streams.push(StreamTask {
             shared: self.shared.clone(),
             id,
@@ -1208,22 +1201,12 @@ fn strip_padding(flags: u8, p: &mut BytesMut) -> Result<usize, Error> {
     Ok(pad + 1)
 }
 
-/// The request's Content-Length: digits only, and every value the same (as h2 checked);
-/// `Err` makes the request malformed.
-fn content_length(h: &HeaderMap) -> Result<Option<u64>, ()> {
-    let mut len = None;
-    for v in h.get_all(header::CONTENT_LENGTH) {
-        let b = v.as_bytes();
-        if b.is_empty() || b.len() > 19 || !b.iter().all(u8::is_ascii_digit) {
-            return Err(());
-        }
-        let n = b.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-        if len.is_some_and(|l| l != n) {
-            return Err(());
-        }
-        len = Some(n);
+/// A Content-Length value: digits only (as h2 checked).
+fn parse_length(b: &[u8]) -> Option<u64> {
+    if b.is_empty() || b.len() > 19 || !b.iter().all(u8::is_ascii_digit) {
+        return None;
     }
-    Ok(len)
+    Some(b.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
 // === Request heads ===
@@ -1243,6 +1226,9 @@ struct Fields {
     /// kept (an indexed field is one byte on the wire but can be 4 KiB decoded).
     size: usize,
     limit: usize,
+    /// Content-Length, noted as the fields go by (no lookup afterwards); every value must be
+    /// digits and the same, else the request is malformed.
+    content_length: Option<u64>,
 }
 
 impl Fields {
@@ -1258,6 +1244,7 @@ impl Fields {
             pseudo: false,
             size: 0,
             limit,
+            content_length: None,
         }
     }
 
@@ -1292,6 +1279,14 @@ impl Fields {
                 {
                     self.malformed = true;
                     return;
+                }
+                if name == header::CONTENT_LENGTH {
+                    match parse_length(&f.value) {
+                        Some(n) if self.content_length.is_none_or(|l| l == n) => {
+                            self.content_length = Some(n);
+                        }
+                        _ => self.malformed = true,
+                    }
                 }
                 match HeaderValue::from_maybe_shared(f.value) {
                     Ok(v) => {
@@ -1655,7 +1650,11 @@ where
             Poll::Pending => Poll::Pending,
             Poll::Ready(end) => {
                 match end {
-                    BodyEnd::Sent => {}
+                    // Finished with the last frame, under the same lock.
+                    BodyEnd::Sent => {
+                        me.state.set(StreamState::Done);
+                        return Poll::Ready(());
+                    }
                     BodyEnd::Reset(why) => {
                         tracing::debug!(stream = id, ?why, "stream reset mid-response");
                         end_early(me.state.as_mut(), why);
@@ -1718,7 +1717,7 @@ where
     B: Stall,
 {
     let StreamStateProj::Body { mut body, waiting } = state.as_mut().project() else {
-        return Poll::Ready(BodyEnd::Sent);
+        return Poll::Ready(BodyEnd::Failed("no response body to send".into()));
     };
     loop {
         if let Some((data, eos)) = waiting {
@@ -1770,6 +1769,7 @@ where
             let eos = *eos;
             *waiting = None;
             if eos {
+                finish(&mut inner, id);
                 return Poll::Ready(BodyEnd::Sent);
             }
             continue;
@@ -1805,6 +1805,7 @@ where
                         hpack::encode_trailers(&trailers, size_update, &mut inner.out);
                         end_header_block(&mut inner, start, true);
                         inner.wake_writer();
+                        finish(&mut inner, id);
                         return Poll::Ready(BodyEnd::Sent);
                     }
                 }
