@@ -453,6 +453,12 @@ macro_rules! serve_until_drained {
 /// task (several per request; polling a pending `watch` wait or `Sleep` is not free).
 struct SideWake {
     fired: AtomicBool,
+    task: Arc<SideTask>,
+}
+
+/// The task a side wakes; shared by sides made with [`Side::sibling`], so that a task polling
+/// several registers its waker once, not once per side.
+struct SideTask {
     /// The task is being polled and looks at `fired` before it returns (see [`Side::enter`]).
     polling: AtomicBool,
     task: AtomicWaker,
@@ -466,8 +472,8 @@ impl Wake for SideWake {
     fn wake_by_ref(self: &Arc<Self>) {
         // SeqCst pairs with `Side::leave`: either the poller sees `fired`, or this sees it left.
         self.fired.store(true, Ordering::SeqCst);
-        if !self.polling.load(Ordering::SeqCst) {
-            self.task.wake();
+        if !self.task.polling.load(Ordering::SeqCst) {
+            self.task.task.wake();
         }
     }
 }
@@ -481,10 +487,23 @@ pub(crate) struct Side {
 impl Side {
     /// Starts fired: the secondary future must be polled once to register.
     pub(crate) fn new() -> Side {
-        let wake = Arc::new(SideWake {
-            fired: AtomicBool::new(true),
+        Side::with_task(Arc::new(SideTask {
             polling: AtomicBool::new(false),
             task: AtomicWaker::new(),
+        }))
+    }
+
+    /// Another side of the same task: [`Self::enter`] and [`Self::leave`] on this one (or on
+    /// `self`) speak for both, so a task with several sides registers its waker once a poll.
+    /// Starts fired, as [`Self::new`].
+    pub(crate) fn sibling(&self) -> Side {
+        Side::with_task(self.wake.task.clone())
+    }
+
+    fn with_task(task: Arc<SideTask>) -> Side {
+        let wake = Arc::new(SideWake {
+            fired: AtomicBool::new(true),
+            task,
         });
         let waker = Waker::from(wake.clone());
         Side { wake, waker }
@@ -497,7 +516,7 @@ impl Side {
         cx: &mut Context<'_>,
     ) -> Poll<F::Output> {
         // Register before reading the flag: a wake in between still reaches this task.
-        self.wake.task.register(cx.waker());
+        self.wake.task.task.register(cx.waker());
         if !self.wake.fired.swap(false, Ordering::AcqRel) {
             return Poll::Pending;
         }
@@ -507,7 +526,7 @@ impl Side {
     /// Has a wake of the side wake the task polled with `cx`, for callers that poll the side
     /// by hand ([`Self::take`], [`Self::context`]).
     pub(crate) fn register(&self, cx: &Context<'_>) {
-        self.wake.task.register(cx.waker());
+        self.wake.task.task.register(cx.waker());
     }
 
     /// The side's waker, for wakes from outside the task's poll.
@@ -524,8 +543,8 @@ impl Side {
     /// [`Self::leave`] a wake only sets the flag, so what the loop itself causes (a stream
     /// queueing a frame wakes the connection) does not make the runtime poll the task again.
     pub(crate) fn enter(&self, cx: &Context<'_>) {
-        self.wake.task.register(cx.waker());
-        self.wake.polling.store(true, Ordering::SeqCst);
+        self.wake.task.task.register(cx.waker());
+        self.wake.task.polling.store(true, Ordering::SeqCst);
     }
 
     /// Clears the flag and says whether the side fired since its last poll.
@@ -542,10 +561,17 @@ impl Side {
         Context::from_waker(&self.waker)
     }
 
-    /// Ends [`Self::enter`]. True when the side fired and nobody will poll it: the caller must
-    /// wake its task.
+    /// Ends [`Self::enter`] (for its siblings too). True when the side fired and nobody will
+    /// poll it: the caller must wake its task; each sibling says the same with
+    /// [`Self::left_fired`].
     pub(crate) fn leave(&self) -> bool {
-        self.wake.polling.store(false, Ordering::SeqCst);
+        self.wake.task.polling.store(false, Ordering::SeqCst);
+        self.wake.fired.load(Ordering::SeqCst)
+    }
+
+    /// After a sibling's [`Self::leave`]: this side fired and nobody will poll it. SeqCst, as
+    /// `leave`, so that either this sees a wake's flag or the wake sees the task left.
+    pub(crate) fn left_fired(&self) -> bool {
         self.wake.fired.load(Ordering::SeqCst)
     }
 }

@@ -386,7 +386,10 @@ where
     B: Stall,
 {
     pub fn new(io: T, settings: Settings, service: S) -> Self {
-        let write_side = Side::new();
+        // One task, three sides: one waker registration a poll.
+        let read_side = Side::new();
+        let write_side = read_side.sibling();
+        let streams_side = read_side.sibling();
         let mut out = BytesMut::with_capacity(4096);
         // SETTINGS as h2 sent them for hyper's server, then the connection window.
         put_head(&mut out, 24, SETTINGS, 0, 0);
@@ -427,9 +430,9 @@ where
             decoder: hpack::Decoder::new(HEADER_TABLE_SIZE),
             rbuf: BytesMut::new(),
             wbuf: BytesMut::new(),
-            read_side: Side::new(),
+            read_side,
             write_side,
-            streams_side: Side::new(),
+            streams_side,
             preface_done: false,
             settings_seen: false,
             partial: None,
@@ -1150,12 +1153,12 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let me = self.get_mut();
+        // The sides are siblings: entering and leaving one does it for all three.
         me.read_side.enter(cx);
-        me.write_side.enter(cx);
-        me.streams_side.enter(cx);
         let r = me.drive();
-        // All sides are left: a wake that raced with the loop's end must not be lost.
-        let again = me.read_side.leave() | me.write_side.leave() | me.streams_side.leave();
+        // A wake that raced with the loop's end must not be lost.
+        let again =
+            me.read_side.leave() | me.write_side.left_fired() | me.streams_side.left_fired();
         if r.is_pending() && again {
             cx.waker().wake_by_ref();
         }
