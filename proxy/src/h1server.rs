@@ -24,6 +24,7 @@ use tokio::io::AsyncWrite;
 
 use crate::body::{BoxError, Inbound};
 use crate::conn::{CountingIo, Side};
+use crate::headers::parse_length;
 
 /// hyper's default limit on request header fields.
 const MAX_HEADERS: usize = 100;
@@ -745,7 +746,8 @@ fn encode_head(
                     // Only the first value is written; others must agree when it is parsed.
                     // Without a body, hyper writes a HEAD's first value as a plain field and
                     // then refuses the second.
-                    if length == Some(None) && framing != parse_length(value).map(Framing::Length)
+                    if length == Some(None)
+                        && framing != parse_length(value.as_bytes()).map(Framing::Length)
                         || length.is_none() && head_request
                     {
                         return Err("multiple content-length values");
@@ -757,7 +759,7 @@ fn encode_head(
                 }
                 match length {
                     Some(Some(n)) => framing = Some(Framing::Length(n)),
-                    Some(None) => match parse_length(value) {
+                    Some(None) => match parse_length(value.as_bytes()) {
                         Some(n) => framing = Some(Framing::Length(n)),
                         None => return Err("invalid content-length"),
                     },
@@ -879,20 +881,6 @@ fn write_joined(
     }
     dst.extend_from_slice(end);
     dst.extend_from_slice(b"\r\n");
-}
-
-/// hyper's `content_length_parse`: digits only.
-fn parse_length(v: &HeaderValue) -> Option<u64> {
-    let b = v.as_bytes();
-    if b.is_empty() {
-        return None;
-    }
-    b.iter().try_fold(0u64, |n, &d| {
-        if !d.is_ascii_digit() {
-            return None;
-        }
-        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
 }
 
 #[cfg(test)]
@@ -1054,10 +1042,10 @@ mod tests {
     #[test]
     fn lengths_and_tokens_read_as_hyper_reads_them() {
         let v = |s: &str| HeaderValue::from_str(s).unwrap();
-        assert_eq!(parse_length(&v("00000000000000000005")), Some(5));
-        assert_eq!(parse_length(&v("18446744073709551616")), None);
-        assert_eq!(parse_length(&v("1 2")), None);
-        assert_eq!(parse_length(&v("")), None);
+        assert_eq!(parse_length(v("00000000000000000005").as_bytes()), Some(5));
+        assert_eq!(parse_length(v("18446744073709551616").as_bytes()), None);
+        assert_eq!(parse_length(v("1 2").as_bytes()), None);
+        assert_eq!(parse_length(v("").as_bytes()), None);
         assert!(has_token(&v("keep-alive, Close"), "close"));
         assert!(!has_token(
             &HeaderValue::from_bytes(b"close, \xe9").unwrap(),

@@ -204,6 +204,27 @@ impl Recv {
     fn open(&self) -> bool {
         !self.eos && self.error.is_none()
     }
+
+    /// Tells the body's reader something arrived (data, its end, an error).
+    fn wake_body(&mut self) {
+        if let Some(w) = self.body.take() {
+            w.wake();
+        }
+    }
+}
+
+impl Slot {
+    /// The stream was reset, by either side: a request body still arriving fails with
+    /// `reason`, and the body's reader and the stream's task hear of it.
+    fn fail(&mut self, reason: Reason) {
+        if self.recv.open() {
+            self.recv.error = Some(reason);
+        }
+        self.recv.wake_body();
+        if let Some(w) = &self.task {
+            w.wake_by_ref();
+        }
+    }
 }
 
 type Shared = Arc<Mutex<Inner>>;
@@ -290,15 +311,7 @@ impl Inner {
         if let Some(s) = self.slot(id) {
             s.send_done = true;
             s.local_reset = true;
-            if s.recv.open() {
-                s.recv.error = Some(reason);
-            }
-            if let Some(w) = s.recv.body.take() {
-                w.wake();
-            }
-            if let Some(w) = &s.task {
-                w.wake_by_ref();
-            }
+            s.fail(reason);
         }
     }
 
@@ -843,15 +856,7 @@ where
         }
         s.peer_reset = Some(reason);
         let premature = !s.send_done && !s.local_reset;
-        if s.recv.open() {
-            s.recv.error = Some(reason);
-        }
-        if let Some(w) = s.recv.body.take() {
-            w.wake();
-        }
-        if let Some(w) = &s.task {
-            w.wake_by_ref();
-        }
+        s.fail(reason);
         if premature {
             inner.premature_resets += 1;
         }
@@ -941,9 +946,7 @@ where
         if flags & END_STREAM != 0 {
             s.recv.eos = true;
         }
-        if let Some(w) = s.recv.body.take() {
-            w.wake();
-        }
+        s.recv.wake_body();
         // Padding is consumed at once; data nobody will read too.
         let consumed = (flow_len - n) + if alive { 0 } else { n };
         inner.release(id, consumed);
@@ -1052,9 +1055,7 @@ where
                         s.recv.trailers = Some(t);
                     }
                     s.recv.eos = true;
-                    if let Some(w) = s.recv.body.take() {
-                        w.wake();
-                    }
+                    s.recv.wake_body();
                     inner.maybe_remove(id);
                     return Ok(());
                 }
@@ -1175,9 +1176,7 @@ where
         let mut inner = lock(&self.shared);
         inner.closed = true;
         for s in &mut inner.streams {
-            if let Some(w) = s.recv.body.take() {
-                w.wake();
-            }
+            s.recv.wake_body();
         }
     }
 }
@@ -1202,14 +1201,6 @@ fn strip_padding(flags: u8, p: &mut BytesMut) -> Result<usize, Error> {
     p.advance(1);
     p.truncate(p.len() - pad);
     Ok(pad + 1)
-}
-
-/// A Content-Length value: digits only (as h2 checked).
-fn parse_length(b: &[u8]) -> Option<u64> {
-    if b.is_empty() || b.len() > 19 || !b.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    Some(b.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
 // === Request heads ===
@@ -1284,7 +1275,7 @@ impl Fields {
                     return;
                 }
                 if name == header::CONTENT_LENGTH {
-                    match parse_length(&f.value) {
+                    match crate::headers::parse_length(&f.value) {
                         Some(n) if self.content_length.is_none_or(|l| l == n) => {
                             self.content_length = Some(n);
                         }

@@ -416,6 +416,20 @@ pub fn date() -> HeaderValue {
     })
 }
 
+/// A request's Content-Length value as hyper's `content_length_parse` reads it (both downstream
+/// codecs use it): digits only, no sign or spaces, within `u64`.
+pub fn parse_length(b: &[u8]) -> Option<u64> {
+    if b.is_empty() {
+        return None;
+    }
+    b.iter().try_fold(0u64, |n, &d| {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
