@@ -466,13 +466,13 @@ async fn a_drain_answers_a_first_request_still_arriving() {
         Some(1)
     );
     strait.sigterm();
-    // The listener closing is the signal that the drain began.
-    common::within("the listener to close", async {
-        while tokio::net::TcpStream::connect(addr).await.is_ok() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    // Counted when the connection is told to drain.
+    assert_eq!(
+        strait
+            .wait_stat("http.ingress.downstream_cx_drain_close", 1)
+            .await,
+        Some(1)
+    );
     c.send(b"\r\n").await;
     let r = c.response(false).await;
     assert_eq!(r.status(), 200);

@@ -16,6 +16,7 @@ const RST_STREAM: u8 = 3;
 const SETTINGS: u8 = 4;
 const PING: u8 = 6;
 const GOAWAY: u8 = 7;
+const WINDOW_UPDATE: u8 = 8;
 const CONTINUATION: u8 = 9;
 const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
@@ -141,6 +142,21 @@ async fn stream_frames(s: &mut TcpStream, id: u32) -> Vec<(u8, u8, u32, Vec<u8>)
     .collect()
 }
 
+/// The stream's last frame is RST_STREAM with this error code (PROTOCOL_ERROR is 1).
+fn assert_reset(frames: &[(u8, u8, u32, Vec<u8>)], code: u32) {
+    assert_eq!(
+        frames.last().map(|f| (f.0, f.3.clone())),
+        Some((RST_STREAM, code.to_be_bytes().to_vec())),
+        "{frames:?}"
+    );
+}
+
+/// The access-log line's response flags (its sixth field) include `flag`.
+fn assert_flag(line: &str, flag: &str) {
+    let flags = line.split(' ').nth(5).unwrap_or_default();
+    assert!(flags.split(',').any(|f| f == flag), "{line}");
+}
+
 /// The `:status` of a response header block as Strait encodes it: an indexed 200 (0x88) after
 /// an optional table size update.
 fn is_200(block: &[u8]) -> bool {
@@ -207,11 +223,7 @@ async fn a_malformed_request_resets_its_stream_only() {
     let bad = request_block("GET", "/bad", &[("X-Upper", "1")]);
     send(&mut s, &frame(HEADERS, END_STREAM | END_HEADERS, 1, &bad)).await;
     let frames = stream_frames(&mut s, 1).await;
-    assert_eq!(
-        frames.last().map(|f| (f.0, f.3.clone())),
-        Some((RST_STREAM, vec![0, 0, 0, 1])),
-        "{frames:?}"
-    );
+    assert_reset(&frames, 1);
     let good = request_block("GET", "/good", &[]);
     send(&mut s, &frame(HEADERS, END_STREAM | END_HEADERS, 3, &good)).await;
     let frames = stream_frames(&mut s, 3).await;
@@ -355,17 +367,12 @@ async fn a_stream_error_mid_upload_stops_the_request() {
     bytes.extend_from_slice(&frame(DATA, 0, 1, &[b'x'; 100]));
     send(&mut s, &bytes).await;
     up.wait_requests(1).await;
-    send(&mut s, &frame(8, 0, 1, &0u32.to_be_bytes())).await;
+    send(&mut s, &frame(WINDOW_UPDATE, 0, 1, &0u32.to_be_bytes())).await;
     let frames = stream_frames(&mut s, 1).await;
-    assert_eq!(
-        frames.last().map(|f| (f.0, f.3.clone())),
-        Some((RST_STREAM, vec![0, 0, 0, 1])),
-        "{frames:?}"
-    );
+    assert_reset(&frames, 1);
     let lines = strait.access_log("/upload", 1).await;
     // The flags field: `DPE`, with `UC` for the upstream request the aborted body ended.
-    let flags = lines[0].split(' ').nth(5).unwrap_or_default();
-    assert!(flags.split(',').any(|f| f == "DPE"), "{lines:?}");
+    assert_flag(&lines[0], "DPE");
     assert!(
         !frames.iter().any(|f| f.0 == HEADERS),
         "no answer for a reset stream: {frames:?}"
@@ -410,11 +417,7 @@ async fn a_bad_content_length_resets_the_stream() {
         bytes.extend_from_slice(&frame(DATA, END_STREAM, id, b"abc"));
         send(&mut s, &bytes).await;
         let frames = stream_frames(&mut s, id).await;
-        assert_eq!(
-            frames.last().map(|f| (f.0, f.3.clone())),
-            Some((RST_STREAM, vec![0, 0, 0, 1])),
-            "{extra:?}: {frames:?}"
-        );
+        assert_reset(&frames, 1);
     }
     assert_eq!(up.requests(), 0);
 }
@@ -507,15 +510,10 @@ async fn a_stream_error_cancels_a_request_waiting_upstream() {
     let block = request_block("GET", "/slow", &[]);
     send(&mut s, &frame(HEADERS, END_STREAM | END_HEADERS, 1, &block)).await;
     up.wait_requests(1).await;
-    send(&mut s, &frame(8, 0, 1, &0u32.to_be_bytes())).await;
+    send(&mut s, &frame(WINDOW_UPDATE, 0, 1, &0u32.to_be_bytes())).await;
     let frames = stream_frames(&mut s, 1).await;
-    assert_eq!(
-        frames.last().map(|f| (f.0, f.3.clone())),
-        Some((RST_STREAM, vec![0, 0, 0, 1])),
-        "{frames:?}"
-    );
+    assert_reset(&frames, 1);
     // Logged within the test's timeout (20 s), not after the upstream's 60 s.
     let lines = strait.access_log("/slow", 1).await;
-    let flags = lines[0].split(' ').nth(5).unwrap_or_default();
-    assert!(flags.split(',').any(|f| f == "DPE"), "{lines:?}");
+    assert_flag(&lines[0], "DPE");
 }
