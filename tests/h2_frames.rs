@@ -517,3 +517,39 @@ async fn a_stream_error_cancels_a_request_waiting_upstream() {
     let lines = strait.access_log("/slow", 1).await;
     assert_flag(&lines[0], "DPE");
 }
+
+/// A header block HPACK cannot decode (index 0, RFC 7541 §6.1) breaks the connection's shared
+/// decoding state: GOAWAY(COMPRESSION_ERROR), counted as a protocol error; other connections
+/// are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_header_block_ends_the_connection() {
+    let up = Upstream::start("up").await;
+    let strait = proxy(&up).await;
+    let mut s = open(&strait, &[]).await;
+    send(
+        &mut s,
+        &frame(HEADERS, END_STREAM | END_HEADERS, 1, &[0x80]),
+    )
+    .await;
+    let frames = read_until(&mut s, |kind, _, _| kind == GOAWAY).await;
+    let goaway = frames
+        .iter()
+        .find(|f| f.0 == GOAWAY)
+        .unwrap_or_else(|| panic!("no GOAWAY: {frames:?}"));
+    // COMPRESSION_ERROR is 9.
+    assert_eq!(goaway.3.get(4..8), Some(&[0, 0, 0, 9][..]), "{frames:?}");
+    assert_eq!(
+        strait
+            .wait_stat("http.ingress.downstream_cx_protocol_error", 1)
+            .await,
+        Some(1)
+    );
+    assert_eq!(up.requests(), 0);
+    assert_eq!(
+        common::Client::h2c()
+            .get(&strait.url("/after"))
+            .await
+            .status,
+        200
+    );
+}
