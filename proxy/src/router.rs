@@ -221,7 +221,8 @@ fn find_virtual_host<'a>(rc: &'a RouteConfig, host: Option<&[u8]>) -> Option<&'a
 
 /// The path without query string and fragment, as Envoy's path matchers see it.
 fn path_only(path_and_query: &str) -> &str {
-    match path_and_query.find(['?', '#']) {
+    // A byte scan: `str::find` with a char set costs a generic searcher's set-up per call.
+    match path_and_query.bytes().position(|b| b == b'?' || b == b'#') {
         Some(i) => &path_and_query[..i],
         None => path_and_query,
     }
@@ -504,7 +505,17 @@ pub fn apply_response_headers(headers: &mut HeaderMap, levels: &[&HeaderMutation
 /// One level, as Envoy's `HeaderParser::evaluateHeaders`: removals first; then every addition
 /// is decided against the headers as they were before this level's additions; overwrites are
 /// applied before appends.
+#[inline]
 fn apply_level(headers: &mut HeaderMap, remove: &[HeaderName], add: &[HeaderValueOption]) {
+    // Most levels are empty: checked inline, ahead of the out-of-line work's stack frame (about
+    // 40 instructions a level, six levels a request).
+    if !remove.is_empty() || !add.is_empty() {
+        apply_level_slow(headers, remove, add);
+    }
+}
+
+#[inline(never)]
+fn apply_level_slow(headers: &mut HeaderMap, remove: &[HeaderName], add: &[HeaderValueOption]) {
     for name in remove {
         headers.remove(name);
     }
