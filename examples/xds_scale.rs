@@ -146,10 +146,15 @@ fn epoch_ms() -> i64 {
 }
 
 fn rss_kb(pid: u32) -> u64 {
+    status_kb(pid, "VmRSS:")
+}
+
+/// A `kB` field of `/proc/PID/status` (`VmRSS:`, `VmHWM:`), 0 when unreadable.
+fn status_kb(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
@@ -397,6 +402,8 @@ static_resources:
         l.stop();
     }
     println!("{who} RSS at end: {} kB", rss_kb(pid));
+    // The peak includes every apply, when old and new configurations coexist.
+    println!("{who} peak RSS (VmHWM): {} kB", status_kb(pid, "VmHWM:"));
     let _ = child.start_kill();
 }
 
