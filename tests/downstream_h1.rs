@@ -345,6 +345,42 @@ fn echoed(r: &RawResponse) -> Value {
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&r.body)))
 }
 
+/// A head with more fields than the fast path keeps offsets for on the stack reaches the
+/// upstream whole; the next request on the same connection, parsed into the map the first one's
+/// response left behind, carries only its own fields, and so does its response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_fields_arrive_whole_and_nothing_carries_over() {
+    let up = Upstream::start("up").await;
+    let strait = proxy(up.addr).await;
+    let mut c = RawConn::open(strait.listener("ingress")).await;
+    let many: String = (0..40).map(|i| format!("x-many-{i}: v{i}\r\n")).collect();
+    c.send(&get("/many", &many)).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status(), 200);
+    let e = echoed(&r);
+    for i in 0..40 {
+        assert_eq!(
+            e["headers"][format!("x-many-{i}")][0],
+            format!("v{i}"),
+            "field {i}"
+        );
+    }
+    c.send(&get("/few", "x-only: 1\r\n")).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status(), 200);
+    let e = echoed(&r);
+    assert_eq!(e["path"], "/few");
+    assert_eq!(e["headers"]["x-only"][0], "1");
+    let names = e["headers"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect::<Vec<_>>());
+    assert!(
+        names.iter().flatten().all(|n| !n.starts_with("x-many-")),
+        "fields of the first request reached the second: {names:?}"
+    );
+    assert_eq!(up.accepts(), 1, "both requests on one upstream connection");
+}
+
 /// Requests written back to back in one segment are answered in order on the same connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_are_answered_in_order() {

@@ -605,19 +605,38 @@ pub(crate) fn token_eq_lower(raw: &[u8], lower: &[u8]) -> bool {
     word(raw, n - 8) | CASE == word(lower, n - 8)
 }
 
+/// Heads with up to this many fields keep their offsets on the stack; zeroing room for
+/// `MAX_HEADERS` on every head cost ~100 instructions.
+pub(crate) const INLINE_FIELDS: usize = 24;
+
 /// Where each parsed header's name and value lie in `buf` (start and end of each), so that
-/// they can be sliced out of the head once the parser no longer borrows the buffer.
-pub(crate) fn header_offsets(buf: &[u8], headers: &[httparse::Header<'_>], idx: &mut [[u32; 4]]) {
+/// they can be sliced out of the head once the parser no longer borrows the buffer: in `inline`
+/// for the usual few fields, in `heap` past that.
+pub(crate) fn header_offsets<'a>(
+    buf: &[u8],
+    headers: &[httparse::Header<'_>],
+    inline: &'a mut [[u32; 4]; INLINE_FIELDS],
+    heap: &'a mut Vec<[u32; 4]>,
+) -> &'a [[u32; 4]] {
     let base = buf.as_ptr() as usize;
-    for (slot, h) in idx.iter_mut().zip(headers) {
+    let offsets = |h: &httparse::Header<'_>| {
         let n = h.name.as_ptr() as usize - base;
         let v = h.value.as_ptr() as usize - base;
-        *slot = [
+        [
             n as u32,
             (n + h.name.len()) as u32,
             v as u32,
             (v + h.value.len()) as u32,
-        ];
+        ]
+    };
+    if headers.len() <= INLINE_FIELDS {
+        for (slot, h) in inline.iter_mut().zip(headers) {
+            *slot = offsets(h);
+        }
+        &inline[..headers.len()]
+    } else {
+        heap.extend(headers.iter().map(offsets));
+        heap
     }
 }
 
@@ -632,8 +651,8 @@ fn parse_head(
         [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut res = httparse::Response::new(&mut []);
     // Name and value offsets into `buf`, taken while it is borrowed by the parser.
-    let mut idx = [[0u32; 4]; MAX_HEADERS];
-    let (len, code, version, count) = {
+    let (mut inline, mut heap) = ([[0u32; 4]; INLINE_FIELDS], Vec::new());
+    let (len, code, version, idx) = {
         let len = match httparse::ParserConfig::default()
             .parse_response_with_uninit_headers(&mut res, buf, &mut slots)
         {
@@ -644,12 +663,11 @@ fn parse_head(
             }
             Err(_) => return Err(Error::Protocol("invalid response head")),
         };
-        header_offsets(buf, res.headers, &mut idx);
         (
             len,
             res.code.unwrap_or(0),
             res.version.unwrap_or(1),
-            res.headers.len(),
+            header_offsets(buf, res.headers, &mut inline, &mut heap),
         )
     };
     if len > MAX_HEAD {
@@ -664,12 +682,12 @@ fn parse_head(
     let head = buf.split_to(len).freeze();
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     let mut headers = std::mem::take(spare);
-    headers.reserve(count);
+    headers.reserve(idx.len());
     let mut close = false;
     let mut keep_alive_token = false;
     let mut te: Option<bool> = None;
     let mut cl: Option<u64> = None;
-    for &[ns, ne, vs, ve] in &idx[..count] {
+    for &[ns, ne, vs, ve] in idx {
         let (name, role) = response_header_name(&head[ns as usize..ne as usize])?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
             .map_err(|_| Error::Protocol("invalid response header value"))?;
@@ -1243,5 +1261,37 @@ mod tests {
             panic!("HTTP/1.0 head");
         };
         assert_eq!((h.dec, h.keep_alive), (Decoder::Length(0), false));
+    }
+
+    /// Past the fields whose offsets fit on the stack, and into a recycled map too small for
+    /// them: every field arrives, in order.
+    #[test]
+    fn a_head_with_many_fields_keeps_them_all() {
+        for n in [
+            INLINE_FIELDS - 1,
+            INLINE_FIELDS,
+            INLINE_FIELDS + 1,
+            MAX_HEADERS - 1,
+        ] {
+            let mut raw = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n".to_vec();
+            for i in 0..n {
+                raw.extend_from_slice(format!("x-f{i}: v{i}\r\n").as_bytes());
+            }
+            raw.extend_from_slice(b"\r\n");
+            let mut buf = BytesMut::from(&raw[..]);
+            let mut spare = HeaderMap::with_capacity(2);
+            let Ok(Some(Parsed::Final(h))) = parse_head(&mut buf, &mut spare, false, false) else {
+                panic!("{n} fields");
+            };
+            let names: Vec<String> = h.response.headers().keys().map(|k| k.to_string()).collect();
+            let want: Vec<String> = std::iter::once("content-length".to_string())
+                .chain((0..n).map(|i| format!("x-f{i}")))
+                .collect();
+            assert_eq!(names, want);
+            assert_eq!(
+                h.response.headers()[format!("x-f{}", n - 1)],
+                format!("v{}", n - 1)
+            );
+        }
     }
 }

@@ -386,8 +386,8 @@ where
             [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
         // Offsets into the buffer, taken while the parser borrows it: method, target, headers.
-        let mut idx = [[0u32; 4]; MAX_HEADERS];
-        let (len, method_end, target, count) = {
+        let (mut inline, mut heap) = ([[0u32; 4]; crate::h1client::INLINE_FIELDS], Vec::new());
+        let (len, method_end, target, idx) = {
             let len = match httparse::ParserConfig::default()
                 .parse_request_with_uninit_headers(&mut req, &self.rbuf, &mut slots)
             {
@@ -408,15 +408,16 @@ where
                 return Parsed::HandOff;
             }
             let p = path.as_ptr() as usize - self.rbuf.as_ptr() as usize;
-            crate::h1client::header_offsets(&self.rbuf, req.headers, &mut idx);
-            (len, method.len(), p..p + path.len(), req.headers.len())
+            let idx =
+                crate::h1client::header_offsets(&self.rbuf, req.headers, &mut inline, &mut heap);
+            (len, method.len(), p..p + path.len(), idx)
         };
         if len > self.max_head {
             return Parsed::HandOff;
         }
         let head = self.rbuf.split_to(len).freeze();
         self.scanned = 0;
-        match build_request(&head, method_end, target, &idx[..count], &mut self.spare) {
+        match build_request(&head, method_end, target, idx, &mut self.spare) {
             Some((req, keep_alive)) => Parsed::Request { req, keep_alive },
             None => {
                 // Put the head back in front of what follows it, for hyper to read.
