@@ -1442,7 +1442,7 @@ fn reset_reason(e: &SendError) -> ResetReason {
         // The upstream reset the stream (REFUSED_STREAM: it never processed it, so it can be
         // retried); anything else (GOAWAY, I/O, a protocol error on the connection) ended it.
         SendError::H2(e) if e.is_reset() && e.is_remote() => {
-            if e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+            if e.reason() == Some(crate::h2frame::Reason::REFUSED_STREAM) {
                 ResetReason::RemoteRefusedStreamReset
             } else {
                 ResetReason::RemoteReset

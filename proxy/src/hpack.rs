@@ -510,6 +510,57 @@ pub fn encode_trailers(headers: &HeaderMap, size_update: bool, dst: &mut BytesMu
     encode_fields(headers, dst);
 }
 
+/// Appends the header block of a request (the upstream client's): `:method`, `:scheme`,
+/// `:authority`, `:path` in the h2 crate's order (CONNECT: `:method` and `:authority` only),
+/// then every field of `headers` as [`encode_response`] encodes them; `size_update` likewise.
+pub fn encode_request(
+    method: &http::Method,
+    scheme: &str,
+    authority: &str,
+    path: &str,
+    headers: &HeaderMap,
+    size_update: bool,
+    dst: &mut BytesMut,
+) {
+    reserve(headers, 8 + authority.len() + path.len(), dst);
+    if size_update {
+        dst.put_u8(0x20);
+    }
+    let connect = method == http::Method::CONNECT;
+    match *method {
+        http::Method::GET => dst.put_u8(0x82),
+        http::Method::POST => dst.put_u8(0x83),
+        // Literal without indexing, name :method (index 2).
+        _ => {
+            dst.put_u8(0x02);
+            put_string(method.as_str().as_bytes(), dst);
+        }
+    }
+    if !connect {
+        match scheme {
+            "http" => dst.put_u8(0x86),
+            "https" => dst.put_u8(0x87),
+            _ => {
+                dst.put_u8(0x06);
+                put_string(scheme.as_bytes(), dst);
+            }
+        }
+    }
+    if !authority.is_empty() {
+        dst.put_u8(0x01);
+        put_string(authority.as_bytes(), dst);
+    }
+    if !connect {
+        if path == "/" {
+            dst.put_u8(0x84);
+        } else {
+            dst.put_u8(0x04);
+            put_string(path.as_bytes(), dst);
+        }
+    }
+    encode_fields(headers, dst);
+}
+
 /// Reserves room for a usual block at once (a response's fields are short), from the field
 /// count alone: summing the lengths first cost as much as a fifth of the encoding. Longer
 /// values grow the buffer as they go; the connection's output buffer keeps its capacity
