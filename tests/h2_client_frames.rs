@@ -740,3 +740,49 @@ async fn an_early_answer_with_no_error_reset_stops_the_upload() {
         "{after:?}"
     );
 }
+
+/// GOAWAY naming the streams in flight: they are answered on the old connection, the next
+/// request goes out on a new one, and the old one is closed once its streams are done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_goaway_streams_in_flight_finish_and_new_ones_use_a_new_connection() {
+    let (l, addr) = listener().await;
+    let strait = proxy(addr, plain_route()).await;
+    let client = Client::h2c();
+    let mut calls = Vec::new();
+    for i in 0..2 {
+        let client = client.clone();
+        let url = strait.url(&format!("/inflight/{i}"));
+        calls.push(tokio::spawn(async move { client.get(&url).await }));
+    }
+    let mut old = Peer::accept(&l, &[]).await;
+    let (a, _, _) = old.request().await;
+    let (b, _, _) = old.request().await;
+    let mut p = a.max(b).to_be_bytes().to_vec();
+    p.extend_from_slice(&0u32.to_be_bytes());
+    old.send(&frame(GOAWAY, 0, 0, &p)).await;
+    // Once Strait has read the GOAWAY, a new request must not go out on this connection.
+    assert!(old.sync().await.is_empty());
+    let url = strait.url("/later");
+    let later = tokio::spawn(async move { Client::http1().get(&url).await });
+    let mut new = Peer::accept(&l, &[]).await;
+    let (c, fields, _) = new.request().await;
+    assert_eq!(field(&fields, ":path"), Some("/later"));
+    new.ok(c, b"new").await;
+    old.ok(a, b"old").await;
+    old.ok(b, b"old").await;
+    for call in calls {
+        let r = call.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "old"));
+    }
+    let r = later.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "new"));
+    let rest = old.until(|_| false).await;
+    assert!(
+        rest.iter().all(|f| f.0 == GOAWAY),
+        "only a GOAWAY after the answers, then the close: {rest:?}"
+    );
+    assert_eq!(
+        strait.stat("cluster.up.upstream_cx_http2_total").await,
+        Some(2)
+    );
+}

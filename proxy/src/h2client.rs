@@ -192,6 +192,8 @@ struct Inner {
     error: Option<Error>,
     /// The last stream id of the upstream's GOAWAY.
     goaway: Option<u32>,
+    /// No [`SendRequest`] is left: the connection closes once its streams are done.
+    unused: bool,
     local_resets: usize,
 }
 
@@ -394,6 +396,10 @@ impl Inner {
             self.open -= 1;
             self.wake_waiters();
         }
+        if self.streams.is_empty() && (self.unused || self.goaway.is_some()) {
+            // The connection was only waiting for its last stream to close.
+            self.wake_writer();
+        }
     }
 
     /// The connection failed: every stream and waiting request fails with `e`.
@@ -454,6 +460,7 @@ where
             writer: write_side.waker().clone(),
             error: None,
             goaway: None,
+            unused: false,
             local_resets: 0,
         }),
         gone: AtomicBool::new(false),
@@ -502,7 +509,9 @@ impl Drop for SendRequest {
     fn drop(&mut self) {
         if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
             // The last handle: the connection closes once its streams are done.
-            lock(&self.shared).wake_writer();
+            let mut inner = lock(&self.shared);
+            inner.unused = true;
+            inner.wake_writer();
         }
     }
 }

@@ -1178,6 +1178,57 @@ mod tests {
         }
     }
 
+    /// Request blocks (the upstream client's): pseudo-headers from the static table where it
+    /// has the value, literals otherwise, and the decoder reads them back in order.
+    #[test]
+    fn encode_request_known_bytes_and_round_trip() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        let mut out = BytesMut::new();
+        encode_request(
+            &http::Method::GET,
+            "http",
+            "a.b",
+            "/",
+            &HeaderMap::new(),
+            false,
+            &mut out,
+        );
+        assert_eq!(&out[..], b"\x82\x86\x01\x03a.b\x84");
+        let mut out = BytesMut::new();
+        encode_request(&http::Method::PUT, "https", "", "/x?y", &h, true, &mut out);
+        assert_eq!(
+            &out[..],
+            b"\x20\x02\x03PUT\x87\x04\x04/x?y\x00\x02te\x08trailers"
+        );
+        let (fields, _) = decode(&mut Decoder::new(4096), out.freeze()).unwrap();
+        let got: Vec<(FieldName, &[u8])> = fields
+            .iter()
+            .map(|f| (f.name.clone(), &f.value[..]))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (FieldName::Method, &b"PUT"[..]),
+                (FieldName::Scheme, b"https"),
+                (FieldName::Path, b"/x?y"),
+                (FieldName::Header(header::TE), b"trailers"),
+            ]
+        );
+        // CONNECT: :method and :authority only.
+        let mut out = BytesMut::new();
+        encode_request(
+            &http::Method::CONNECT,
+            "http",
+            "h:443",
+            "/",
+            &HeaderMap::new(),
+            false,
+            &mut out,
+        );
+        assert_eq!(&out[..], b"\x02\x07CONNECT\x01\x05h:443");
+    }
+
     #[test]
     fn encode_sensitive_never_indexed() {
         let mut m = HeaderMap::new();
