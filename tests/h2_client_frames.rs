@@ -786,3 +786,29 @@ async fn after_goaway_streams_in_flight_finish_and_new_ones_use_a_new_connection
         Some(2)
     );
 }
+
+/// The route timeout expires while the upstream has not answered: 504 `UT` for the client, and
+/// the upstream stream is reset with CANCEL (the exchange waiting for the head was dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_timeout_before_the_head_cancels_the_upstream_stream() {
+    let (l, addr) = listener().await;
+    let strait = proxy(
+        addr,
+        json!([{"match": {"prefix": "/"}, "route": {"cluster": "up", "timeout": "0.2s"}}]),
+    )
+    .await;
+    let url = strait.url("/slow");
+    let call = tokio::spawn(async move { Client::http1().get(&url).await });
+    let mut peer = Peer::accept(&l, &[]).await;
+    let (id, _, _) = peer.request().await;
+    let frames = peer.until(|f| f.0 == RST_STREAM).await;
+    let rst = frames
+        .last()
+        .filter(|f| f.0 == RST_STREAM)
+        .unwrap_or_else(|| panic!("no RST_STREAM: {frames:?}"));
+    assert_eq!((rst.2, rst.3.clone()), (id, CANCEL.to_be_bytes().to_vec()));
+    let r = call.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status, 504);
+    let lines = strait.access_log("GET /slow", 1).await;
+    assert_eq!(flags(&lines[0]), "UT", "{}", lines[0]);
+}
