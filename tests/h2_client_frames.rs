@@ -812,3 +812,38 @@ async fn a_route_timeout_before_the_head_cancels_the_upstream_stream() {
     let lines = strait.access_log("GET /slow", 1).await;
     assert_eq!(flags(&lines[0]), "UT", "{}", lines[0]);
 }
+
+/// The upstream resets a stream mid-response: an h2c client's stream is reset with the same
+/// error code (its body fails with INTERNAL_ERROR here), and the connection stays in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_mid_response_reaches_the_client_with_its_code() {
+    let (l, addr) = listener().await;
+    let strait = proxy(addr, plain_route()).await;
+    let url = strait.url("/cut");
+    let client = Client::h2c();
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let resp = client.get_streaming(&url).await;
+            let status = resp.status();
+            let body = http_body_util::BodyExt::collect(resp.into_body()).await;
+            (status, body.map(|_| ()).map_err(|e| format!("{e:?}")))
+        }
+    });
+    let mut peer = Peer::accept(&l, &[]).await;
+    let (id, _, _) = peer.request().await;
+    let mut bytes = frame(HEADERS, END_HEADERS, id, &block(Some("200"), &[]));
+    bytes.extend_from_slice(&frame(DATA, 0, id, b"partial"));
+    bytes.extend_from_slice(&frame(RST_STREAM, 0, id, &2u32.to_be_bytes()));
+    peer.send(&bytes).await;
+    let (status, body) = call.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, 200);
+    let err = body.expect_err("the body must fail");
+    assert!(err.contains("INTERNAL_ERROR"), "{err}");
+    let url = strait.url("/next");
+    let next = tokio::spawn(async move { client.get(&url).await });
+    let (id2, _, _) = peer.request().await;
+    peer.ok(id2, b"next").await;
+    let r = next.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "next"));
+}
