@@ -315,11 +315,29 @@ async fn listener() -> (TcpListener, SocketAddr) {
     (l, addr)
 }
 
-/// Strait with one HTTP/2 cluster `up`. The work-stealing worker model keeps one pool per host,
+/// Strait with one HTTP/2 cluster `up` (with `extra` merged into its HTTP protocol options). The work-stealing worker model keeps one pool per host,
 /// so every request of a test meets the fake upstream's one connection, whichever worker
 /// accepted its client (per-core workers would each open their own).
 async fn proxy(up: SocketAddr, routes: serde_json::Value) -> common::Strait {
-    let yaml = Config::new().routes(routes).cluster_h2("up", &[up]).yaml();
+    proxy_with(up, routes, json!({})).await
+}
+
+async fn proxy_with(
+    up: SocketAddr,
+    routes: serde_json::Value,
+    extra: serde_json::Value,
+) -> common::Strait {
+    let mut cluster = common::cluster("up", &[up]);
+    let mut options = json!({
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}}
+    });
+    if let (Some(o), Some(e)) = (options.as_object_mut(), extra.as_object()) {
+        o.extend(e.clone());
+    }
+    cluster["typed_extension_protocol_options"] =
+        json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options});
+    let yaml = Config::new().routes(routes).cluster_json(cluster).yaml();
     common::Strait::start_with(&yaml, &["--worker-model", "work-stealing"]).await
 }
 
@@ -846,4 +864,42 @@ async fn a_reset_mid_response_reaches_the_client_with_its_code() {
     peer.ok(id2, b"next").await;
     let r = next.await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "next"));
+}
+
+/// An idle connection is closed after the cluster's `idle_timeout` (counted as Envoy does),
+/// a busy one is not: the driver's idle timer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    let (l, addr) = listener().await;
+    let strait = proxy_with(
+        addr,
+        plain_route(),
+        json!({"common_http_protocol_options": {"idle_timeout": "0.3s"}}),
+    )
+    .await;
+    let url = strait.url("/once");
+    let call = tokio::spawn(async move { Client::http1().get(&url).await });
+    let mut peer = Peer::accept(&l, &[]).await;
+    let (id, _, _) = peer.request().await;
+    peer.ok(id, b"once").await;
+    assert_eq!(call.await.ok().map(|r| r.status.as_u16()), Some(200));
+    let answered = std::time::Instant::now();
+    // Strait closes the connection (GOAWAY is all it sends first).
+    let rest = peer.until(|_| false).await;
+    assert!(rest.iter().all(|f| f.0 == GOAWAY), "{rest:?}");
+    assert!(
+        answered.elapsed() >= std::time::Duration::from_millis(250),
+        "closed after {:?}",
+        answered.elapsed()
+    );
+    assert_eq!(
+        strait
+            .wait_stat("cluster.up.upstream_cx_idle_timeout", 1)
+            .await,
+        Some(1)
+    );
+    assert_eq!(
+        strait.stat("cluster.up.upstream_cx_destroy_local").await,
+        Some(1)
+    );
 }
