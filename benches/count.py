@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Per-request instruction and syscall counts, one request in flight: user-space instructions from
 callgrind on the running proxy (instrumentation off during startup and warm-up, counters zeroed,
-N sequential requests, dump) and syscalls from perf's raw_syscalls:sys_enter tracepoint."""
+N sequential requests, dump) and syscalls from perf's raw_syscalls:sys_enter tracepoint.
+
+Protocols (--protos): h1 (HTTP/1.1 both ways), h2c (h2c downstream, HTTP/1.1 upstream), grpc (h2c
+downstream and HTTP/2 upstream: bench.py's gRPC workload, unary calls of a 15-byte framed message
+to /bench.Echo/Unary, which the peers route to the upstream's h2c port)."""
 
 import argparse
 import glob
@@ -20,12 +24,27 @@ import bench  # noqa: E402  (shared peer definitions and process helpers)
 WARMUP = 200
 
 
-def client(proto, peer, n):
+PROTOS = ("h1", "h2c", "grpc")
+
+
+def grpc_message(work):
+    """The request body of bench.py's gRPC workload: a framed 10-byte message."""
+    path = os.path.join(work, "grpc-msg.bin")
+    with open(path, "wb") as f:
+        f.write(b"\x00\x00\x00\x00\x0a" + b"0123456789")
+    return path
+
+
+def client(proto, peer, n, work=None):
     """One connection, one request at a time."""
     port = peer.h1_port if proto == "h1" else peer.h2_port
     argv = ["h2load", "-t1", "-c1", "-m1", "-n", str(n), f"http://127.0.0.1:{port}/"]
     if proto == "h1":
         argv.insert(1, "--h1")
+    if proto == "grpc":
+        argv[-1] = f"http://127.0.0.1:{port}/bench.Echo/Unary"
+        argv[1:1] = ["-d", grpc_message(work or tempfile.gettempdir()),
+                     "-H", "content-type: application/grpc", "-H", "te: trailers"]
     return ["taskset", "-c", bench.LOAD_CPU] + argv
 
 
@@ -50,8 +69,8 @@ def control(*args):
                    check=True, timeout=120)
 
 
-def instructions(peer, work, n, keep_dir, lines=False):
-    """Ir per request for h1 and h2c, from one callgrind run of the proxy."""
+def instructions(peer, work, n, keep_dir, lines=False, protos=("h1", "h2c")):
+    """Ir per request for each protocol, from one callgrind run of the proxy."""
     cg_out = os.path.join(work, f"callgrind.{peer.name}.%p")
     vg = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={cg_out}",
           "--dump-line=" + ("yes" if lines else "no")]
@@ -61,11 +80,11 @@ def instructions(peer, work, n, keep_dir, lines=False):
     pid = str(peer.pid)
     res = {}
     try:
-        for proto in ("h1", "h2c"):
-            run_client(client(proto, peer, WARMUP))
+        for proto in protos:
+            run_client(client(proto, peer, WARMUP, work))
             control("-i", "on", pid)
             control("-z", pid)
-            run_client(client(proto, peer, n))
+            run_client(client(proto, peer, n, work))
             control("-d", proto, pid)
             control("-i", "off", pid)
             dumps = sorted(glob.glob(os.path.join(work, f"callgrind.{peer.name}.{pid}.*")),
@@ -80,15 +99,15 @@ def instructions(peer, work, n, keep_dir, lines=False):
     return res
 
 
-def syscalls(peer, work, n):
+def syscalls(peer, work, n, protos=("h1", "h2c")):
     peer.start(work)
     res = {}
     try:
-        for proto in ("h1", "h2c"):
-            run_client(client(proto, peer, WARMUP))
+        for proto in protos:
+            run_client(client(proto, peer, WARMUP, work))
             out = os.path.join(work, "perf.csv")
             subprocess.run(["perf", "stat", "-e", "raw_syscalls:sys_enter", "-x", ",", "-o", out,
-                            "-p", str(peer.pid), "--"] + client(proto, peer, n),
+                            "-p", str(peer.pid), "--"] + client(proto, peer, n, work),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=600)
             with open(out) as f:
                 for line in f:
@@ -107,6 +126,8 @@ def main():
     ap.add_argument("--peers", default="strait,envoy,haproxy,nginx")
     ap.add_argument("-n", type=int, default=1000, help="sequential requests counted per protocol")
     ap.add_argument("--no-instructions", action="store_true")
+    ap.add_argument("--protos", default="h1,h2c",
+                    help=f"comma-separated, of {','.join(PROTOS)} (grpc: h2c down, HTTP/2 up)")
     ap.add_argument("--keep", help="copy callgrind dumps here")
     ap.add_argument("--lines", action="store_true",
                     help="with --keep: record source lines in the dumps (callgrind_annotate --auto=yes)")
@@ -119,6 +140,10 @@ def main():
     ap.add_argument("--nginx-bin", default=os.environ.get("NGINX_BIN", shutil.which("nginx") or "/usr/sbin/nginx"))
     args = ap.parse_args()
     args.peers = [p for p in args.peers.split(",") if p]
+    args.protos = [p for p in args.protos.split(",") if p]
+    for p in args.protos:
+        if p not in PROTOS:
+            sys.exit(f"unknown protocol {p!r}; known: {', '.join(PROTOS)}")
     if args.keep:
         os.makedirs(args.keep, exist_ok=True)
 
@@ -138,11 +163,11 @@ def main():
             counts[name] = {}
             try:
                 peer = bench.make_peers(argparse.Namespace(**{**vars(args), "peers": [name]}), work)[0]
-                sc = syscalls(peer, work, args.n)
+                sc = syscalls(peer, work, args.n, args.protos)
                 counts[name].update({f"syscalls_{k}": v for k, v in sc.items()})
                 if not args.no_instructions:
                     peer = bench.make_peers(argparse.Namespace(**{**vars(args), "peers": [name]}), work)[0]
-                    ins = instructions(peer, work, args.n, args.keep, args.lines)
+                    ins = instructions(peer, work, args.n, args.keep, args.lines, args.protos)
                     counts[name].update({f"instructions_{k}": v for k, v in ins.items()})
             except (RuntimeError, subprocess.SubprocessError, OSError) as e:
                 bench.log(f"{name}: {e}\n{bench.tail(os.path.join(work, name + '.log'))}")
@@ -150,14 +175,16 @@ def main():
             time.sleep(0.2)
     finally:
         bench.stop(upstream)
-    print("\n| target | instructions/request h1 | h2c | syscalls/request h1 | h2c |")
-    print("|---|---:|---:|---:|---:|")
+    cols = args.protos
+    print("\n| target | " + " | ".join(f"instructions/request {p}" for p in cols) + " | "
+          + " | ".join(f"syscalls/request {p}" for p in cols) + " |")
+    print("|---|" + "---:|" * (2 * len(cols)))
     for name, c in counts.items():
         def f(k, nd):
             v = c.get(k)
             return "–" if v is None else f"{v:,.{nd}f}"
-        print(f"| {name} | {f('instructions_h1', 0)} | {f('instructions_h2c', 0)} "
-              f"| {f('syscalls_h1', 2)} | {f('syscalls_h2c', 2)} |")
+        print(f"| {name} | " + " | ".join(f(f"instructions_{p}", 0) for p in cols) + " | "
+              + " | ".join(f(f"syscalls_{p}", 2) for p in cols) + " |")
     print(f"\n{args.n} sequential requests on one connection after {WARMUP} unmeasured ones; "
           "instructions: callgrind Ir, all threads, user space; syscalls: perf raw_syscalls:sys_enter.")
     if args.json:

@@ -1442,7 +1442,7 @@ fn reset_reason(e: &SendError) -> ResetReason {
         // The upstream reset the stream (REFUSED_STREAM: it never processed it, so it can be
         // retried); anything else (GOAWAY, I/O, a protocol error on the connection) ended it.
         SendError::H2(e) if e.is_reset() && e.is_remote() => {
-            if e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+            if e.reason() == Some(crate::h2frame::Reason::REFUSED_STREAM) {
                 ResetReason::RemoteRefusedStreamReset
             } else {
                 ResetReason::RemoteReset
@@ -1678,7 +1678,27 @@ impl Attempts<'_> {
     fn upstream_request(&mut self, host: &Host, body: AttemptBody) -> Request<ProxyBody> {
         let p = self.parts;
         let http2 = host.pool.is_http2();
-        let uri = if http2 {
+        // HTTP/2 with the downstream's own `:authority`: the URI shares its bytes and the path's
+        // rather than being formatted into a string and parsed again (0.7k instructions of a
+        // gRPC call).
+        let shared = match &self.authority {
+            Authority::Original(OrigAuthority::Uri(a)) if http2 => {
+                let mut up = http::uri::Parts::default();
+                up.scheme = Some(http::uri::Scheme::HTTP);
+                up.authority = Some(a.clone());
+                up.path_and_query = Some(
+                    p.uri
+                        .path_and_query()
+                        .cloned()
+                        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+                );
+                Uri::from_parts(up).ok()
+            }
+            _ => None,
+        };
+        let uri = if shared.is_some() {
+            shared
+        } else if http2 {
             let pq = p.uri.path_and_query().map_or("/", |pq| pq.as_str());
             let authority = self.authority.as_str(host);
             format!("http://{authority}{pq}").parse::<Uri>().ok()

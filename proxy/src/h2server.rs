@@ -28,7 +28,6 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use h2::Reason;
 use http::header::{self, HeaderName};
 use http::{uri, HeaderMap, HeaderValue, Method, Request, Response, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -37,18 +36,19 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::body::{BoxError, Inbound};
 use crate::conn::Side;
+use crate::h2frame::{
+    put_head, Reason, ACK, CONTINUATION, DATA, DEFAULT_WINDOW, END_HEADERS, END_STREAM, GOAWAY,
+    HEADERS, MAX_WINDOW, PING, PREFACE, PRIORITY, PRIORITY_FLAG, PUSH_PROMISE, RST_STREAM,
+    SETTINGS, WINDOW_UPDATE,
+};
 use crate::hpack::{self, FieldName};
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// hyper's server defaults, kept from when hyper's (then the h2 crate's) server ran here.
 const CONN_WINDOW: u32 = 1024 * 1024;
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const MAX_FRAME_SIZE: usize = 16 * 1024;
 const MAX_SEND_BUFFER: usize = 400 * 1024;
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
-/// HTTP/2's default SETTINGS_INITIAL_WINDOW_SIZE, and the largest window.
-const DEFAULT_WINDOW: i64 = 65_535;
-const MAX_WINDOW: i64 = (1 << 31) - 1;
 /// Our SETTINGS_HEADER_TABLE_SIZE (the default, not sent).
 const HEADER_TABLE_SIZE: usize = 4096;
 /// Envoy's premature-reset guard (`overload.premature_reset_total_stream_count`): once this many
@@ -60,23 +60,6 @@ const ROUNDS: usize = 16;
 const READ_SIZE: usize = 16 * 1024;
 /// The payload of the PING that follows a graceful shutdown's first GOAWAY.
 const GOAWAY_PING: [u8; 8] = *b"strait-g";
-
-// Frame types and flags (RFC 9113 §6).
-const DATA: u8 = 0;
-const HEADERS: u8 = 1;
-const PRIORITY: u8 = 2;
-const RST_STREAM: u8 = 3;
-const SETTINGS: u8 = 4;
-const PUSH_PROMISE: u8 = 5;
-const PING: u8 = 6;
-const GOAWAY: u8 = 7;
-const WINDOW_UPDATE: u8 = 8;
-const CONTINUATION: u8 = 9;
-const END_STREAM: u8 = 0x1;
-const ACK: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const PADDED: u8 = 0x8;
-const PRIORITY_FLAG: u8 = 0x20;
 
 /// Settings of a downstream HTTP/2 connection.
 #[derive(Clone, Copy, Debug)]
@@ -233,11 +216,6 @@ fn lock(shared: &Shared) -> MutexGuard<'_, Inner> {
     // A panic while holding the lock cannot leave frames half-written in a way that matters more
     // than losing the connection; go on with the state as it is.
     shared.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn put_head(out: &mut BytesMut, len: usize, kind: u8, flags: u8, id: u32) {
-    out.put_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags]);
-    out.put_u32(id);
 }
 
 impl Inner {
@@ -1182,25 +1160,7 @@ where
 }
 
 fn strip_padding(flags: u8, p: &mut BytesMut) -> Result<usize, Error> {
-    if flags & PADDED == 0 {
-        return Ok(0);
-    }
-    let Some(&pad) = p.first() else {
-        return Err(conn_err(
-            Reason::FRAME_SIZE_ERROR,
-            "padded frame without a pad length",
-        ));
-    };
-    let pad = usize::from(pad);
-    if pad >= p.len() {
-        return Err(conn_err(
-            Reason::PROTOCOL_ERROR,
-            "padding longer than the frame",
-        ));
-    }
-    p.advance(1);
-    p.truncate(p.len() - pad);
-    Ok(pad + 1)
+    crate::h2frame::strip_padding(flags, p).map_err(|(reason, what)| conn_err(reason, what))
 }
 
 // === Request heads ===
@@ -1836,7 +1796,10 @@ impl Stall for crate::body::ProxyBody {
 pub(crate) fn reset_reason(e: &BoxError) -> Reason {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e.as_ref());
     while let Some(err) = cur {
-        if let Some(reason) = err.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
+        if let Some(reason) = err
+            .downcast_ref::<crate::h2client::Error>()
+            .and_then(crate::h2client::Error::reason)
+        {
             return reason;
         }
         if let Some(StreamReset(reason)) = err.downcast_ref::<StreamReset>() {

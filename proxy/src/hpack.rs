@@ -510,6 +510,57 @@ pub fn encode_trailers(headers: &HeaderMap, size_update: bool, dst: &mut BytesMu
     encode_fields(headers, dst);
 }
 
+/// Appends the header block of a request (the upstream client's): `:method`, `:scheme`,
+/// `:authority`, `:path` in the h2 crate's order (CONNECT: `:method` and `:authority` only),
+/// then every field of `headers` as [`encode_response`] encodes them; `size_update` likewise.
+pub fn encode_request(
+    method: &http::Method,
+    scheme: &str,
+    authority: &str,
+    path: &str,
+    headers: &HeaderMap,
+    size_update: bool,
+    dst: &mut BytesMut,
+) {
+    reserve(headers, 8 + authority.len() + path.len(), dst);
+    if size_update {
+        dst.put_u8(0x20);
+    }
+    let connect = method == http::Method::CONNECT;
+    match *method {
+        http::Method::GET => dst.put_u8(0x82),
+        http::Method::POST => dst.put_u8(0x83),
+        // Literal without indexing, name :method (index 2).
+        _ => {
+            dst.put_u8(0x02);
+            put_string(method.as_str().as_bytes(), dst);
+        }
+    }
+    if !connect {
+        match scheme {
+            "http" => dst.put_u8(0x86),
+            "https" => dst.put_u8(0x87),
+            _ => {
+                dst.put_u8(0x06);
+                put_string(scheme.as_bytes(), dst);
+            }
+        }
+    }
+    if !authority.is_empty() {
+        dst.put_u8(0x01);
+        put_string(authority.as_bytes(), dst);
+    }
+    if !connect {
+        if path == "/" {
+            dst.put_u8(0x84);
+        } else {
+            dst.put_u8(0x04);
+            put_string(path.as_bytes(), dst);
+        }
+    }
+    encode_fields(headers, dst);
+}
+
 /// Reserves room for a usual block at once (a response's fields are short), from the field
 /// count alone: summing the lengths first cost as much as a fifth of the encoding. Longer
 /// values grow the buffer as they go; the connection's output buffer keeps its capacity
@@ -1125,6 +1176,57 @@ mod tests {
             assert_eq!(encode(status, &HeaderMap::new(), false), [byte]);
             assert_eq!(encode(status, &HeaderMap::new(), true), [0x20, byte]);
         }
+    }
+
+    /// Request blocks (the upstream client's): pseudo-headers from the static table where it
+    /// has the value, literals otherwise, and the decoder reads them back in order.
+    #[test]
+    fn encode_request_known_bytes_and_round_trip() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        let mut out = BytesMut::new();
+        encode_request(
+            &http::Method::GET,
+            "http",
+            "a.b",
+            "/",
+            &HeaderMap::new(),
+            false,
+            &mut out,
+        );
+        assert_eq!(&out[..], b"\x82\x86\x01\x03a.b\x84");
+        let mut out = BytesMut::new();
+        encode_request(&http::Method::PUT, "https", "", "/x?y", &h, true, &mut out);
+        assert_eq!(
+            &out[..],
+            b"\x20\x02\x03PUT\x87\x04\x04/x?y\x00\x02te\x08trailers"
+        );
+        let (fields, _) = decode(&mut Decoder::new(4096), out.freeze()).unwrap();
+        let got: Vec<(FieldName, &[u8])> = fields
+            .iter()
+            .map(|f| (f.name.clone(), &f.value[..]))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (FieldName::Method, &b"PUT"[..]),
+                (FieldName::Scheme, b"https"),
+                (FieldName::Path, b"/x?y"),
+                (FieldName::Header(header::TE), b"trailers"),
+            ]
+        );
+        // CONNECT: :method and :authority only.
+        let mut out = BytesMut::new();
+        encode_request(
+            &http::Method::CONNECT,
+            "http",
+            "h:443",
+            "/",
+            &HeaderMap::new(),
+            false,
+            &mut out,
+        );
+        assert_eq!(&out[..], b"\x02\x07CONNECT\x01\x05h:443");
     }
 
     #[test]

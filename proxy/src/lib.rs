@@ -16,6 +16,7 @@ pub mod grpc_clusters;
 pub mod h1client;
 pub mod h1server;
 pub mod h2client;
+pub mod h2frame;
 pub mod h2server;
 pub mod headers;
 pub mod health;

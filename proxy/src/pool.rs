@@ -1,7 +1,7 @@
 //! Per-host upstream connection pools: HTTP/1.1 keep-alive reuse (one request per connection at a
 //! time, an idle list watched by one task per pool; requests drive their connection themselves,
 //! see `h1client`) and HTTP/2 multiplexing (streams up to `max_concurrent_streams` per
-//! connection, hyper's client). Enforces the cluster's connection and pending-request circuit breakers of the
+//! connection, `h2client`). Enforces the cluster's connection and pending-request circuit breakers of the
 //! request's routing priority (as Envoy, DEFAULT and HIGH requests use separate pools), reaps
 //! idle connections after `idle_timeout`, and counts Envoy's `upstream_cx_*` stats.
 //! No lock is held across an await, except the per-host HTTP/2 connect lock (see `H2Pool`).
@@ -136,7 +136,7 @@ impl Drop for H1State {
 pub type Upgraded = h1client::Upgraded<H1Conn>;
 
 struct H2Conn {
-    sender: h2::client::SendRequest<bytes::Bytes>,
+    sender: crate::h2client::SendRequest,
     meta: Arc<ConnMeta>,
 }
 
@@ -420,7 +420,8 @@ impl Pool {
         } = s.info.config.protocol
         {
             let mut conns = lock(&s.h2.conns);
-            conns.retain(|c| !c.meta.closed.load(Ordering::Acquire));
+            // A connection that got GOAWAY takes no new streams; its open ones finish.
+            conns.retain(|c| !c.meta.closed.load(Ordering::Acquire) && !c.sender.is_gone());
             for c in conns.iter() {
                 let active = c.meta.active.load(Ordering::Acquire);
                 if active < max_concurrent_streams.max(1) {
@@ -642,11 +643,7 @@ fn watch_h1(s: &Arc<PoolShared>) {
 
 enum ConnKind {
     H1(H1Conn),
-    H2(
-        h2::client::SendRequest<bytes::Bytes>,
-        Arc<ConnMeta>,
-        Arc<PoolShared>,
-    ),
+    H2(crate::h2client::SendRequest, Arc<ConnMeta>, Arc<PoolShared>),
 }
 
 /// A connection reserved for one request.
@@ -660,7 +657,7 @@ pub enum SendError {
     #[error(transparent)]
     H1(#[from] h1client::Error),
     #[error(transparent)]
-    H2(#[from] h2::Error),
+    H2(#[from] crate::h2client::Error),
 }
 
 /// The connection of a 101 answer to an upgrade request (HTTP/1.1 only).
@@ -671,7 +668,7 @@ pub fn take_upgrade<B>(resp: &mut Response<B>) -> Option<Upgraded> {
 /// The protocol side of a reserved connection, to send one request on.
 pub enum Sender {
     H1(H1Conn),
-    H2(h2::client::SendRequest<bytes::Bytes>),
+    H2(crate::h2client::SendRequest),
 }
 
 impl Sender {
