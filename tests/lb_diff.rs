@@ -8,7 +8,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use common::{Client, Config, Upstream};
 use serde_json::{json, Value};
@@ -21,7 +21,7 @@ fn envoy_bin() -> Option<String> {
 }
 
 fn cases() -> Vec<(PathBuf, Value)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lb_cases");
+    let dir = manifest_dir().join("tests/lb_cases");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -215,4 +215,13 @@ async fn lb_splits_match_envoy() {
         "LB splits differ:\n{}",
         failures.join("\n")
     );
+}
+
+/// The repository root. Cargo's run-time `CARGO_MANIFEST_DIR` first: a test binary reused from a
+/// build in another checkout (a shared target directory) carries that checkout's compile-time
+/// path.
+fn manifest_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
 }

@@ -487,9 +487,14 @@ pub(super) mod tests {
     }
 
     fn repo_file(path: &str) -> Value {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join(path);
+        let p = std::path::PathBuf::from(
+            // Run-time first: a test binary reused from another checkout (shared target
+            // directory) carries that checkout's compile-time path.
+            std::env::var_os("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+        )
+        .join("..")
+        .join(path);
         yaml(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
     }
 
