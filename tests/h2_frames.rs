@@ -553,3 +553,70 @@ async fn an_undecodable_header_block_ends_the_connection() {
         200
     );
 }
+
+/// A client's RST_STREAM(CANCEL) in the middle of an upload the upstream already answered (the
+/// body then goes on from a task of its own): the upstream sees its connection close short of
+/// the chunked body's end, not a last chunk making the truncated upload look whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_mid_upload_does_not_complete_the_upstream_body() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let up_addr = listener
+        .local_addr()
+        .unwrap_or_else(|e| panic!("addr: {e}"));
+    // The upstream answers as soon as the head is in, then reads the body until its last
+    // chunk or the connection's end, and says which it saw.
+    let upstream = tokio::spawn(async move {
+        let (mut c, _) = listener
+            .accept()
+            .await
+            .unwrap_or_else(|e| panic!("accept: {e}"));
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = c.read(&mut buf).await.unwrap_or(0);
+            assert!(n > 0, "the head never arrived");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        c.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .unwrap_or_else(|e| panic!("answer: {e}"));
+        let head_end = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
+        let mut body = seen.split_off(head_end);
+        loop {
+            if body.ends_with(b"0\r\n\r\n") {
+                return (body, true);
+            }
+            match c.read(&mut buf).await {
+                Ok(0) | Err(_) => return (body, false),
+                Ok(n) => body.extend_from_slice(&buf[..n]),
+            }
+        }
+    });
+    let strait = Config::new()
+        .routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "up"}}]))
+        .cluster("up", &[up_addr])
+        .start()
+        .await;
+    let mut s = open(&strait, &[]).await;
+    let block = request_block("POST", "/upload", &[]);
+    send(&mut s, &frame(HEADERS, END_HEADERS, 1, &block)).await;
+    // The whole response arrives while the upload is still open.
+    let frames = stream_frames(&mut s, 1).await;
+    assert!(
+        frames.iter().any(|f| f.0 == DATA && f.1 & END_STREAM != 0),
+        "{frames:?}"
+    );
+    let mut bytes = frame(DATA, 0, 1, b"abc");
+    bytes.extend_from_slice(&frame(RST_STREAM, 0, 1, &8u32.to_be_bytes())); // CANCEL
+    send(&mut s, &bytes).await;
+    let (body, completed) = common::within("the upstream's view of the upload", upstream)
+        .await
+        .unwrap_or_else(|e| panic!("upstream task: {e}"));
+    assert!(
+        !completed,
+        "a cancelled upload reached the upstream as a whole body: {:?}",
+        String::from_utf8_lossy(&body)
+    );
+}

@@ -1369,11 +1369,11 @@ impl Body for RecvBody {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         }
         if let Some(reason) = s.recv.error {
-            return Poll::Ready(match reason {
-                // The client stopped sending without failing the request.
-                Reason::NO_ERROR | Reason::CANCEL if s.peer_reset.is_some() => None,
-                r => Some(Err(Box::new(StreamReset(r)))),
-            });
+            // A reset before END_STREAM leaves the body incomplete, whatever its code: ending it
+            // cleanly (as hyper does for NO_ERROR and CANCEL) would let an upload still being
+            // sent from its own task (an early-answered one, a streaming call) reach the
+            // upstream looking whole. Envoy resets the upstream request instead.
+            return Poll::Ready(Some(Err(Box::new(StreamReset(reason)))));
         }
         if s.recv.eos {
             return Poll::Ready(s.recv.trailers.take().map(|t| Ok(Frame::trailers(t))));
