@@ -92,6 +92,7 @@ async fn json_format_to_file() {
                     "ua": "%REQ(USER-AGENT)%",
                     "id": "%REQ(X-REQUEST-ID)%",
                     "mixed": "code=%RESPONSE_CODE%",
+                    "local": "%DOWNSTREAM_LOCAL_ADDRESS%",
                     "note": "static"
                 }}
             }
@@ -116,9 +117,11 @@ async fn json_format_to_file() {
     assert_eq!(v["ua"], Value::Null, "a missing header is null");
     assert_eq!(v["mixed"], "code=200");
     assert_eq!(v["note"], "static");
+    // The listener's own address (bound to one IP): known without asking each connection.
+    assert_eq!(v["local"], strait.listener("ingress").to_string());
     let keys: Vec<&str> = v
         .as_object()
         .map(|o| o.keys().map(String::as_str).collect())
         .unwrap_or_default();
-    assert_eq!(keys.len(), 12, "{keys:?}");
+    assert_eq!(keys.len(), 13, "{keys:?}");
 }

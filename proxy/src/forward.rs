@@ -48,8 +48,9 @@ pub struct ConnCtx {
     pub server: Arc<ServerShared>,
     pub peer: SocketAddr,
     pub local: SocketAddr,
-    /// Spare stream timers, reused by the connection's next streams.
-    pub timers: TimerPool,
+    /// Spare stream timers, shared by the connections of one accept loop (one worker's
+    /// listener socket) and reused by their next streams.
+    pub timers: Arc<TimerPool>,
     /// HTTP/1: the in-flight stream's idle timeout and route deadline, for writes the client
     /// does not take.
     pub write_stall: crate::conn::WriteStall,

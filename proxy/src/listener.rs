@@ -25,6 +25,14 @@ pub async fn accept_loop(
     worker: Option<Arc<ListenerStats>>,
 ) {
     let mut drain = slot.load().drain_rx();
+    // A connection accepted on a socket bound to one address has that local address: asked
+    // once here, not with a `getsockname` per connection (one syscall in six of a short
+    // connection). Only a wildcard bind leaves it to each connection.
+    let bound = tcp.local_addr().ok().filter(|a| !a.ip().is_unspecified());
+    // Shared by this socket's connections: a short connection's stream takes a timer already
+    // registered with tokio instead of registering a new one, which wakes tokio's driver (an
+    // eventfd write) whenever it is earlier than the driver's next wake-up.
+    let timers = Arc::new(crate::stream_timer::TimerPool::default());
     loop {
         let accepted = tokio::select! {
             r = tcp.accept() => r,
@@ -49,9 +57,11 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let local = stream
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let local = bound.unwrap_or_else(|| {
+            stream
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+        });
         let ls = rt.listener_stats.clone();
         ls.downstream_cx_total.inc();
         ls.downstream_cx_active.inc();
@@ -65,7 +75,7 @@ pub async fn accept_loop(
             server: server.clone(),
             peer,
             local,
-            timers: Default::default(),
+            timers: timers.clone(),
             write_stall: Default::default(),
         });
         let track = server.track();

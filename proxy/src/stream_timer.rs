@@ -1,6 +1,7 @@
 //! One timer per stream for the route timeout, the HCM request timeout and the stream idle
-//! timeout, taken from a per-connection pool and moved rather than re-created: tokio wakes its
-//! I/O driver (an eventfd write) whenever a new timer is earlier than the driver's next wake-up.
+//! timeout, taken from a pool per listener socket and moved rather than re-created: tokio wakes
+//! its I/O driver (an eventfd write) whenever a new timer is earlier than the driver's next
+//! wake-up.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,13 +13,14 @@ use tokio::time::Sleep;
 
 use crate::body::RequestSource;
 
-/// Idle timers kept per connection. An HTTP/1.1 connection needs one; an HTTP/2 connection keeps
-/// a few for its concurrent streams and lets the rest go.
-const POOL_MAX: usize = 8;
+/// Idle timers kept per pool: one per stream in flight on its listener socket, up to this many;
+/// past it timers are let go.
+const POOL_MAX: usize = 64;
 
-/// A connection's spare timers. A returned timer stays registered with tokio at its last
-/// deadline, which keeps the driver's next wake-up early enough that the next stream moving it
-/// later (the usual case: a later request, the same timeout) costs an atomic store, no wake-up.
+/// Spare timers of one listener socket's connections. A returned timer stays registered with
+/// tokio at its last deadline, which keeps the driver's next wake-up early enough that the next
+/// stream moving it later (the usual case: a later request, the same timeout) costs an atomic
+/// store, no wake-up.
 #[derive(Default)]
 pub struct TimerPool {
     free: Mutex<Vec<Pin<Box<Sleep>>>>,
