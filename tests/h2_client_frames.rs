@@ -903,3 +903,41 @@ async fn an_idle_connection_is_closed_after_the_idle_timeout() {
         Some(1)
     );
 }
+
+/// An upstream that floods PINGs and never reads what Strait sends: Strait stops reading it
+/// once the ACKs it owes fill its output buffer (as `h2server` does; the h2 crate kept one
+/// pending pong), so the flood backs up into the upstream's socket instead of Strait's memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_flood_from_an_upstream_that_does_not_read_is_bounded() {
+    let (l, addr) = listener().await;
+    let strait = proxy(addr, plain_route()).await;
+    let url = strait.url("/warm");
+    let warm = tokio::spawn(async move { Client::h2c().get(&url).await.status });
+    let mut peer = Peer::accept(&l, &[]).await;
+    let (id, _, _) = peer.request().await;
+    peer.ok(id, b"warm").await;
+    assert_eq!(warm.await.ok(), Some(http::StatusCode::OK));
+    let _ = peer.sync().await;
+    let (rss0, _) = strait.memory_kb();
+    // From here the upstream never reads.
+    let chunk: Vec<u8> = (0..4096)
+        .flat_map(|_| frame(PING, 0, 0, b"floodxyz"))
+        .collect();
+    let mut sent = 0usize;
+    while sent < 96 << 20 {
+        let w = tokio::time::timeout(std::time::Duration::from_secs(3), peer.s.write_all(&chunk));
+        match w.await {
+            Ok(Ok(())) => sent += chunk.len(),
+            Ok(Err(e)) => panic!("write: {e}"),
+            Err(_) => break,
+        }
+    }
+    let (rss1, _) = strait.memory_kb();
+    assert!(
+        sent < 32 << 20,
+        "Strait kept reading PINGs it could not answer: {} MiB, RSS {} -> {} MiB",
+        sent >> 20,
+        rss0 >> 10,
+        rss1 >> 10
+    );
+}

@@ -320,7 +320,9 @@ impl Inner {
         }
         let n = n as u32;
         self.conn_unreleased += n;
-        if self.conn_unreleased >= CONN_WINDOW / 2 {
+        // h2's threshold: half the window the upstream still has. A fixed half of the whole
+        // window is never reached once unread bodies hold the rest, and the window stays shut.
+        if i64::from(self.conn_unreleased) >= self.conn_recv_window / 2 {
             let u = std::mem::take(&mut self.conn_unreleased);
             self.conn_recv_window += i64::from(u);
             self.window_update(0, u);
@@ -330,7 +332,7 @@ impl Inner {
             return;
         }
         s.recv.unreleased += n;
-        if s.recv.unreleased >= STREAM_WINDOW / 2 {
+        if i64::from(s.recv.unreleased) >= s.recv.window / 2 {
             let u = std::mem::take(&mut s.recv.unreleased);
             s.recv.window += i64::from(u);
             self.window_update(id, u);
@@ -666,6 +668,8 @@ where
                 std::mem::swap(&mut self.wbuf, &mut inner.out);
                 if was_full {
                     inner.wake_blocked();
+                    // Reading stopped while the output was full.
+                    self.read_side.rearm();
                 }
             }
             match Pin::new(&mut self.io).poll_write(&mut cx, &self.wbuf) {
@@ -696,7 +700,9 @@ where
                 if let Err((reason, what)) = r {
                     let ending = &mut self.ending;
                     Self::fail(shared, &self.write_side, ending, &mut inner, reason, what);
-                } else {
+                } else if inner.out.len() < MAX_SEND_BUFFER {
+                    // An upstream that sends but does not read (PING/SETTINGS
+                    // floods) is read again only once the output went to the socket.
                     self.read_side.rearm();
                 }
                 if !inner.out.is_empty() {
@@ -1369,7 +1375,24 @@ pub async fn send(
     let shared = sender.shared.clone();
     drop(sender);
     let mut head = Some(parts);
-    let id = std::future::poll_fn(|cx| open_stream(&shared, &mut head, eos, cx)).await?;
+    // A request abandoned while it waits for a stream takes its waker back.
+    struct Waiting<'a>(&'a Shared, Option<Waker>);
+    impl Drop for Waiting<'_> {
+        fn drop(&mut self) {
+            if let Some(w) = self.1.take() {
+                lock(self.0).waiters.retain(|x| !x.will_wake(&w));
+            }
+        }
+    }
+    let mut waiting = Waiting(&shared, None);
+    let id = std::future::poll_fn(|cx| {
+        let r = open_stream(&shared, &mut head, eos, cx);
+        waiting.1 = r.is_pending().then(|| cx.waker().clone());
+        r
+    })
+    .await?;
+    waiting.1 = None;
+    drop(waiting);
     let mut pipe = (!eos).then(|| Pipe {
         shared: shared.clone(),
         id,
@@ -1804,5 +1827,114 @@ impl Body for H2Body {
             Some(n) => SizeHint::with_exact(n),
             None => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// Lets the other tasks of this (single-threaded) test runtime run until `f` holds.
+    async fn until(shared: &Shared, f: impl Fn(&Inner) -> bool) {
+        for _ in 0..100_000 {
+            if f(&lock(shared)) {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("condition not reached");
+    }
+
+    fn get() -> Request<ProxyBody> {
+        Request::get("http://a/")
+            .body(crate::body::empty())
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Requests abandoned while they wait for a stream under the upstream's
+    /// SETTINGS_MAX_CONCURRENT_STREAMS take their wakers back, rather than leaving them (and the
+    /// tasks they keep alive) until a stream closes, which a long-lived stream never does.
+    #[tokio::test]
+    async fn abandoned_waiters_are_not_kept() {
+        let (client_io, mut server) = tokio::io::duplex(1 << 20);
+        let (sender, conn) = handshake(client_io).await.unwrap_or_else(|e| panic!("{e}"));
+        let shared = sender.shared.clone();
+        tokio::spawn(conn);
+        let mut s = BytesMut::new();
+        put_head(&mut s, 6, SETTINGS, 0, 0);
+        s.put_u16(3); // SETTINGS_MAX_CONCURRENT_STREAMS
+        s.put_u32(1);
+        server.write_all(&s).await.unwrap_or_else(|e| panic!("{e}"));
+        until(&shared, |i| i.peer_max_streams == 1).await;
+        let _first = tokio::spawn(send(sender.clone(), get()));
+        until(&shared, |i| i.open == 1).await;
+        for n in 1..=1000 {
+            let t = tokio::spawn(send(sender.clone(), get()));
+            until(&shared, |i| !i.waiters.is_empty()).await;
+            t.abort();
+            assert!(
+                t.await.is_err_and(|e| e.is_cancelled()),
+                "request {n} did not wait"
+            );
+        }
+        let n = lock(&shared).waiters.len();
+        assert_eq!(n, 0, "wakers of abandoned requests kept");
+        drop(server);
+    }
+
+    /// Two responses nobody reads yet hold 4 MiB of the 5 MiB connection window; a third
+    /// stream's 1 MiB is read in full. Consumed bytes go back once they reach half the window
+    /// the upstream still has (h2's rule); with a fixed half of the whole window the connection
+    /// window stayed at 0 and every stream on the connection stalled.
+    #[tokio::test]
+    async fn consumed_data_goes_back_when_the_connection_window_is_exhausted() {
+        let (client_io, mut server) = tokio::io::duplex(16 << 20);
+        let (sender, conn) = handshake(client_io).await.unwrap_or_else(|e| panic!("{e}"));
+        let shared = sender.shared.clone();
+        tokio::spawn(conn);
+        let mut b = BytesMut::new();
+        put_head(&mut b, 0, SETTINGS, 0, 0);
+        server.write_all(&b).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut calls = Vec::new();
+        for k in 1..=3 {
+            calls.push(tokio::spawn(send(sender.clone(), get())));
+            until(&shared, |i| i.open == k).await;
+        }
+        let mut b = BytesMut::new();
+        for (id, len) in [(1u32, 2usize << 20), (3, 2 << 20), (5, 1 << 20)] {
+            put_head(&mut b, 1, HEADERS, END_HEADERS, id);
+            b.put_u8(0x88); // :status 200
+            for _ in 0..len / 16384 {
+                put_head(&mut b, 16384, DATA, 0, id);
+                b.put_bytes(b'x', 16384);
+            }
+        }
+        server.write_all(&b).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut resps = Vec::new();
+        for c in calls {
+            let r = c.await.unwrap_or_else(|e| panic!("{e}"));
+            resps.push(r.unwrap_or_else(|e| panic!("{e}")));
+        }
+        let mut body5 = resps
+            .pop()
+            .unwrap_or_else(|| panic!("three calls"))
+            .into_body();
+        let mut got = 0;
+        while got < 1 << 20 {
+            let f = body5.frame().await;
+            let f = f.unwrap_or_else(|| panic!("stream 5 ended after {got} bytes"));
+            let f = f.unwrap_or_else(|e| panic!("stream 5 after {got} bytes: {e}"));
+            got += f.into_data().map_or(0, |d| d.len());
+        }
+        let (window, unreleased) = {
+            let i = lock(&shared);
+            (i.conn_recv_window, i.conn_unreleased)
+        };
+        assert!(
+            window > 0,
+            "connection window 0 with {unreleased} consumed bytes not given back"
+        );
+        drop(resps);
     }
 }
