@@ -941,3 +941,43 @@ async fn a_ping_flood_from_an_upstream_that_does_not_read_is_bounded() {
         rss1 >> 10
     );
 }
+
+/// The upstream resets a stream mid-response with CANCEL or NO_ERROR, codes the h2 crate and
+/// hyper take as a clean end of the body: the response was cut short all the same, so an
+/// HTTP/1.1 client's chunked body fails rather than ending with a last chunk that would make the
+/// truncated answer look whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_mid_response_does_not_complete_the_clients_body() {
+    let (l, addr) = listener().await;
+    let strait = proxy(addr, plain_route()).await;
+    let mut peer = None;
+    for (n, code) in [8u32, 0].into_iter().enumerate() {
+        let url = strait.url(&format!("/cut{n}"));
+        let call = tokio::spawn(async move {
+            let resp = Client::http1().get_streaming(&url).await;
+            let status = resp.status();
+            let body = http_body_util::BodyExt::collect(resp.into_body()).await;
+            (
+                status,
+                body.map(|b| b.to_bytes()).map_err(|e| format!("{e:?}")),
+            )
+        });
+        if peer.is_none() {
+            peer = Some(Peer::accept(&l, &[]).await);
+        }
+        let Some(p) = peer.as_mut() else {
+            unreachable!("set above")
+        };
+        let (id, _, _) = p.request().await;
+        let mut bytes = frame(HEADERS, END_HEADERS, id, &block(Some("200"), &[]));
+        bytes.extend_from_slice(&frame(DATA, 0, id, b"partial"));
+        bytes.extend_from_slice(&frame(RST_STREAM, 0, id, &code.to_be_bytes()));
+        p.send(&bytes).await;
+        let (status, body) = call.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(status, 200);
+        assert!(
+            body.is_err(),
+            "RST_STREAM({code}) mid-response reached the client as a whole body: {body:?}"
+        );
+    }
+}

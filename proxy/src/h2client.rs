@@ -1804,11 +1804,10 @@ impl Body for H2Body {
             return Poll::Ready(s.recv.trailers.take().map(|t| Ok(Frame::trailers(t))));
         }
         if let Some(e) = s.recv.error {
-            return Poll::Ready(match e.reason() {
-                // The upstream stopped sending without failing the response (as with h2).
-                Some(Reason::NO_ERROR) | Some(Reason::CANCEL) => None,
-                _ => Some(Err(Box::new(e))),
-            });
+            // A reset before END_STREAM leaves the response incomplete, whatever its code (h2
+            // and hyper end the body cleanly on NO_ERROR and CANCEL, which would pass a
+            // truncated response on as whole); Envoy resets the downstream stream instead.
+            return Poll::Ready(Some(Err(Box::new(e))));
         }
         register(&mut s.recv.task, cx);
         Poll::Pending
