@@ -981,3 +981,40 @@ async fn a_cancel_mid_response_does_not_complete_the_clients_body() {
         );
     }
 }
+
+/// Malformed answers on one stream are that stream's errors (RFC 9113): a PRIORITY frame of the
+/// wrong size (§6.3) and a 101 head, which HTTP/2 does not have (§8.6). Each request fails with
+/// a 503, and the connection serves the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_priority_frame_or_a_101_fails_only_its_stream() {
+    let (l, addr) = listener().await;
+    let strait = proxy(addr, plain_route()).await;
+    let mut peer = None;
+    const PRIORITY_FRAME: u8 = 2;
+    let bad_priority = |id| frame(PRIORITY_FRAME, 0, id, &[0, 0, 0, 0]);
+    let switching = |id| frame(HEADERS, END_HEADERS, id, &block(Some("101"), &[]));
+    let answers: [&dyn Fn(u32) -> Vec<u8>; 2] = [&bad_priority, &switching];
+    for (n, answer) in answers.into_iter().enumerate() {
+        let url = strait.url(&format!("/bad{n}"));
+        let call = tokio::spawn(async move { Client::http1().get(&url).await });
+        if peer.is_none() {
+            peer = Some(Peer::accept(&l, &[]).await);
+        }
+        let Some(p) = peer.as_mut() else {
+            unreachable!("set above")
+        };
+        let (id, _, _) = p.request().await;
+        p.send(&answer(id)).await;
+        let r = call.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.status, 503, "answer {n}: {}", r.text());
+    }
+    let Some(p) = peer.as_mut() else {
+        unreachable!("set above")
+    };
+    let url = strait.url("/after");
+    let next = tokio::spawn(async move { Client::http1().get(&url).await });
+    let (id, _, _) = p.request().await;
+    p.ok(id, b"fine").await;
+    let r = next.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "fine"));
+}

@@ -798,7 +798,11 @@ impl State {
                 if id == 0 {
                     return conn_err(Reason::PROTOCOL_ERROR, "PRIORITY on stream 0");
                 }
-                // Priorities are ignored.
+                // Priorities are ignored; a PRIORITY frame of another length than 5 is a stream
+                // error (RFC 9113 §6.3), as in `h2server`.
+                if payload.len() != 5 {
+                    return local_reset(inner, id, Reason::FRAME_SIZE_ERROR, "PRIORITY size");
+                }
                 Ok(())
             }
             RST_STREAM => on_rst(inner, id, &payload),
@@ -937,6 +941,15 @@ impl State {
         let Some((status, declared)) = fields.status() else {
             return local_reset(inner, id, Reason::PROTOCOL_ERROR, "malformed response head");
         };
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            // HTTP/2 has no 101 (RFC 9113 §8.6): a malformed response.
+            return local_reset(
+                inner,
+                id,
+                Reason::PROTOCOL_ERROR,
+                "101 response over HTTP/2",
+            );
+        }
         if status.is_informational() {
             if end_stream {
                 return local_reset(
