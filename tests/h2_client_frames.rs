@@ -315,18 +315,29 @@ async fn listener() -> (TcpListener, SocketAddr) {
     (l, addr)
 }
 
-/// Strait with one HTTP/2 cluster `up` (with `extra` merged into its HTTP protocol options). The work-stealing worker model keeps one pool per host,
+/// Strait with one HTTP/2 cluster `up`. The work-stealing worker model keeps one pool per host,
 /// so every request of a test meets the fake upstream's one connection, whichever worker
 /// accepted its client (per-core workers would each open their own).
 async fn proxy(up: SocketAddr, routes: serde_json::Value) -> common::Strait {
     proxy_with(up, routes, json!({})).await
 }
 
+/// [`proxy`], with `extra` merged into the cluster's HTTP protocol options.
 async fn proxy_with(
     up: SocketAddr,
     routes: serde_json::Value,
     extra: serde_json::Value,
 ) -> common::Strait {
+    start(routes, h2_cluster(up, extra)).await
+}
+
+async fn start(routes: serde_json::Value, cluster: serde_json::Value) -> common::Strait {
+    let yaml = Config::new().routes(routes).cluster_json(cluster).yaml();
+    common::Strait::start_with(&yaml, &["--worker-model", "work-stealing"]).await
+}
+
+/// The cluster `up` over HTTP/2, `extra` merged into its HTTP protocol options.
+fn h2_cluster(up: SocketAddr, extra: serde_json::Value) -> serde_json::Value {
     let mut cluster = common::cluster("up", &[up]);
     let mut options = json!({
         "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -337,8 +348,7 @@ async fn proxy_with(
     }
     cluster["typed_extension_protocol_options"] =
         json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options});
-    let yaml = Config::new().routes(routes).cluster_json(cluster).yaml();
-    common::Strait::start_with(&yaml, &["--worker-model", "work-stealing"]).await
+    cluster
 }
 
 fn plain_route() -> serde_json::Value {
@@ -350,13 +360,56 @@ fn flags(line: &str) -> &str {
     line.split(' ').nth(5).unwrap_or_default()
 }
 
-/// The upstream allows one stream at a time (SETTINGS_MAX_CONCURRENT_STREAMS = 1): five
-/// requests on one downstream connection go out one after another on the one upstream
-/// connection, each only once the previous stream closed, and all are answered.
+/// A connection at the upstream's stream limit (SETTINGS_MAX_CONCURRENT_STREAMS = 1) takes no
+/// more streams: the pool opens another connection for the next request, as Envoy's does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_limit_of_one_serializes_requests() {
+async fn a_connection_at_the_upstreams_stream_limit_makes_the_pool_open_another() {
     let (l, addr) = listener().await;
     let strait = proxy(addr, plain_route()).await;
+    let client = Client::h2c();
+    let url = strait.url("/warm");
+    let warm = tokio::spawn(async move { client.get(&url).await.status });
+    let mut first = Peer::accept(&l, &[(3, 1)]).await;
+    let (id, _, _) = first.request().await;
+    first.ok(id, b"warm").await;
+    assert_eq!(warm.await.ok(), Some(http::StatusCode::OK));
+
+    // One request holds the first connection's only stream.
+    let client = Client::h2c();
+    let url = strait.url("/held");
+    let held = tokio::spawn({
+        let client = client.clone();
+        async move { client.get(&url).await }
+    });
+    let (held_id, _, _) = first.request().await;
+    // The next one goes out on a second connection.
+    let url = strait.url("/next");
+    let next = tokio::spawn(async move { client.get(&url).await });
+    let mut second = Peer::accept(&l, &[(3, 1)]).await;
+    let (id, fields, _) = second.request().await;
+    assert_eq!(field(&fields, ":path"), Some("/next"));
+    second.ok(id, b"second").await;
+    first.ok(held_id, b"first").await;
+    let r = next.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "second"));
+    let r = held.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "first"));
+    assert_eq!(
+        strait.stat("cluster.up.upstream_cx_http2_total").await,
+        Some(2)
+    );
+}
+
+/// The upstream allows one stream at a time and the cluster one connection
+/// (`circuit_breakers.max_connections: 1`): five requests on one downstream connection go out
+/// one after another on the one upstream connection, each only once the previous stream closed,
+/// and all are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_limit_of_one_on_one_connection_serializes_requests() {
+    let (l, addr) = listener().await;
+    let mut cluster = h2_cluster(addr, json!({}));
+    cluster["circuit_breakers"] = json!({"thresholds": [{"max_connections": 1}]});
+    let strait = start(plain_route(), cluster).await;
     let client = Client::h2c();
     let url = strait.url("/warm");
     let warm = tokio::spawn(async move { client.get(&url).await.status });
@@ -379,10 +432,12 @@ async fn a_stream_limit_of_one_serializes_requests() {
         let (id, fields, _) = peer.request().await;
         paths.push(field(&fields, ":path").unwrap_or_default().to_string());
         if n == 0 {
-            // All five are past the pool (counted upstream) before the first is answered.
+            // The other four wait in the pool for the connection's one stream.
             assert_eq!(
-                strait.wait_stat("cluster.up.upstream_rq_total", 6).await,
-                Some(6)
+                strait
+                    .wait_stat("cluster.up.upstream_rq_pending_active", 4)
+                    .await,
+                Some(4)
             );
         }
         // Whatever Strait had queued by now is in: no second stream while this one is open.

@@ -26,7 +26,7 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -162,6 +162,10 @@ struct Shared {
     gone: AtomicBool,
     /// [`SendRequest`] handles alive: with none and no streams, the connection closes.
     senders: AtomicUsize,
+    /// The upstream's SETTINGS_MAX_CONCURRENT_STREAMS (100 until its SETTINGS), read without the
+    /// lock by the pool, which opens another connection rather than queue past it (Envoy's
+    /// pool lowers a connection's stream limit to the peer's the same way).
+    max_streams: AtomicU32,
 }
 
 struct Inner {
@@ -467,6 +471,7 @@ where
         }),
         gone: AtomicBool::new(false),
         senders: AtomicUsize::new(1),
+        max_streams: AtomicU32::new(INITIAL_MAX_SEND_STREAMS as u32),
     });
     let conn = Connection {
         io,
@@ -495,6 +500,11 @@ impl SendRequest {
     /// The connection takes no new streams (GOAWAY received, or it failed).
     pub fn is_gone(&self) -> bool {
         self.shared.gone.load(Ordering::Acquire)
+    }
+
+    /// The upstream's limit on concurrent streams (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub fn max_streams(&self) -> u32 {
+        self.shared.max_streams.load(Ordering::Acquire)
     }
 }
 
@@ -808,7 +818,10 @@ impl State {
             RST_STREAM => on_rst(inner, id, &payload),
             SETTINGS => {
                 self.settings_seen |= flags & ACK == 0;
-                on_settings(inner, flags, id, &payload)
+                let r = on_settings(inner, flags, id, &payload);
+                let max = u32::try_from(inner.peer_max_streams).unwrap_or(u32::MAX);
+                shared.max_streams.store(max, Ordering::Release);
+                r
             }
             PING => {
                 if id != 0 {

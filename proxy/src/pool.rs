@@ -1,9 +1,10 @@
 //! Per-host upstream connection pools: HTTP/1.1 keep-alive reuse (one request per connection at a
 //! time, an idle list watched by one task per pool; requests drive their connection themselves,
 //! see `h1client`) and HTTP/2 multiplexing (streams up to `max_concurrent_streams` per
-//! connection, `h2client`). Enforces the cluster's connection and pending-request circuit breakers of the
-//! request's routing priority (as Envoy, DEFAULT and HIGH requests use separate pools), reaps
-//! idle connections after `idle_timeout`, and counts Envoy's `upstream_cx_*` stats.
+//! connection, lowered to the upstream's SETTINGS_MAX_CONCURRENT_STREAMS, `h2client`). Enforces
+//! the cluster's connection and pending-request circuit breakers of the request's routing
+//! priority (as Envoy, DEFAULT and HIGH requests use separate pools), reaps idle connections
+//! after `idle_timeout`, and counts Envoy's `upstream_cx_*` stats.
 //! No lock is held across an await, except the per-host HTTP/2 connect lock (see `H2Pool`).
 
 use std::cell::Cell;
@@ -424,7 +425,12 @@ impl Pool {
             conns.retain(|c| !c.meta.closed.load(Ordering::Acquire) && !c.sender.is_gone());
             for c in conns.iter() {
                 let active = c.meta.active.load(Ordering::Acquire);
-                if active < max_concurrent_streams.max(1) {
+                // The configured limit, lowered to the upstream's own (as Envoy's pool does): a
+                // connection at it makes the pool open another rather than queue streams on it.
+                // Never below one, so that an upstream advertising 0 does not make every
+                // request open a connection.
+                let limit = max_concurrent_streams.min(c.sender.max_streams()).max(1);
+                if active < limit {
                     c.meta.begin();
                     return Some(Conn {
                         kind: ConnKind::H2(c.sender.clone(), c.meta.clone(), s.clone()),
