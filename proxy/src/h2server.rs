@@ -1631,33 +1631,10 @@ enum BodyEnd {
     Failed(BoxError),
 }
 
-/// Fixes up the HEADERS frame begun at `start` (its header block encoded after it): length,
-/// flags, and CONTINUATION frames when the block is over the client's frame size.
+/// Fixes up the HEADERS frame begun at `start` for the client's frame size (`h2frame`).
 fn end_header_block(inner: &mut Inner, start: usize, eos: bool) {
-    let block_len = inner.out.len() - start - 9;
     let max = inner.peer_max_frame;
-    let first = block_len.min(max);
-    let mut flags = if eos { END_STREAM } else { 0 };
-    if block_len <= max {
-        flags |= END_HEADERS;
-    }
-    let h = &mut inner.out[start..start + 9];
-    h[0] = (first >> 16) as u8;
-    h[1] = (first >> 8) as u8;
-    h[2] = first as u8;
-    h[4] = flags;
-    if block_len > max {
-        let id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]);
-        let rest = inner.out.split_off(start + 9 + first);
-        let mut rest = &rest[..];
-        while !rest.is_empty() {
-            let n = rest.len().min(max);
-            let f = if n == rest.len() { END_HEADERS } else { 0 };
-            put_head(&mut inner.out, n, CONTINUATION, f, id);
-            inner.out.extend_from_slice(&rest[..n]);
-            rest = &rest[n..];
-        }
-    }
+    crate::h2frame::end_header_block(&mut inner.out, start, eos, max);
 }
 
 /// Moves the response body into DATA frames within the client's windows and the send buffer.
