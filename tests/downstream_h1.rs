@@ -541,3 +541,36 @@ async fn a_head_over_the_limit_is_answered_431() {
         "the oversized request reached the upstream"
     );
 }
+
+/// The connection's byte counters see every byte on the wire, the first read (which chooses
+/// the codec) included: a small request is all in that read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn byte_counters_include_the_first_read() {
+    let up = Upstream::start("up").await;
+    let strait = proxy(up.addr).await;
+    let mut c = RawConn::open(strait.listener("ingress")).await;
+    let req = get("/count", &format!("x-pad: {}\r\n", "p".repeat(700)));
+    c.send(&req).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status(), 200);
+    let got = r.head.len() + 4 + r.body.len() + c.buf.len();
+    drop(c);
+    assert_eq!(
+        strait
+            .wait_stat("http.ingress.downstream_cx_destroy", 1)
+            .await,
+        Some(1)
+    );
+    assert_eq!(
+        strait
+            .stat("http.ingress.downstream_cx_rx_bytes_total")
+            .await,
+        Some(req.len() as i64)
+    );
+    assert_eq!(
+        strait
+            .stat("http.ingress.downstream_cx_tx_bytes_total")
+            .await,
+        Some(got as i64)
+    );
+}

@@ -461,6 +461,100 @@ async fn a_stream_limit_of_one_on_one_connection_serializes_requests() {
     );
 }
 
+/// Requests pending because the one allowed connection is at the upstream's stream limit go
+/// out as soon as the upstream raises SETTINGS_MAX_CONCURRENT_STREAMS, while the stream that
+/// filled it is still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_requests_go_out_when_the_upstream_raises_its_stream_limit() {
+    let (l, addr) = listener().await;
+    let mut cluster = h2_cluster(addr, json!({}));
+    cluster["circuit_breakers"] = json!({"thresholds": [{"max_connections": 1}]});
+    let strait = start(plain_route(), cluster).await;
+    let client = Client::h2c();
+    let url = strait.url("/warm");
+    let warm = tokio::spawn(async move { client.get(&url).await.status });
+    let mut peer = Peer::accept(&l, &[(3, 1)]).await;
+    let (id, _, _) = peer.request().await;
+    peer.ok(id, b"warm").await;
+    assert_eq!(warm.await.ok(), Some(http::StatusCode::OK));
+
+    let client = Client::h2c();
+    let mut calls = Vec::new();
+    for i in 0..3 {
+        let client = client.clone();
+        let url = strait.url(&format!("/raise/{i}"));
+        calls.push(tokio::spawn(async move { client.get(&url).await }));
+    }
+    let (held, _, _) = peer.request().await;
+    assert_eq!(
+        strait
+            .wait_stat("cluster.up.upstream_rq_pending_active", 2)
+            .await,
+        Some(2)
+    );
+    let mut p = Vec::new();
+    p.extend_from_slice(&3u16.to_be_bytes());
+    p.extend_from_slice(&10u32.to_be_bytes());
+    peer.send(&frame(SETTINGS, 0, 0, &p)).await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (id, _, _) = peer.request().await;
+        ids.push(id);
+    }
+    ids.push(held);
+    for id in ids {
+        peer.ok(id, b"raised").await;
+    }
+    for c in calls {
+        let r = c.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "raised"));
+    }
+    assert_eq!(
+        strait.stat("cluster.up.upstream_cx_http2_total").await,
+        Some(1)
+    );
+}
+
+/// An upstream whose SETTINGS do not limit concurrent streams (gRPC-go's do not) has no limit
+/// (RFC 9113 §6.5.2): 150 concurrent requests share its one connection, past the 100 streams
+/// a client assumes before the first SETTINGS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_without_a_stream_limit_mean_no_limit() {
+    let (l, addr) = listener().await;
+    let strait = proxy(addr, plain_route()).await;
+    let client = Client::h2c();
+    let url = strait.url("/warm");
+    let warm = tokio::spawn(async move { client.get(&url).await.status });
+    let mut peer = Peer::accept(&l, &[(4, 65_535)]).await;
+    let (id, _, _) = peer.request().await;
+    peer.ok(id, b"warm").await;
+    assert_eq!(warm.await.ok(), Some(http::StatusCode::OK));
+
+    let client = Client::h2c();
+    let mut calls = Vec::new();
+    for i in 0..150 {
+        let client = client.clone();
+        let url = strait.url(&format!("/many/{i}"));
+        calls.push(tokio::spawn(async move { client.get(&url).await }));
+    }
+    let mut ids = Vec::new();
+    for _ in 0..150 {
+        let (id, _, _) = peer.request().await;
+        ids.push(id);
+    }
+    for id in ids {
+        peer.ok(id, b"many").await;
+    }
+    for c in calls {
+        let r = c.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "many"));
+    }
+    assert_eq!(
+        strait.stat("cluster.up.upstream_cx_http2_total").await,
+        Some(1)
+    );
+}
+
 /// REFUSED_STREAM from the upstream: without a retry policy a 503 with Envoy's `remote refused
 /// stream reset` and `UR`; with `retry_on: refused-stream` the request is retried and answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

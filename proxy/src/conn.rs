@@ -176,6 +176,10 @@ impl AsyncRead for CountingIo {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                // An emptied `Bytes` still holds its buffer (the 4 KiB sniff read) alive.
+                self.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
@@ -636,6 +640,8 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
         hs.downstream_cx_http1_total.inc();
         hs.downstream_cx_http1_active.inc();
     }
+    // The sniff read from the socket itself, past the counting wrapper.
+    hs.downstream_cx_rx_bytes_total.add(prefix.len() as u64);
     let mut io = CountingIo::new(stream, Counted::Downstream(hs.clone()));
     io.prefix = prefix;
     if !is_h2 {

@@ -58,6 +58,13 @@ impl Error {
 /// the response; `h1server`: the next request).
 pub(crate) const SPARE_FIELDS: usize = 24;
 
+/// Whether `headers` may be emptied and kept for the next message: small, counting repeated
+/// values too (kept in a separate list that `clear` does not shrink).
+#[inline]
+pub(crate) fn recyclable(headers: &HeaderMap) -> bool {
+    headers.capacity() <= SPARE_FIELDS && headers.len() - headers.keys_len() <= SPARE_FIELDS
+}
+
 /// One upstream HTTP/1.1 connection and the buffers it keeps between requests.
 #[derive(Debug)]
 pub struct Connection {
@@ -134,9 +141,6 @@ impl Connection {
         }
         if self.wbuf.capacity() > 4 * INIT_READ {
             self.wbuf = BytesMut::new();
-        }
-        if self.spare.capacity() > SPARE_FIELDS {
-            self.spare = HeaderMap::new();
         }
     }
 }
@@ -227,8 +231,10 @@ pub fn send<C: Pooled>(
         w.put_slice(b"\r\n");
     }
     w.put_slice(b"\r\n");
-    headers.clear();
-    conn.conn().spare = headers;
+    if recyclable(&headers) {
+        headers.clear();
+        conn.conn().spare = headers;
+    }
     Exchange {
         state: Some(State {
             conn,
@@ -1123,6 +1129,29 @@ impl<C: Pooled> AsyncWrite for Upgraded<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A map kept for the next message is small in both its fields and its repeated values: a
+    /// message with a thousand `set-cookie`s does not leave its value list on the connection.
+    #[test]
+    fn only_small_maps_are_kept() {
+        let mut few = HeaderMap::new();
+        few.append("set-cookie", HeaderValue::from_static("a"));
+        few.append("set-cookie", HeaderValue::from_static("b"));
+        assert!(recyclable(&few));
+        let mut repeated = HeaderMap::new();
+        for _ in 0..1000 {
+            repeated.append("set-cookie", HeaderValue::from_static("c"));
+        }
+        assert!(!recyclable(&repeated));
+        let mut wide = HeaderMap::new();
+        for i in 0..100 {
+            wide.insert(
+                HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap(),
+                HeaderValue::from_static("w"),
+            );
+        }
+        assert!(!recyclable(&wide));
+    }
 
     /// The slow path's answer, to hold the table to.
     fn slow(raw: &[u8]) -> (HeaderName, Role) {

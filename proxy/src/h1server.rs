@@ -469,7 +469,7 @@ where
             }
         }
         let mut headers = parts.headers;
-        if headers.capacity() <= crate::h1client::SPARE_FIELDS {
+        if crate::h1client::recyclable(&headers) {
             headers.clear();
             self.spare = headers;
         }

@@ -480,6 +480,7 @@ where
             decoder: hpack::Decoder::new(HEADER_TABLE_SIZE),
             rbuf: BytesMut::new(),
             settings_seen: false,
+            on_more_streams: None,
             partial: None,
         },
         wbuf: BytesMut::new(),
@@ -557,6 +558,9 @@ struct State {
     decoder: hpack::Decoder,
     rbuf: BytesMut,
     settings_seen: bool,
+    /// Called when the upstream raises its stream limit: the pool may have requests waiting for
+    /// a stream on a connection it found full.
+    on_more_streams: Option<Box<dyn Fn() + Send + Sync>>,
     /// A header block being assembled from HEADERS and CONTINUATION frames.
     partial: Option<Partial>,
 }
@@ -565,6 +569,14 @@ struct Partial {
     id: u32,
     end_stream: bool,
     block: BytesMut,
+}
+
+impl<T> Connection<T> {
+    /// Calls `f` (from the connection's task) whenever the upstream raises its
+    /// SETTINGS_MAX_CONCURRENT_STREAMS, after [`SendRequest::max_streams`] shows the new limit.
+    pub fn on_more_streams(&mut self, f: impl Fn() + Send + Sync + 'static) {
+        self.st.on_more_streams = Some(Box::new(f));
+    }
 }
 
 impl<T> Connection<T>
@@ -817,10 +829,15 @@ impl State {
             }
             RST_STREAM => on_rst(inner, id, &payload),
             SETTINGS => {
-                self.settings_seen |= flags & ACK == 0;
-                let r = on_settings(inner, flags, id, &payload);
+                let first = !self.settings_seen && flags & ACK == 0;
+                self.settings_seen |= first;
+                let r = on_settings(inner, flags, id, &payload, first);
                 let max = u32::try_from(inner.peer_max_streams).unwrap_or(u32::MAX);
-                shared.max_streams.store(max, Ordering::Release);
+                if shared.max_streams.swap(max, Ordering::AcqRel) < max {
+                    if let Some(f) = &self.on_more_streams {
+                        f();
+                    }
+                }
                 r
             }
             PING => {
@@ -1128,7 +1145,9 @@ fn on_rst(inner: &mut Inner, id: u32, p: &[u8]) -> ConnResult {
     Ok(())
 }
 
-fn on_settings(inner: &mut Inner, flags: u8, id: u32, p: &[u8]) -> ConnResult {
+/// `first`: the upstream's first SETTINGS, which ends the initial stream limit whether or not it
+/// sets one.
+fn on_settings(inner: &mut Inner, flags: u8, id: u32, p: &[u8], first: bool) -> ConnResult {
     if id != 0 {
         return conn_err(Reason::PROTOCOL_ERROR, "SETTINGS on a stream");
     }
@@ -1143,6 +1162,12 @@ fn on_settings(inner: &mut Inner, flags: u8, id: u32, p: &[u8]) -> ConnResult {
             Reason::FRAME_SIZE_ERROR,
             "SETTINGS not a multiple of 6 bytes",
         );
+    }
+    if first && !p.chunks_exact(6).any(|s| s[..2] == [0, 3]) {
+        // No SETTINGS_MAX_CONCURRENT_STREAMS: no limit (RFC 9113 §6.5.2), as nghttp2 (Envoy's
+        // codec) and the h2 crate take it once the first SETTINGS is in. gRPC-go omits it.
+        inner.peer_max_streams = usize::MAX;
+        inner.wake_waiters();
     }
     for s in p.chunks_exact(6) {
         let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);

@@ -14,6 +14,12 @@ use crate::forward::ConnCtx;
 use crate::server::{ListenerRuntime, ServerShared};
 use crate::stats::ListenerStats;
 
+/// The address every connection accepted on a socket bound to `bound` has, unless it is a
+/// wildcard (an IPv4-mapped one, `::ffff:0.0.0.0`, included).
+fn one_address(bound: SocketAddr) -> Option<SocketAddr> {
+    (!bound.ip().to_canonical().is_unspecified()).then_some(bound)
+}
+
 /// Accepts until drain starts; the listening socket closes when this returns (or is aborted,
 /// which is how a listener removed by LDS stops accepting). Connections are spawned on the
 /// runtime this runs on: with per-core workers, the worker whose socket accepted them.
@@ -28,7 +34,7 @@ pub async fn accept_loop(
     // A connection accepted on a socket bound to one address has that local address: asked
     // once here, not with a `getsockname` per connection (one syscall in six of a short
     // connection). Only a wildcard bind leaves it to each connection.
-    let bound = tcp.local_addr().ok().filter(|a| !a.ip().is_unspecified());
+    let bound = tcp.local_addr().ok().and_then(one_address);
     // Shared by this socket's connections: a short connection's stream takes a timer already
     // registered with tokio instead of registering a new one, which wakes tokio's driver (an
     // eventfd write) whenever it is earlier than the driver's next wake-up.
@@ -89,5 +95,22 @@ pub async fn accept_loop(
                 w.downstream_cx_destroy.inc();
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_address;
+
+    #[test]
+    fn wildcards_leave_the_local_address_to_each_connection() {
+        for wild in ["0.0.0.0:80", "[::]:80", "[::ffff:0.0.0.0]:80"] {
+            let a = wild.parse().unwrap_or_else(|e| panic!("{wild}: {e}"));
+            assert_eq!(one_address(a), None, "{wild}");
+        }
+        for one in ["127.0.0.1:80", "[::1]:80", "[::ffff:127.0.0.1]:80"] {
+            let a = one.parse().unwrap_or_else(|e| panic!("{one}: {e}"));
+            assert_eq!(one_address(a), Some(a), "{one}");
+        }
     }
 }

@@ -495,10 +495,13 @@ impl Pool {
                 ..ConnMeta::default()
             });
             meta.begin();
-            let (sender, conn) = match crate::h2client::handshake(io).await {
+            let (sender, mut conn) = match crate::h2client::handshake(io).await {
                 Ok(x) => x,
                 Err(e) => return Err(fail(PoolError::ConnectFailure(e.to_string()))),
             };
+            // Requests pending because this connection was full may now fit on it.
+            let waker = s.clone();
+            conn.on_more_streams(move || waker.freed.notify_waiters());
             st.upstream_cx_http2_total.inc();
             self.spawn_driver(conn, meta.clone());
             let c = Arc::new(H2Conn {

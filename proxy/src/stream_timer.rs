@@ -37,7 +37,12 @@ impl TimerPool {
         self.free.lock().unwrap_or_else(|e| e.into_inner()).pop()
     }
 
-    fn put(&self, sleep: Pin<Box<Sleep>>) {
+    fn put(&self, mut sleep: Pin<Box<Sleep>>) {
+        // The timer keeps its registration but not its last stream's waker, which would hold
+        // that stream's task (and its connection's) until the deadline.
+        let _ = sleep
+            .as_mut()
+            .poll(&mut Context::from_waker(std::task::Waker::noop()));
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         if free.len() < POOL_MAX {
             free.push(sleep);
@@ -269,6 +274,32 @@ mod tests {
         assert_eq!(e, Expired::Request);
         assert!(start.elapsed() >= Duration::from_millis(50));
         assert!(!src.end().is_set());
+    }
+
+    /// A pooled timer holds no waker of the stream that used it last.
+    #[tokio::test]
+    async fn a_released_timer_lets_its_streams_waker_go() {
+        struct Counted;
+        impl std::task::Wake for Counted {
+            fn wake(self: std::sync::Arc<Self>) {}
+        }
+        let pool = TimerPool::default();
+        let src = source();
+        let mut t = StreamTimer::default();
+        t.start(&pool, None, Some(Duration::from_secs(60)), None);
+        let task = std::sync::Arc::new(Counted);
+        let waker = std::task::Waker::from(task.clone());
+        assert!(t
+            .poll_expired(&src, &mut Context::from_waker(&waker))
+            .is_pending());
+        drop(waker);
+        assert!(
+            std::sync::Arc::strong_count(&task) > 1,
+            "the timer holds the waker"
+        );
+        t.release(&pool);
+        assert_eq!(std::sync::Arc::strong_count(&task), 1);
+        assert_eq!(pool.free.lock().unwrap().len(), 1);
     }
 
     #[tokio::test]
