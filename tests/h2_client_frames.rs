@@ -800,6 +800,12 @@ async fn garbage_from_the_upstream_is_503_uc() {
     common::within("the connection to close", s.read_to_end(&mut rest))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        strait
+            .wait_stat("cluster.up.upstream_cx_protocol_error", 1)
+            .await,
+        Some(1)
+    );
     // Still serving: the next request gets a connection of its own.
     let url = strait.url("/after");
     let next = tokio::spawn(async move { Client::http1().get(&url).await });

@@ -229,6 +229,13 @@ async fn malformed_and_oversized_heads_are_502_protocol_errors() {
             r.text()
         );
     }
+    // Each closed the connection it came on, counted as Envoy counts codec errors.
+    assert_eq!(
+        strait
+            .wait_stat("cluster.up.upstream_cx_protocol_error", 3)
+            .await,
+        Some(3)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

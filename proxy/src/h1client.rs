@@ -151,8 +151,10 @@ pub trait Pooled: Send + Unpin + 'static {
     fn conn(&mut self) -> &mut Connection;
     /// The exchange ended cleanly and the connection may serve another request.
     fn release(self);
-    /// The peer closed the connection or broke the protocol (counted as a remote close).
+    /// The peer closed the connection (counted as a remote close).
     fn peer_closed(&mut self);
+    /// The peer broke the protocol: the connection is closed, as after [`Self::peer_closed`].
+    fn protocol_error(&mut self);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -469,12 +471,12 @@ impl<C: Pooled> State<C> {
                     Ok(Some(Parsed::Final(h))) => return Poll::Ready(Ok(h)),
                     Ok(Some(Parsed::Informational)) => continue,
                     Ok(None) if c.rbuf.len() > MAX_HEAD => {
-                        self.conn.peer_closed();
+                        self.conn.protocol_error();
                         return Poll::Ready(Err(Error::Protocol("response headers too large")));
                     }
                     Ok(None) => {}
                     Err(e) => {
-                        self.conn.peer_closed();
+                        self.conn.protocol_error();
                         return Poll::Ready(Err(e));
                     }
                 }
@@ -872,7 +874,11 @@ impl<C: Pooled> ResponseBody<C> {
     fn fail(&mut self, e: Error) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.dec = Decoder::Done;
         if let Some(mut st) = self.state.take() {
-            st.conn.peer_closed();
+            if e.is_protocol() {
+                st.conn.protocol_error();
+            } else {
+                st.conn.peer_closed();
+            }
         }
         Poll::Ready(Some(Err(e.into())))
     }

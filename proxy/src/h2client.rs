@@ -121,6 +121,11 @@ impl Error {
         )
     }
 
+    /// The connection ended because the upstream broke the protocol (Strait sent GOAWAY).
+    pub fn is_protocol_error(&self) -> bool {
+        matches!(self.kind, Kind::GoAway { remote: false, .. })
+    }
+
     /// The HTTP/2 error code, for resets and GOAWAY.
     pub fn reason(&self) -> Option<Reason> {
         match self.kind {

@@ -109,6 +109,11 @@ impl h1client::Pooled for H1Conn {
     fn peer_closed(&mut self) {
         self.remote = true;
     }
+
+    fn protocol_error(&mut self) {
+        self.remote = true;
+        self.pool.info.stats.upstream_cx_protocol_error.inc();
+    }
 }
 
 impl Drop for H1State {
@@ -528,10 +533,9 @@ impl Pool {
     }
 
     /// Drives one HTTP/2 connection until it closes or stays idle for `idle_timeout`.
-    fn spawn_driver<F, E>(&self, conn: F, meta: Arc<ConnMeta>)
+    fn spawn_driver<F>(&self, conn: F, meta: Arc<ConnMeta>)
     where
-        F: Future<Output = Result<(), E>> + Send + 'static,
-        E: std::fmt::Display,
+        F: Future<Output = Result<(), crate::h2client::Error>> + Send + 'static,
     {
         let s = self.shared.clone();
         tokio::spawn(async move {
@@ -571,6 +575,9 @@ impl Pool {
                 Some(r) => {
                     if let Err(e) = r {
                         tracing::debug!(upstream = %s.addr, error = %e, "upstream connection failed");
+                        if e.is_protocol_error() {
+                            st.upstream_cx_protocol_error.inc();
+                        }
                     }
                     st.upstream_cx_destroy_remote.inc();
                 }
