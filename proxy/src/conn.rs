@@ -616,7 +616,6 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
     };
     let hs = cx.listener.http_stats.clone();
     let mut drain = cx.listener.drain_rx();
-    let _ = stream.set_nodelay(true);
 
     let (prefix, is_h2) = match codec_type {
         CodecType::Http1 => (Bytes::new(), false),

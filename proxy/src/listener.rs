@@ -35,6 +35,10 @@ pub async fn accept_loop(
     // once here, not with a `getsockname` per connection (one syscall in six of a short
     // connection). Only a wildcard bind leaves it to each connection.
     let bound = tcp.local_addr().ok().and_then(one_address);
+    // Accepted sockets inherit TCP_NODELAY from the listening socket on Linux: set once here,
+    // it spares a `setsockopt` per connection (one syscall in ten of a short connection).
+    let inherits_nodelay = cfg!(target_os = "linux")
+        && socket2::SockRef::from(&tcp).set_tcp_nodelay(true).is_ok();
     // Shared by this socket's connections: a short connection's stream takes a timer already
     // registered with tokio instead of registering a new one, which wakes tokio's driver (an
     // eventfd write) whenever it is earlier than the driver's next wake-up.
@@ -63,6 +67,9 @@ pub async fn accept_loop(
                 continue;
             }
         };
+        if !inherits_nodelay {
+            let _ = stream.set_nodelay(true);
+        }
         let local = bound.unwrap_or_else(|| {
             stream
                 .local_addr()
@@ -101,6 +108,19 @@ pub async fn accept_loop(
 #[cfg(test)]
 mod tests {
     use super::one_address;
+
+    /// What `accept_loop` counts on: a socket accepted on a listening socket with TCP_NODELAY
+    /// has it too.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_sockets_inherit_tcp_nodelay() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        socket2::SockRef::from(&l).set_tcp_nodelay(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let _c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        assert!(s.nodelay().unwrap());
+    }
 
     #[test]
     fn wildcards_leave_the_local_address_to_each_connection() {
