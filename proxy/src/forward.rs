@@ -35,7 +35,7 @@ use crate::pool::{Lease, PoolError, SendError, Sender};
 use crate::response_flags::ResponseFlags;
 use crate::router::{self, Selected};
 use crate::server::{ListenerRuntime, ServerShared};
-use crate::stream_timer::{Expired, StreamTimer, TimerPool};
+use crate::stream_timer::{ConnTimers, Expired, StreamTimer};
 
 /// Envoy's default `per_connection_buffer_limit_bytes` (1 MiB), which also bounds the request
 /// body the router keeps for retries; a larger body is not retried.
@@ -48,9 +48,9 @@ pub struct ConnCtx {
     pub server: Arc<ServerShared>,
     pub peer: SocketAddr,
     pub local: SocketAddr,
-    /// Spare stream timers, shared by the connections of one accept loop (one worker's
-    /// listener socket) and reused by their next streams.
-    pub timers: Arc<TimerPool>,
+    /// Spare stream timers: the connection's own, then those shared by the connections of one
+    /// accept loop (one worker's listener socket), reused by their next streams.
+    pub timers: ConnTimers,
     /// HTTP/1: the in-flight stream's idle timeout and route deadline, for writes the client
     /// does not take.
     pub write_stall: crate::conn::WriteStall,

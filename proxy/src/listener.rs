@@ -37,8 +37,8 @@ pub async fn accept_loop(
     let bound = tcp.local_addr().ok().and_then(one_address);
     // Accepted sockets inherit TCP_NODELAY from the listening socket on Linux: set once here,
     // it spares a `setsockopt` per connection (one syscall in ten of a short connection).
-    let inherits_nodelay = cfg!(target_os = "linux")
-        && socket2::SockRef::from(&tcp).set_tcp_nodelay(true).is_ok();
+    let inherits_nodelay =
+        cfg!(target_os = "linux") && socket2::SockRef::from(&tcp).set_tcp_nodelay(true).is_ok();
     // Shared by this socket's connections: a short connection's stream takes a timer already
     // registered with tokio instead of registering a new one, which wakes tokio's driver (an
     // eventfd write) whenever it is earlier than the driver's next wake-up.
@@ -88,7 +88,7 @@ pub async fn accept_loop(
             server: server.clone(),
             peer,
             local,
-            timers: timers.clone(),
+            timers: crate::stream_timer::ConnTimers::new(timers.clone()),
             write_stall: Default::default(),
         });
         let track = server.track();

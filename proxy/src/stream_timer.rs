@@ -1,5 +1,6 @@
 //! One timer per stream for the route timeout, the HCM request timeout and the stream idle
-//! timeout, taken from a pool per listener socket and moved rather than re-created: tokio wakes
+//! timeout, taken from its connection or a pool per listener socket and moved rather than
+//! re-created: tokio wakes
 //! its I/O driver (an eventfd write) whenever a new timer is earlier than the driver's next
 //! wake-up.
 
@@ -50,6 +51,54 @@ impl TimerPool {
     }
 }
 
+/// A connection's spare timer, in front of its listener socket's pool. A keep-alive
+/// connection's next stream takes back its last one's timer, whose waker is the connection's
+/// own task (HTTP/1.1), so it is kept as is; a timer that goes to the pool is first made to
+/// let go of its waker (~110 instructions), once per connection rather than per stream.
+pub struct ConnTimers {
+    pool: std::sync::Arc<TimerPool>,
+    own: Mutex<Option<Pin<Box<Sleep>>>>,
+}
+
+impl std::fmt::Debug for ConnTimers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnTimers").finish_non_exhaustive()
+    }
+}
+
+impl ConnTimers {
+    pub fn new(pool: std::sync::Arc<TimerPool>) -> ConnTimers {
+        ConnTimers {
+            pool,
+            own: Mutex::new(None),
+        }
+    }
+
+    fn take(&self) -> Option<Pin<Box<Sleep>>> {
+        let own = self.own.lock().unwrap_or_else(|e| e.into_inner()).take();
+        own.or_else(|| self.pool.take())
+    }
+
+    fn put(&self, sleep: Pin<Box<Sleep>>) {
+        let mut own = self.own.lock().unwrap_or_else(|e| e.into_inner());
+        if own.is_none() {
+            *own = Some(sleep);
+        } else {
+            drop(own);
+            self.pool.put(sleep);
+        }
+    }
+}
+
+impl Drop for ConnTimers {
+    fn drop(&mut self) {
+        let own = self.own.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(sleep) = own {
+            self.pool.put(sleep);
+        }
+    }
+}
+
 /// Which timeout ended the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expired {
@@ -79,7 +128,7 @@ impl StreamTimer {
     /// the end of the request, the idle timeout from the last activity of `source`.
     pub fn start(
         &mut self,
-        pool: &TimerPool,
+        pool: &ConnTimers,
         request_deadline: Option<Instant>,
         route_timeout: Option<Duration>,
         idle: Option<Duration>,
@@ -123,7 +172,7 @@ impl StreamTimer {
     }
 
     /// Gives the sleep back to the connection for its next stream.
-    pub fn release(&mut self, pool: &TimerPool) {
+    pub fn release(&mut self, pool: &ConnTimers) {
         self.stop();
         if let Some(s) = self.sleep.take() {
             pool.put(s);
@@ -194,6 +243,14 @@ impl StreamTimer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    /// A listener socket's pool and one connection in front of it.
+    fn pools() -> (Arc<TimerPool>, ConnTimers) {
+        let pool = Arc::new(TimerPool::default());
+        let conn = ConnTimers::new(pool.clone());
+        (pool, conn)
+    }
 
     /// A request without a body: it has ended when the stream starts.
     fn source() -> RequestSource {
@@ -204,10 +261,10 @@ mod tests {
 
     #[tokio::test]
     async fn route_timeout_counts_from_the_end_of_the_request() {
-        let pool = TimerPool::default();
+        let (pool, conn) = pools();
         let src = source();
         let mut t = StreamTimer::default();
-        t.start(&pool, None, Some(Duration::from_millis(50)), None);
+        t.start(&conn, None, Some(Duration::from_millis(50)), None);
         let e = std::future::poll_fn(|cx| t.poll_expired(&src, cx)).await;
         assert_eq!(e, Expired::Route);
         let ended = src.end().when().unwrap_or_else(Instant::now);
@@ -216,18 +273,20 @@ mod tests {
             "{:?}",
             ended.elapsed()
         );
-        t.release(&pool);
-        assert_eq!(pool.free.lock().unwrap().len(), 1);
+        t.release(&conn);
+        assert_eq!(pool.free.lock().unwrap().len(), 0, "kept by its connection");
+        drop(conn);
+        assert_eq!(pool.free.lock().unwrap().len(), 1, "pooled when it closes");
     }
 
     #[tokio::test]
     async fn idle_timeout_moves_with_activity_and_timers_are_reused() {
-        let pool = TimerPool::default();
+        let (pool, conn) = pools();
         for _ in 0..3 {
             let src = source();
             let mut t = StreamTimer::default();
             t.start(
-                &pool,
+                &conn,
                 None,
                 Some(Duration::from_secs(60)),
                 Some(Duration::from_millis(100)),
@@ -249,9 +308,11 @@ mod tests {
                 "{:?}",
                 start.elapsed()
             );
-            t.release(&pool);
+            t.release(&conn);
         }
-        assert_eq!(pool.free.lock().unwrap().len(), 1);
+        // One timer served the connection's three streams.
+        assert!(conn.own.lock().unwrap().is_some());
+        assert_eq!(pool.free.lock().unwrap().len(), 0);
     }
 
     #[tokio::test]
@@ -261,11 +322,11 @@ mod tests {
         let pending = futures_util::stream::pending::<Result<http_body::Frame<bytes::Bytes>, _>>();
         let body = http_body_util::StreamBody::new(pending).boxed_unsync();
         let src = RequestSource::new(crate::body::Downstream::Test(body), 0);
-        let pool = TimerPool::default();
+        let (_pool, conn) = pools();
         let mut t = StreamTimer::default();
         let start = Instant::now();
         t.start(
-            &pool,
+            &conn,
             Some(start + Duration::from_millis(50)),
             Some(Duration::from_millis(10)),
             None,
@@ -276,17 +337,18 @@ mod tests {
         assert!(!src.end().is_set());
     }
 
-    /// A pooled timer holds no waker of the stream that used it last.
+    /// A timer pooled when its connection closes holds no waker of the stream that used it
+    /// last (the connection's task).
     #[tokio::test]
-    async fn a_released_timer_lets_its_streams_waker_go() {
+    async fn a_pooled_timer_lets_its_streams_waker_go() {
         struct Counted;
         impl std::task::Wake for Counted {
             fn wake(self: std::sync::Arc<Self>) {}
         }
-        let pool = TimerPool::default();
+        let (pool, conn) = pools();
         let src = source();
         let mut t = StreamTimer::default();
-        t.start(&pool, None, Some(Duration::from_secs(60)), None);
+        t.start(&conn, None, Some(Duration::from_secs(60)), None);
         let task = std::sync::Arc::new(Counted);
         let waker = std::task::Waker::from(task.clone());
         assert!(t
@@ -297,17 +359,18 @@ mod tests {
             std::sync::Arc::strong_count(&task) > 1,
             "the timer holds the waker"
         );
-        t.release(&pool);
+        t.release(&conn);
+        drop(conn);
         assert_eq!(std::sync::Arc::strong_count(&task), 1);
         assert_eq!(pool.free.lock().unwrap().len(), 1);
     }
 
     #[tokio::test]
     async fn stopped_timer_never_fires() {
-        let pool = TimerPool::default();
+        let (_pool, conn) = pools();
         let src = source();
         let mut t = StreamTimer::default();
-        t.start(&pool, None, Some(Duration::from_millis(10)), None);
+        t.start(&conn, None, Some(Duration::from_millis(10)), None);
         t.stop();
         let r = tokio::time::timeout(
             Duration::from_millis(100),
