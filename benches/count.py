@@ -5,7 +5,8 @@ N sequential requests, dump) and syscalls from perf's raw_syscalls:sys_enter tra
 
 Protocols (--protos): h1 (HTTP/1.1 both ways), h2c (h2c downstream, HTTP/1.1 upstream), grpc (h2c
 downstream and HTTP/2 upstream: bench.py's gRPC workload, unary calls of a 15-byte framed message
-to /bench.Echo/Unary, which the peers route to the upstream's h2c port)."""
+to /bench.Echo/Unary, which the peers route to the upstream's h2c port), newconn (HTTP/1.1 with
+`Connection: close`: a new downstream connection per request, upstream connections pooled)."""
 
 import argparse
 import glob
@@ -24,7 +25,7 @@ import bench  # noqa: E402  (shared peer definitions and process helpers)
 WARMUP = 200
 
 
-PROTOS = ("h1", "h2c", "grpc")
+PROTOS = ("h1", "h2c", "grpc", "newconn")
 
 
 def grpc_message(work):
@@ -36,7 +37,11 @@ def grpc_message(work):
 
 
 def client(proto, peer, n, work=None):
-    """One connection, one request at a time."""
+    """One connection, one request at a time (newconn: a connection per request)."""
+    if proto == "newconn":
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "newconn_client.py")
+        return ["taskset", "-c", bench.LOAD_CPU, sys.executable, script, "-n", str(n),
+                str(peer.h1_port)]
     port = peer.h1_port if proto == "h1" else peer.h2_port
     argv = ["h2load", "-t1", "-c1", "-m1", "-n", str(n), f"http://127.0.0.1:{port}/"]
     if proto == "h1":

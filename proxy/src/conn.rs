@@ -431,8 +431,7 @@ async fn sniff(stream: &mut TcpStream) -> io::Result<(Bytes, bool)> {
 macro_rules! serve_until_drained {
     ($conn:ident, $cx:ident, $hs:ident, $drain:ident, $drain_time:ident) => {
         tokio::pin!($conn);
-        let drained = crate::server::drained(&mut $drain);
-        match until_drained($conn.as_mut(), drained).await {
+        match until_drained($conn.as_mut(), $drain.as_mut()).await {
             Some(r) => log_conn_end(&$hs, r.err()),
             None => {
                 let started = tokio::time::Instant::now();
@@ -616,6 +615,9 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
     };
     let hs = cx.listener.http_stats.clone();
     let mut drain = cx.listener.drain_rx();
+    // One wait for the sniff and the connection: each new one registers with the watch.
+    let drained = crate::server::drained(&mut drain);
+    tokio::pin!(drained);
 
     let (prefix, is_h2) = match codec_type {
         CodecType::Http1 => (Bytes::new(), false),
@@ -626,7 +628,7 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
                     Ok(x) => x,
                     Err(_) => return,
                 },
-                _ = crate::server::drained(&mut drain) => return,
+                _ = drained.as_mut() => return,
             }
         }
     };
@@ -661,7 +663,7 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
         // the future inline in a box of its own: boxing it there too costs more than the copy.
         let svc = move |req| Box::into_pin(crate::boxed(|| forward::handle(req, svc_cx.clone())));
         let conn = crate::h2server::Server::new(io, settings, svc);
-        serve_until_drained!(conn, cx, hs, drain, drain_time);
+        serve_until_drained!(conn, cx, hs, drained, drain_time);
         hs.downstream_cx_http2_active.dec();
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
@@ -679,13 +681,13 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
         if request_headers_timeout.is_some() {
             // The fast path has no header timer: hyper serves such connections whole.
             let conn = hyper_conn(io);
-            serve_until_drained!(conn, cx, hs, drain, drain_time);
+            serve_until_drained!(conn, cx, hs, drained, drain_time);
         } else {
             // Boxed in place, as on HTTP/2: the ~3 KB request future moves as a pointer.
             let svc =
                 move |req| Box::into_pin(crate::boxed(|| forward::handle(req, svc_cx.clone())));
             let conn = crate::h1server::Server::new(io, max_buf, svc, hyper_conn);
-            serve_until_drained!(conn, cx, hs, drain, drain_time);
+            serve_until_drained!(conn, cx, hs, drained, drain_time);
         }
         hs.downstream_cx_http1_active.dec();
     }

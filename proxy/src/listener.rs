@@ -30,7 +30,7 @@ pub async fn accept_loop(
     server: Arc<ServerShared>,
     worker: Option<Arc<ListenerStats>>,
 ) {
-    let mut drain = slot.load().drain_rx();
+    let drain = slot.load().drain_rx();
     // A connection accepted on a socket bound to one address has that local address: asked
     // once here, not with a `getsockname` per connection (one syscall in six of a short
     // connection). Only a wildcard bind leaves it to each connection.
@@ -43,19 +43,23 @@ pub async fn accept_loop(
     // registered with tokio instead of registering a new one, which wakes tokio's driver (an
     // eventfd write) whenever it is earlier than the driver's next wake-up.
     let timers = Arc::new(crate::stream_timer::TimerPool::default());
+    // One wait for the whole loop: made anew per accept, it registered with the watch (a lock,
+    // a list insert and removal) on every connection.
+    let mut drained = Box::pin(crate::server::drained_owned(drain));
     loop {
         let accepted = tokio::select! {
-            r = tcp.accept() => r,
-            _ = crate::server::drained(&mut drain) => {
+            biased;
+            _ = &mut drained => {
                 // An update at the same address that replaced the connections' generation
                 // drains the old one only: keep accepting for the new one.
                 let current = slot.load();
                 if *current.drain_rx().borrow() {
                     return;
                 }
-                drain = current.drain_rx();
+                drained.set(crate::server::drained_owned(current.drain_rx()));
                 continue;
             }
+            r = tcp.accept() => r,
         };
         let rt = slot.load_full();
         let (stream, peer) = match accepted {
@@ -94,7 +98,9 @@ pub async fn accept_loop(
         let track = server.track();
         tokio::spawn(async move {
             let _track = track;
-            conn::serve(stream, cx).await;
+            // Boxed in place: the connection's future is several KB, and spawning copied it
+            // whole five times on its way into the task (~1,700 instructions per connection).
+            Box::into_pin(crate::boxed(|| conn::serve(stream, cx))).await;
             ls.downstream_cx_active.dec();
             ls.downstream_cx_destroy.inc();
             if let Some(w) = ws {

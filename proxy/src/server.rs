@@ -54,6 +54,11 @@ pub async fn drained(rx: &mut watch::Receiver<bool>) {
     }
 }
 
+/// [`drained`], owning its receiver: a wait that can be kept across the turns of a loop.
+pub async fn drained_owned(mut rx: watch::Receiver<bool>) {
+    drained(&mut rx).await
+}
+
 /// One listener's built state: config, stats blocks, access logger. A listener updated in
 /// place (same name and address) gets a new generation; connections keep the generation they
 /// were accepted with but read routes from [`ListenerRuntime::hcm`], shared by all generations.
