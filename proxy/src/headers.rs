@@ -110,20 +110,27 @@ const HANDLED_TOKENS: [&str; 5] = [
     "transfer-encoding",
 ];
 
-fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-}
-
 /// Removes hop-by-hop headers. Headers named in `Connection` go too (RFC 9110 §7.6.1). With
 /// `keep_upgrade`, `Connection: upgrade` and `Upgrade` survive so the next hop sees the upgrade.
 /// `te` is kept only as `trailers`, which gRPC needs end to end.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     remove_hop_by_hop_seen(headers, keep_upgrade, Seen::of(headers));
+}
+
+/// Removes the fields a `Connection` value names (RFC 9110 §7.6.1), but for the hop-by-hop
+/// fields [`remove_hop_by_hop_seen`] handles itself (it keeps `te: trailers` and an upgrade's
+/// `upgrade`). Tokens that are no field name (`close`) remove nothing.
+fn remove_nominated(headers: &mut HeaderMap, value: &HeaderValue) {
+    let Ok(value) = value.to_str() else {
+        return;
+    };
+    for t in value.split(',') {
+        let t = t.trim();
+        if t.is_empty() || HANDLED_TOKENS.iter().any(|k| t.eq_ignore_ascii_case(k)) {
+            continue;
+        }
+        headers.remove(t);
+    }
 }
 
 /// [`remove_hop_by_hop`] with the names already scanned.
@@ -132,26 +139,23 @@ pub fn remove_hop_by_hop_seen(headers: &mut HeaderMap, keep_upgrade: bool, seen:
         return;
     }
     if seen.has(SEEN_CONNECTION) {
-        // The usual value is one handled token (`keep-alive`): no tokenizing.
+        // Tokens are read from clones of the values (a reference count each), so that the
+        // headers they name are removed as they are found: no list of names, no owned
+        // `HeaderName` per token. The tokens handled here (`keep-alive`, `te`, ...) go below
+        // as their fields are seen, whatever the `Connection` header says.
         let mut values = headers.get_all(header::CONNECTION).iter();
-        let single_handled = match (values.next(), values.next()) {
-            (Some(v), None) => HANDLED_TOKENS
-                .iter()
-                .any(|k| v.as_bytes().eq_ignore_ascii_case(k.as_bytes())),
-            _ => false,
-        };
-        let names_others = !single_handled
-            && connection_tokens(headers).any(|t| {
-                !t.is_empty() && !HANDLED_TOKENS.iter().any(|k| t.eq_ignore_ascii_case(k))
-            });
-        if names_others {
-            let named: Vec<HeaderName> = connection_tokens(headers)
-                .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-                .filter(|n| !(keep_upgrade && *n == header::UPGRADE))
-                .filter(|n| *n != header::TE)
-                .collect();
-            for n in named {
-                headers.remove(n);
+        match (values.next().cloned(), values.next()) {
+            (Some(v), None) => remove_nominated(headers, &v),
+            (None, _) => {}
+            (Some(_), Some(_)) => {
+                let all: Vec<HeaderValue> = headers
+                    .get_all(header::CONNECTION)
+                    .iter()
+                    .cloned()
+                    .collect();
+                for v in &all {
+                    remove_nominated(headers, v);
+                }
             }
         }
         headers.remove(header::CONNECTION);
@@ -492,6 +496,20 @@ mod tests {
         let mut h = map(&[("x-keep", "1")]);
         remove_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
+
+        // Tokens over several `Connection` fields.
+        let mut h = map(&[
+            ("connection", "x-a"),
+            ("connection", " x-b ,te"),
+            ("x-a", "1"),
+            ("x-b", "1"),
+            ("te", "trailers"),
+            ("x-keep", "1"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        names.sort();
+        assert_eq!(names, vec!["te", "x-keep"]);
     }
 
     #[test]
