@@ -121,15 +121,15 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// fields [`remove_hop_by_hop_seen`] handles itself (it keeps `te: trailers` and an upgrade's
 /// `upgrade`). Tokens that are no field name (`close`) remove nothing.
 fn remove_nominated(headers: &mut HeaderMap, value: &HeaderValue) {
-    let Ok(value) = value.to_str() else {
-        return;
-    };
-    for t in value.split(',') {
-        let t = t.trim();
-        if t.is_empty() || HANDLED_TOKENS.iter().any(|k| t.eq_ignore_ascii_case(k)) {
+    // Bytes, not `str::split`: its char searcher costs ~100 instructions a value.
+    for t in value.as_bytes().split(|&b| b == b',') {
+        let t = t.trim_ascii();
+        if t.is_empty() || HANDLED_TOKENS.iter().any(|k| t.eq_ignore_ascii_case(k.as_bytes())) {
             continue;
         }
-        headers.remove(t);
+        if let Ok(t) = std::str::from_utf8(t) {
+            headers.remove(t);
+        }
     }
 }
 
