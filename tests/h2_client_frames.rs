@@ -806,6 +806,12 @@ async fn garbage_from_the_upstream_is_503_uc() {
             .await,
         Some(1)
     );
+    assert_eq!(
+        strait
+            .wait_stat("cluster.up.upstream_cx_destroy_local", 1)
+            .await,
+        Some(1)
+    );
     // Still serving: the next request gets a connection of its own.
     let url = strait.url("/after");
     let next = tokio::spawn(async move { Client::http1().get(&url).await });

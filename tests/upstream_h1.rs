@@ -236,6 +236,13 @@ async fn malformed_and_oversized_heads_are_502_protocol_errors() {
             .await,
         Some(3)
     );
+    // Closed by the proxy, not the upstream.
+    assert_eq!(
+        strait
+            .wait_stat("cluster.up.upstream_cx_destroy_local", 3)
+            .await,
+        Some(3)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

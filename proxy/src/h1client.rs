@@ -59,7 +59,9 @@ impl Error {
 pub(crate) const SPARE_FIELDS: usize = 24;
 
 /// Whether `headers` may be emptied and kept for the next message: small, counting repeated
-/// values too (kept in a separate list that `clear` does not shrink).
+/// values too (kept in a separate list that `clear` does not shrink). Values removed since the
+/// message was parsed are not seen here; the room they leave is bounded by the parsers' limit of
+/// 100 fields (a few KB per connection).
 #[inline]
 pub(crate) fn recyclable(headers: &HeaderMap) -> bool {
     headers.capacity() <= SPARE_FIELDS && headers.len() - headers.keys_len() <= SPARE_FIELDS
@@ -153,7 +155,7 @@ pub trait Pooled: Send + Unpin + 'static {
     fn release(self);
     /// The peer closed the connection (counted as a remote close).
     fn peer_closed(&mut self);
-    /// The peer broke the protocol: the connection is closed, as after [`Self::peer_closed`].
+    /// The peer broke the protocol: Strait closes the connection (counted as a local close).
     fn protocol_error(&mut self);
 }
 

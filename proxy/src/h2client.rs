@@ -594,7 +594,13 @@ where
                 self.read();
             }
             if let Poll::Ready(Err(e)) = self.flush() {
-                let e = Error::io(e.kind(), "writing to the upstream");
+                // A GOAWAY for the upstream's protocol error that cannot go out (the upstream
+                // reset the connection after its garbage) ends the connection with that error,
+                // which the pool counts as `upstream_cx_protocol_error`.
+                let e = match self.ending {
+                    Some(Err(pending)) => pending,
+                    _ => Error::io(e.kind(), "writing to the upstream"),
+                };
                 let mut inner = lock(&self.shared);
                 inner.fail_all(e);
                 self.shared.gone.store(true, Ordering::Release);
@@ -1888,7 +1894,7 @@ impl Body for H2Body {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncWriteExt, ReadBuf};
 
     /// Lets the other tasks of this (single-threaded) test runtime run until `f` holds.
     async fn until(shared: &Shared, f: impl Fn(&Inner) -> bool) {
@@ -1905,6 +1911,64 @@ mod tests {
         Request::get("http://a/")
             .body(crate::body::empty())
             .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Writes fail once `broken` is set, as on a socket the peer reset.
+    struct Breaks {
+        io: tokio::io::DuplexStream,
+        broken: Arc<AtomicBool>,
+    }
+
+    impl AsyncRead for Breaks {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Breaks {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            if self.broken.load(Ordering::Acquire) {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
+            Pin::new(&mut self.io).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+    }
+
+    /// An upstream that answers the preface with HTTP/1.1 and resets the connection: the
+    /// GOAWAY for its protocol error cannot be written, and the connection still ends with
+    /// that protocol error, not the write's.
+    #[tokio::test]
+    async fn a_protocol_error_whose_goaway_cannot_go_out_is_still_one() {
+        let (client_io, mut server) = tokio::io::duplex(1 << 16);
+        let broken = Arc::new(AtomicBool::new(false));
+        let io = Breaks {
+            io: client_io,
+            broken: broken.clone(),
+        };
+        let (_sender, conn) = handshake(io).await.unwrap_or_else(|e| panic!("{e}"));
+        broken.store(true, Ordering::Release);
+        server
+            .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), conn)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(r.is_err_and(|e| e.is_protocol_error()));
     }
 
     /// Requests abandoned while they wait for a stream under the upstream's

@@ -124,7 +124,11 @@ fn remove_nominated(headers: &mut HeaderMap, value: &HeaderValue) {
     // Bytes, not `str::split`: its char searcher costs ~100 instructions a value.
     for t in value.as_bytes().split(|&b| b == b',') {
         let t = t.trim_ascii();
-        if t.is_empty() || HANDLED_TOKENS.iter().any(|k| t.eq_ignore_ascii_case(k.as_bytes())) {
+        if t.is_empty()
+            || HANDLED_TOKENS
+                .iter()
+                .any(|k| t.eq_ignore_ascii_case(k.as_bytes()))
+        {
             continue;
         }
         if let Ok(t) = std::str::from_utf8(t) {

@@ -111,7 +111,7 @@ impl h1client::Pooled for H1Conn {
     }
 
     fn protocol_error(&mut self) {
-        self.remote = true;
+        // Envoy's codec client closes the connection itself: a local destroy.
         self.pool.info.stats.upstream_cx_protocol_error.inc();
     }
 }
@@ -573,13 +573,20 @@ impl Pool {
             .await;
             match ended {
                 Some(r) => {
-                    if let Err(e) = r {
-                        tracing::debug!(upstream = %s.addr, error = %e, "upstream connection failed");
-                        if e.is_protocol_error() {
+                    match r {
+                        // Strait closed it over the upstream's protocol error, as Envoy's codec
+                        // client does: a local destroy.
+                        Err(e) if e.is_protocol_error() => {
+                            tracing::debug!(upstream = %s.addr, error = %e, "upstream protocol error");
                             st.upstream_cx_protocol_error.inc();
+                            st.upstream_cx_destroy_local.inc();
                         }
+                        Err(e) => {
+                            tracing::debug!(upstream = %s.addr, error = %e, "upstream connection failed");
+                            st.upstream_cx_destroy_remote.inc();
+                        }
+                        Ok(()) => st.upstream_cx_destroy_remote.inc(),
                     }
-                    st.upstream_cx_destroy_remote.inc();
                 }
                 None => {
                     st.upstream_cx_idle_timeout.inc();

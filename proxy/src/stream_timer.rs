@@ -41,8 +41,9 @@ impl TimerPool {
     fn put(&self, mut sleep: Pin<Box<Sleep>>) {
         // The timer keeps its registration but not its last stream's waker, which would hold
         // that stream's task (and its connection's) until the deadline.
-        let _ = sleep
-            .as_mut()
+        // Unconstrained: with the task's cooperative budget spent, `Sleep::poll` would return
+        // before it swaps the waker.
+        let _ = std::pin::pin!(tokio::task::unconstrained(sleep.as_mut()))
             .poll(&mut Context::from_waker(std::task::Waker::noop()));
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         if free.len() < POOL_MAX {
@@ -360,7 +361,21 @@ mod tests {
             "the timer holds the waker"
         );
         t.release(&conn);
-        drop(conn);
+        // Dropped at the end of a poll that spent the task's cooperative budget, where a plain
+        // poll of the timer returns before it lets the waker go.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        for _ in 0..200 {
+            let _ = tx.send(());
+        }
+        let mut conn = Some(conn);
+        std::future::poll_fn(|cx| {
+            for _ in 0..200 {
+                let _ = rx.poll_recv(cx);
+            }
+            drop(conn.take());
+            Poll::Ready(())
+        })
+        .await;
         assert_eq!(std::sync::Arc::strong_count(&task), 1);
         assert_eq!(pool.free.lock().unwrap().len(), 1);
     }
