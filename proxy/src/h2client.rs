@@ -63,6 +63,10 @@ const MAX_STREAM_ID: u32 = (1 << 31) - 1;
 const READ_SIZE: usize = 16 * 1024;
 /// Rounds of read-then-write in one poll before yielding to other tasks.
 const ROUNDS: usize = 16;
+/// How long an ending connection may take to write out its last frames (a GOAWAY) before it is
+/// closed anyway: an upstream that stopped reading would otherwise hold it until the pool's
+/// idle timeout. Envoy's `delayed_close_timeout` default.
+const CLOSE_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 // === Errors ===
 
@@ -493,6 +497,7 @@ where
         write_side,
         read_closed: false,
         ending: None,
+        close_timer: None,
     };
     Ok((SendRequest { shared }, conn))
 }
@@ -556,6 +561,8 @@ pub struct Connection<T> {
     read_closed: bool,
     /// Set once the connection must end: after the output is flushed, with this result.
     ending: Option<Result<(), Error>>,
+    /// Started once the connection is ending: bounds the wait for its output to go out.
+    close_timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// The reading half's state.
@@ -766,6 +773,18 @@ where
         let r = me.drive();
         // A wake that raced with the loop's end must not be lost.
         let again = me.read_side.leave() | me.write_side.left_fired();
+        if r.is_pending() && me.ending.is_some() {
+            let timer = me
+                .close_timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(CLOSE_FLUSH_TIMEOUT)));
+            if timer.as_mut().poll(cx).is_ready() {
+                // The upstream does not take the last frames: close without them.
+                let done = me.ending.take().unwrap_or(Ok(()));
+                lock(&me.shared).fail_all(done.err().unwrap_or_else(Error::closed));
+                me.shared.gone.store(true, Ordering::Release);
+                return Poll::Ready(done);
+            }
+        }
         if r.is_pending() && again {
             cx.waker().wake_by_ref();
         }
@@ -1969,6 +1988,25 @@ mod tests {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(r.is_err_and(|e| e.is_protocol_error()));
+    }
+
+    /// An upstream that sends garbage and reads nothing more: the GOAWAY Strait answers with
+    /// cannot go out, and the connection ends anyway after `CLOSE_FLUSH_TIMEOUT`, with the
+    /// protocol error.
+    #[tokio::test(start_paused = true)]
+    async fn an_ending_connection_does_not_wait_forever_for_its_goaway_to_go_out() {
+        // Room for the preface and SETTINGS (70 bytes), not for the GOAWAY after them.
+        let (client_io, mut server) = tokio::io::duplex(75);
+        let (_sender, conn) = handshake(client_io).await.unwrap_or_else(|e| panic!("{e}"));
+        server
+            .write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let r = tokio::time::timeout(std::time::Duration::from_secs(30), conn)
+            .await
+            .unwrap_or_else(|_| panic!("still waiting for the GOAWAY to go out"));
+        assert!(r.is_err_and(|e| e.is_protocol_error()));
+        drop(server);
     }
 
     /// Requests abandoned while they wait for a stream under the upstream's
