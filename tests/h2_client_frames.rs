@@ -336,6 +336,49 @@ async fn start(routes: serde_json::Value, cluster: serde_json::Value) -> common:
     common::Strait::start_with(&yaml, &["--worker-model", "work-stealing"]).await
 }
 
+/// Strait with `cluster`, and its first connection to the fake upstream (whose SETTINGS are
+/// `settings`) once a warm-up request was answered on it. The warm-up may leave before Strait
+/// read the SETTINGS; answered, it shows they were read (they came first on the connection).
+async fn warmed(
+    l: &TcpListener,
+    cluster: serde_json::Value,
+    settings: &[(u16, u32)],
+) -> (common::Strait, Peer) {
+    let strait = start(plain_route(), cluster).await;
+    let client = Client::h2c();
+    let url = strait.url("/warm");
+    let warm = tokio::spawn(async move { client.get(&url).await.status });
+    let mut peer = Peer::accept(l, settings).await;
+    let (id, _, _) = peer.request().await;
+    peer.ok(id, b"warm").await;
+    assert_eq!(warm.await.ok(), Some(http::StatusCode::OK));
+    (strait, peer)
+}
+
+/// `n` GETs of `{prefix}/{i}` through Strait at once, on one h2c client connection.
+fn concurrent_gets(
+    strait: &common::Strait,
+    prefix: &str,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<common::Resp>> {
+    let client = Client::h2c();
+    (0..n)
+        .map(|i| {
+            let client = client.clone();
+            let url = strait.url(&format!("{prefix}/{i}"));
+            tokio::spawn(async move { client.get(&url).await })
+        })
+        .collect()
+}
+
+/// Every call got a 200 with `body`.
+async fn all_answered(calls: Vec<tokio::task::JoinHandle<common::Resp>>, body: &str) {
+    for c in calls {
+        let r = c.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((r.status.as_u16(), r.text().as_str()), (200, body));
+    }
+}
+
 /// The cluster `up` over HTTP/2, `extra` merged into its HTTP protocol options.
 fn h2_cluster(up: SocketAddr, extra: serde_json::Value) -> serde_json::Value {
     let mut cluster = common::cluster("up", &[up]);
@@ -365,14 +408,7 @@ fn flags(line: &str) -> &str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_at_the_upstreams_stream_limit_makes_the_pool_open_another() {
     let (l, addr) = listener().await;
-    let strait = proxy(addr, plain_route()).await;
-    let client = Client::h2c();
-    let url = strait.url("/warm");
-    let warm = tokio::spawn(async move { client.get(&url).await.status });
-    let mut first = Peer::accept(&l, &[(3, 1)]).await;
-    let (id, _, _) = first.request().await;
-    first.ok(id, b"warm").await;
-    assert_eq!(warm.await.ok(), Some(http::StatusCode::OK));
+    let (strait, mut first) = warmed(&l, h2_cluster(addr, json!({})), &[(3, 1)]).await;
 
     // One request holds the first connection's only stream.
     let client = Client::h2c();
@@ -409,24 +445,9 @@ async fn a_stream_limit_of_one_on_one_connection_serializes_requests() {
     let (l, addr) = listener().await;
     let mut cluster = h2_cluster(addr, json!({}));
     cluster["circuit_breakers"] = json!({"thresholds": [{"max_connections": 1}]});
-    let strait = start(plain_route(), cluster).await;
-    let client = Client::h2c();
-    let url = strait.url("/warm");
-    let warm = tokio::spawn(async move { client.get(&url).await.status });
-    let mut peer = Peer::accept(&l, &[(3, 1)]).await;
-    // The first request may have left before Strait read the limit: answered, it shows the
-    // SETTINGS were read (they came first on the connection).
-    let (id, _, _) = peer.request().await;
-    peer.ok(id, b"warm").await;
-    assert_eq!(warm.await.ok(), Some(http::StatusCode::OK));
+    let (strait, mut peer) = warmed(&l, cluster, &[(3, 1)]).await;
 
-    let client = Client::h2c();
-    let mut calls = Vec::new();
-    for i in 0..5 {
-        let client = client.clone();
-        let url = strait.url(&format!("/one/{i}"));
-        calls.push(tokio::spawn(async move { client.get(&url).await }));
-    }
+    let calls = concurrent_gets(&strait, "/one", 5);
     let mut paths = Vec::new();
     for n in 0..5 {
         let (id, fields, _) = peer.request().await;
@@ -469,22 +490,9 @@ async fn pending_requests_go_out_when_the_upstream_raises_its_stream_limit() {
     let (l, addr) = listener().await;
     let mut cluster = h2_cluster(addr, json!({}));
     cluster["circuit_breakers"] = json!({"thresholds": [{"max_connections": 1}]});
-    let strait = start(plain_route(), cluster).await;
-    let client = Client::h2c();
-    let url = strait.url("/warm");
-    let warm = tokio::spawn(async move { client.get(&url).await.status });
-    let mut peer = Peer::accept(&l, &[(3, 1)]).await;
-    let (id, _, _) = peer.request().await;
-    peer.ok(id, b"warm").await;
-    assert_eq!(warm.await.ok(), Some(http::StatusCode::OK));
+    let (strait, mut peer) = warmed(&l, cluster, &[(3, 1)]).await;
 
-    let client = Client::h2c();
-    let mut calls = Vec::new();
-    for i in 0..3 {
-        let client = client.clone();
-        let url = strait.url(&format!("/raise/{i}"));
-        calls.push(tokio::spawn(async move { client.get(&url).await }));
-    }
+    let calls = concurrent_gets(&strait, "/raise", 3);
     let (held, _, _) = peer.request().await;
     assert_eq!(
         strait
@@ -505,10 +513,7 @@ async fn pending_requests_go_out_when_the_upstream_raises_its_stream_limit() {
     for id in ids {
         peer.ok(id, b"raised").await;
     }
-    for c in calls {
-        let r = c.await.unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "raised"));
-    }
+    all_answered(calls, "raised").await;
     assert_eq!(
         strait.stat("cluster.up.upstream_cx_http2_total").await,
         Some(1)
@@ -521,22 +526,9 @@ async fn pending_requests_go_out_when_the_upstream_raises_its_stream_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_without_a_stream_limit_mean_no_limit() {
     let (l, addr) = listener().await;
-    let strait = proxy(addr, plain_route()).await;
-    let client = Client::h2c();
-    let url = strait.url("/warm");
-    let warm = tokio::spawn(async move { client.get(&url).await.status });
-    let mut peer = Peer::accept(&l, &[(4, 65_535)]).await;
-    let (id, _, _) = peer.request().await;
-    peer.ok(id, b"warm").await;
-    assert_eq!(warm.await.ok(), Some(http::StatusCode::OK));
+    let (strait, mut peer) = warmed(&l, h2_cluster(addr, json!({})), &[(4, 65_535)]).await;
 
-    let client = Client::h2c();
-    let mut calls = Vec::new();
-    for i in 0..150 {
-        let client = client.clone();
-        let url = strait.url(&format!("/many/{i}"));
-        calls.push(tokio::spawn(async move { client.get(&url).await }));
-    }
+    let calls = concurrent_gets(&strait, "/many", 150);
     let mut ids = Vec::new();
     for _ in 0..150 {
         let (id, _, _) = peer.request().await;
@@ -545,10 +537,7 @@ async fn settings_without_a_stream_limit_mean_no_limit() {
     for id in ids {
         peer.ok(id, b"many").await;
     }
-    for c in calls {
-        let r = c.await.unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "many"));
-    }
+    all_answered(calls, "many").await;
     assert_eq!(
         strait.stat("cluster.up.upstream_cx_http2_total").await,
         Some(1)
@@ -926,13 +915,7 @@ async fn an_early_answer_with_no_error_reset_stops_the_upload() {
 async fn after_goaway_streams_in_flight_finish_and_new_ones_use_a_new_connection() {
     let (l, addr) = listener().await;
     let strait = proxy(addr, plain_route()).await;
-    let client = Client::h2c();
-    let mut calls = Vec::new();
-    for i in 0..2 {
-        let client = client.clone();
-        let url = strait.url(&format!("/inflight/{i}"));
-        calls.push(tokio::spawn(async move { client.get(&url).await }));
-    }
+    let calls = concurrent_gets(&strait, "/inflight", 2);
     let mut old = Peer::accept(&l, &[]).await;
     let (a, _, _) = old.request().await;
     let (b, _, _) = old.request().await;
