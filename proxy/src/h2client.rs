@@ -861,9 +861,15 @@ impl State {
             SETTINGS => {
                 let first = !self.settings_seen && flags & ACK == 0;
                 self.settings_seen |= first;
+                let before = inner.peer_max_streams;
                 let r = on_settings(inner, flags, id, &payload, first);
-                let max = u32::try_from(inner.peer_max_streams).unwrap_or(u32::MAX);
-                if shared.max_streams.swap(max, Ordering::AcqRel) < max {
+                if inner.peer_max_streams != before {
+                    let max = u32::try_from(inner.peer_max_streams).unwrap_or(u32::MAX);
+                    shared.max_streams.store(max, Ordering::Release);
+                }
+                if inner.peer_max_streams > before {
+                    // Requests waiting for a stream here, and in the pool for a connection.
+                    inner.wake_waiters();
                     if let Some(f) = &self.on_more_streams {
                         f();
                     }
@@ -1197,21 +1203,13 @@ fn on_settings(inner: &mut Inner, flags: u8, id: u32, p: &[u8], first: bool) -> 
         // No SETTINGS_MAX_CONCURRENT_STREAMS: no limit (RFC 9113 §6.5.2), as nghttp2 (Envoy's
         // codec) and the h2 crate take it once the first SETTINGS is in. gRPC-go omits it.
         inner.peer_max_streams = usize::MAX;
-        inner.wake_waiters();
     }
     for s in p.chunks_exact(6) {
         let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
         match u16::from_be_bytes([s[0], s[1]]) {
             1 => inner.size_update_due = true,
             2 if v > 1 => return conn_err(Reason::PROTOCOL_ERROR, "SETTINGS_ENABLE_PUSH over 1"),
-            3 => {
-                let v = v as usize;
-                let more = v > inner.peer_max_streams;
-                inner.peer_max_streams = v;
-                if more {
-                    inner.wake_waiters();
-                }
-            }
+            3 => inner.peer_max_streams = v as usize,
             4 => {
                 let v = i64::from(v);
                 if v > MAX_WINDOW {

@@ -572,22 +572,18 @@ impl Pool {
             })
             .await;
             match ended {
-                Some(r) => {
-                    match r {
-                        // Strait closed it over the upstream's protocol error, as Envoy's codec
-                        // client does: a local destroy.
-                        Err(e) if e.is_protocol_error() => {
-                            tracing::debug!(upstream = %s.addr, error = %e, "upstream protocol error");
-                            st.upstream_cx_protocol_error.inc();
-                            st.upstream_cx_destroy_local.inc();
-                        }
-                        Err(e) => {
-                            tracing::debug!(upstream = %s.addr, error = %e, "upstream connection failed");
-                            st.upstream_cx_destroy_remote.inc();
-                        }
-                        Ok(()) => st.upstream_cx_destroy_remote.inc(),
-                    }
+                // Strait closed it over the upstream's protocol error, as Envoy's codec client
+                // does: a local destroy.
+                Some(Err(e)) if e.is_protocol_error() => {
+                    tracing::debug!(upstream = %s.addr, error = %e, "upstream protocol error");
+                    st.upstream_cx_protocol_error.inc();
+                    st.upstream_cx_destroy_local.inc();
                 }
+                Some(Err(e)) => {
+                    tracing::debug!(upstream = %s.addr, error = %e, "upstream connection failed");
+                    st.upstream_cx_destroy_remote.inc();
+                }
+                Some(Ok(())) => st.upstream_cx_destroy_remote.inc(),
                 None => {
                     st.upstream_cx_idle_timeout.inc();
                     st.upstream_cx_destroy_local.inc();

@@ -1,8 +1,7 @@
 //! One timer per stream for the route timeout, the HCM request timeout and the stream idle
 //! timeout, taken from its connection or a pool per listener socket and moved rather than
-//! re-created: tokio wakes
-//! its I/O driver (an eventfd write) whenever a new timer is earlier than the driver's next
-//! wake-up.
+//! re-created: tokio wakes its I/O driver (an eventfd write) whenever a new timer is earlier than
+//! the driver's next wake-up.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -40,9 +39,8 @@ impl TimerPool {
 
     fn put(&self, mut sleep: Pin<Box<Sleep>>) {
         // The timer keeps its registration but not its last stream's waker, which would hold
-        // that stream's task (and its connection's) until the deadline.
-        // Unconstrained: with the task's cooperative budget spent, `Sleep::poll` would return
-        // before it swaps the waker.
+        // that stream's task (and its connection's) until the deadline. Unconstrained: with the
+        // task's cooperative budget spent, `Sleep::poll` would return before it swaps the waker.
         let _ = std::pin::pin!(tokio::task::unconstrained(sleep.as_mut()))
             .poll(&mut Context::from_waker(std::task::Waker::noop()));
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
