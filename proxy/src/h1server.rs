@@ -672,7 +672,7 @@ fn build_request(
     let mut keep_alive = true;
     for &[ns, ne, vs, ve] in idx {
         let name = request_header_name(&head[ns as usize..ne as usize])?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize)).ok()?;
+        let value = crate::h1client::parsed_value(head.slice(vs as usize..ve as usize));
         match name {
             // A body, an upgrade, a 100-continue, trailers: hyper's.
             header::TRANSFER_ENCODING | header::EXPECT | header::UPGRADE | header::TE => {

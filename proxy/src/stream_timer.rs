@@ -207,11 +207,19 @@ impl StreamTimer {
             let Some(target) = self.target(source) else {
                 return Poll::Pending;
             };
-            // Moving the deadline later is free for tokio; only an earlier one re-registers.
-            // A later idle deadline (activity since) is picked up when the sleep fires.
+            // A later deadline (activity since, or the next stream's) is picked up when the
+            // sleep fires; only an earlier one moves it. A stream takes its timer over still
+            // set for the previous stream's deadline, the usual case earlier than its own: it
+            // is kept (~120 instructions a stream) unless it has already fired.
             let sleep = self
                 .sleep
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(target.into())));
+            if self.armed.is_none() {
+                let set = sleep.deadline().into_std();
+                if set <= target && !sleep.is_elapsed() {
+                    self.armed = Some(set);
+                }
+            }
             if self.armed.is_none_or(|a| target < a) {
                 sleep.as_mut().reset(target.into());
                 self.armed = Some(target);
@@ -312,6 +320,50 @@ mod tests {
         // One timer served the connection's three streams.
         assert!(conn.own.lock().unwrap().is_some());
         assert_eq!(pool.free.lock().unwrap().len(), 0);
+    }
+
+    /// A stream that takes over a timer still set for its previous stream's deadline expires
+    /// at its own: not at an earlier left-over one, not after a later one.
+    #[tokio::test]
+    async fn a_taken_over_timer_expires_at_the_new_streams_deadline() {
+        let (_pool, conn) = pools();
+        let first = |route: Duration| {
+            let src = source();
+            let mut t = StreamTimer::default();
+            t.start(&conn, None, Some(route), None);
+            // Registered at its deadline, then the stream ends before it.
+            let waker = std::task::Waker::noop();
+            assert!(t
+                .poll_expired(&src, &mut Context::from_waker(waker))
+                .is_pending());
+            t.release(&conn);
+        };
+        // Left over: earlier than the next stream's deadline.
+        first(Duration::from_millis(100));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (src, mut t) = (source(), StreamTimer::default());
+        let start = Instant::now();
+        t.start(&conn, None, Some(Duration::from_millis(150)), None);
+        let e = std::future::poll_fn(|cx| t.poll_expired(&src, cx)).await;
+        assert_eq!(e, Expired::Route);
+        assert!(
+            start.elapsed() >= Duration::from_millis(150),
+            "{:?}",
+            start.elapsed()
+        );
+        t.release(&conn);
+        // Left over: later than the next stream's deadline.
+        first(Duration::from_secs(60));
+        let (src, mut t) = (source(), StreamTimer::default());
+        let start = Instant::now();
+        t.start(&conn, None, Some(Duration::from_millis(50)), None);
+        let e = std::future::poll_fn(|cx| t.poll_expired(&src, cx)).await;
+        assert_eq!(e, Expired::Route);
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(50) && took < Duration::from_secs(30),
+            "{took:?}"
+        );
     }
 
     #[tokio::test]
