@@ -578,8 +578,8 @@ static COMMON_NAMES: [(&[u8], HeaderName, Role); 17] = [
 /// looks it up among every standard name (about half the cost of each header); any other name
 /// goes through it.
 fn response_header_name(raw: &[u8]) -> Result<(HeaderName, Role), Error> {
-    for (lower, name, role) in &COMMON_NAMES {
-        if lower.len() == raw.len() && token_eq_lower(raw, lower) {
+    for (lower, name, role) in common_names_of_len(raw.len()) {
+        if token_eq_lower(raw, lower) {
             return Ok((name.clone(), *role));
         }
     }
@@ -587,6 +587,24 @@ fn response_header_name(raw: &[u8]) -> Result<(HeaderName, Role), Error> {
     let name =
         HeaderName::from_bytes(raw).map_err(|_| Error::Protocol("invalid response header name"))?;
     Ok((name, Role::Plain))
+}
+
+/// The entries of [`COMMON_NAMES`] `len` bytes long: a name is compared with those alone.
+fn common_names_of_len(len: usize) -> &'static [(&'static [u8], HeaderName, Role)] {
+    let range = match len {
+        4 => 0..3,
+        6 => 3..4,
+        7 => 4..5,
+        8 => 5..6,
+        10 => 6..9,
+        12 => 9..10,
+        13 => 10..13,
+        14 => 13..14,
+        16 => 14..16,
+        17 => 16..17,
+        _ => 0..0,
+    };
+    &COMMON_NAMES[range]
 }
 
 /// Whether `raw`, an HTTP token (httparse checked every name), equals `lower`, a name of the
@@ -1225,8 +1243,14 @@ mod tests {
 
     #[test]
     fn common_names_match_in_any_case_as_the_slow_path_would() {
-        for (lower, name, role) in &COMMON_NAMES {
+        for entry @ (lower, name, role) in &COMMON_NAMES {
             assert_eq!(name.as_str().as_bytes(), *lower);
+            let of_len = common_names_of_len(lower.len());
+            assert!(of_len.iter().any(|e| std::ptr::eq(e, entry)), "{name}");
+            assert!(
+                of_len.iter().all(|(l, _, _)| l.len() == lower.len()),
+                "{name}"
+            );
             for raw in [
                 lower.to_vec(),
                 title_case(lower),

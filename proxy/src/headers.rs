@@ -442,6 +442,51 @@ pub fn parse_length(b: &[u8]) -> Option<u64> {
 mod tests {
     use super::*;
 
+    /// Each name the connection manager acts on sets its own bit; names of the same lengths
+    /// and first letters set none.
+    #[test]
+    fn seen_names_each_header_it_tracks() {
+        let tracked = [
+            ("te", SEEN_TE),
+            ("expect", SEEN_EXPECT),
+            ("upgrade", SEEN_UPGRADE),
+            ("connection", SEEN_CONNECTION),
+            ("keep-alive", SEEN_KEEP_ALIVE),
+            ("x-request-id", SEEN_REQUEST_ID),
+            ("x-forwarded-for", SEEN_XFF),
+            ("proxy-connection", SEEN_PROXY_CONNECTION),
+            ("transfer-encoding", SEEN_TRANSFER_ENCODING),
+            ("x-forwarded-proto", SEEN_XFP),
+            (
+                "x-envoy-immediate-health-check-fail",
+                SEEN_IMMEDIATE_HC_FAIL,
+            ),
+        ];
+        for (name, bit) in tracked {
+            assert_eq!(Seen::of(&map(&[(name, "v")])), Seen(bit), "{name}");
+        }
+        let others = [
+            "tx",
+            "server",
+            "expires",
+            "keep-alivf",
+            "connectiom",
+            "content-type",
+            "x-forwarded-fox",
+            "proxy-connectiom",
+            "transfer-encodinf",
+            "x-forwarded-protp",
+            "x-envoy-immediate-health-check-faik",
+            "host",
+            "date",
+        ];
+        for name in others {
+            assert_eq!(Seen::of(&map(&[(name, "v")])), Seen(0), "{name}");
+        }
+        let all = map(&[("connection", "te"), ("te", "trailers"), ("host", "h")]);
+        assert_eq!(Seen::of(&all), Seen(SEEN_CONNECTION | SEEN_TE));
+    }
+
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
