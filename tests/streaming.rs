@@ -338,3 +338,63 @@ async fn an_http1_client_still_uploading_is_not_idle() {
         .access_log("\"POST /upload HTTP/1.1\" 200 SI ", 1)
         .await;
 }
+
+/// A response whose chunks come slower than nothing but faster than the idle timeout is not
+/// idle: each frame from the upstream restarts the stream's idle clock, so a response that
+/// takes longer than the timeout in all arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_that_keeps_coming_is_not_cut_at_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let strait = common::idle_timeout_route("1s")
+        .cluster("up", &[up.local_addr().unwrap()])
+        .start()
+        .await;
+    // Four chunks 400 ms apart: 1.6 s in all, no gap near 1 s.
+    let upstream = tokio::spawn(async move {
+        let (mut c, _) = up.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = c.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the proxy closed before its request head");
+            head.extend_from_slice(&buf[..n]);
+        }
+        c.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        for _ in 0..4 {
+            tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+            c.write_all(b"5\r\nchunk\r\n").await.unwrap();
+        }
+        c.write_all(b"0\r\n\r\n").await.unwrap();
+        c
+    });
+    let mut s = tokio::net::TcpStream::connect(strait.listener("ingress"))
+        .await
+        .unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nhost: up\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.ends_with(b"0\r\n\r\n") {
+        let n = common::within("the response", s.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(
+            n > 0,
+            "the proxy closed the response: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert_eq!(text.matches("5\r\nchunk\r\n").count(), 4, "{text}");
+    let _upstream_conn = upstream.await.unwrap();
+    assert_eq!(
+        strait.stat("http.ingress.downstream_rq_idle_timeout").await,
+        Some(0)
+    );
+}

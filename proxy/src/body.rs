@@ -34,34 +34,35 @@ pub fn now_ms() -> u64 {
 
 /// The last time a stream saw activity in either direction (for stream idle timeouts).
 #[derive(Debug)]
-pub struct Activity(AtomicU64);
-
-impl Default for Activity {
-    fn default() -> Activity {
-        Activity(AtomicU64::new(now_ms()))
-    }
+pub struct Activity {
+    /// The stream's start: its last activity until the first touch.
+    start: Instant,
+    /// One more than the milliseconds since [`base`] of the last touch; 0 before the first.
+    /// The start stays an `Instant` so that a stream touched never (a response in one frame)
+    /// never converts it.
+    touched: AtomicU64,
 }
 
 impl Activity {
     /// Last active at `t`.
     fn at(t: Instant) -> Activity {
-        Activity(AtomicU64::new(
-            t.saturating_duration_since(base()).as_millis() as u64,
-        ))
-    }
-
-    pub fn new() -> Arc<Activity> {
-        Arc::new(Activity::default())
+        Activity {
+            start: t,
+            touched: AtomicU64::new(0),
+        }
     }
 
     #[inline]
     pub fn touch(&self) {
-        self.0.store(now_ms(), Ordering::Relaxed);
+        self.touched.store(now_ms() + 1, Ordering::Relaxed);
     }
 
     /// When the stream becomes idle for `idle`, given no further activity.
     pub fn deadline(&self, idle: Duration) -> Instant {
-        base() + Duration::from_millis(self.0.load(Ordering::Relaxed)) + idle
+        match self.touched.load(Ordering::Relaxed) {
+            0 => self.start + idle,
+            ms => base() + Duration::from_millis(ms - 1) + idle,
+        }
     }
 
     /// Resolves once the stream has seen no activity for `idle`.

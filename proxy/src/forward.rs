@@ -594,11 +594,6 @@ impl Body for RespBody {
             }
             Poll::Ready(Some(Ok(frame))) => frame,
         };
-        if f.timer.idle().is_some() {
-            if let Some(src) = &f.source {
-                src.activity().touch();
-            }
-        }
         if let Some(d) = frame.data_ref() {
             f.bytes_sent += d.len() as u64;
         } else if let Some(t) = frame.trailers_ref() {
@@ -608,6 +603,12 @@ impl Body for RespBody {
         }
         if this.inner.is_end_stream() {
             this.end(Outcome::Complete);
+        } else if f.timer.idle().is_some() {
+            // Activity matters only to a stream that goes on (a clock read saved on the last
+            // frame, often the only one).
+            if let Some(src) = &f.source {
+                src.activity().touch();
+            }
         }
         Poll::Ready(Some(Ok(frame)))
     }
