@@ -91,6 +91,21 @@ impl Connection {
         }
     }
 
+    /// [`Self::poll_peer_gone`] for a connection about to be used: its next read registers the
+    /// waker that matters, so this registers none (~120 instructions fewer). No syscall unless
+    /// the socket was seen readable since the last read.
+    pub fn peer_gone(&mut self) -> bool {
+        if !self.rbuf.is_empty() {
+            return true;
+        }
+        let mut b = [0u8; 1];
+        match self.io.tcp().try_read(&mut b) {
+            // EOF, or bytes nobody asked for: either way the connection is done.
+            Ok(_) => true,
+            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+        }
+    }
+
     /// Whether the idle connection's peer closed it (or sent something unasked). Registers `cx`
     /// to be woken when that happens; costs no syscall while the socket has nothing to read.
     pub fn poll_peer_gone(&mut self, cx: &mut Context<'_>) -> bool {
@@ -1165,6 +1180,43 @@ impl<C: Pooled> AsyncWrite for Upgraded<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An idle connection about to be used is refused once its peer has closed it or sent
+    /// bytes nobody asked for, and taken while the peer is quiet, also when readiness seen
+    /// earlier is stale.
+    #[tokio::test]
+    async fn peer_gone_sees_a_close_or_stray_bytes_and_passes_a_quiet_peer() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stats = crate::stats::Store::new().http("t");
+        let mut pair = || async {
+            let (client, accepted) =
+                tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+            let io = CountingIo::new(
+                client.unwrap(),
+                crate::conn::Counted::Downstream(stats.clone()),
+            );
+            (Connection::new(io), accepted.unwrap().0)
+        };
+        // Quiet: usable. Then a response is read in full; readiness left from it is stale.
+        let (mut c, mut peer) = pair().await;
+        assert!(!c.peer_gone());
+        peer.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        c.io.read_exact(&mut b).await.unwrap();
+        assert!(!c.peer_gone());
+        assert!(!c.peer_gone());
+        // Closed by the peer.
+        drop(peer);
+        c.io.tcp().readable().await.unwrap();
+        assert!(c.peer_gone());
+        // Bytes nobody asked for.
+        let (mut c, mut peer) = pair().await;
+        peer.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+        c.io.tcp().readable().await.unwrap();
+        assert!(c.peer_gone());
+    }
 
     /// `parsed_value`'s premise: a byte httparse takes inside a header value is one
     /// `HeaderValue` takes, and the other way round, for requests and responses alike.

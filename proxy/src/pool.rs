@@ -446,8 +446,7 @@ impl Pool {
         }
         loop {
             let mut c = lock(&s.h1.idle).pop()?;
-            let mut cx = Context::from_waker(s.h1.waker());
-            if c.conn.poll_peer_gone(&mut cx) {
+            if c.conn.peer_gone() {
                 c.remote = true;
                 continue;
             }
