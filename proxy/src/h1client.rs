@@ -1190,7 +1190,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stats = crate::stats::Store::new().http("t");
-        let mut pair = || async {
+        let pair = || async {
             let (client, accepted) =
                 tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
             let io = CountingIo::new(
