@@ -30,7 +30,7 @@ pub enum Selected<'a> {
 
 /// Selects the virtual host by the request's authority, then its first matching route.
 pub fn select<'a>(rc: &'a RouteConfig, req: &Parts) -> Selected<'a> {
-    let Some(vhost) = find_virtual_host(rc, request_host(req)) else {
+    let Some(vhost) = find_virtual_host(rc, req) else {
         return Selected::NoVirtualHost;
     };
     let path = req.uri.path_and_query().map_or("", |pq| pq.as_str());
@@ -166,7 +166,8 @@ fn format_ip(ip: std::net::IpAddr, buf: &mut [u8; 64]) -> &[u8] {
 
 /// Envoy's search order: exact, longest suffix wildcard, longest prefix wildcard, then `*`.
 /// Like Envoy without `ignore_port_in_host_matching`, a port in the host is part of the match.
-fn find_virtual_host<'a>(rc: &'a RouteConfig, host: Option<&[u8]>) -> Option<&'a VirtualHost> {
+/// The request's authority is looked up only when a domain other than `*` needs it.
+fn find_virtual_host<'a>(rc: &'a RouteConfig, req: &Parts) -> Option<&'a VirtualHost> {
     let mut any = None;
     let mut only_any = true;
     for vh in &rc.virtual_hosts {
@@ -182,7 +183,7 @@ fn find_virtual_host<'a>(rc: &'a RouteConfig, host: Option<&[u8]>) -> Option<&'a
     if only_any {
         return any;
     }
-    let host = host?;
+    let host = request_host(req)?;
     let mut best_suffix: Option<(usize, &VirtualHost)> = None;
     let mut best_prefix: Option<(usize, &VirtualHost)> = None;
     for vh in &rc.virtual_hosts {
