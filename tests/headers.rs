@@ -32,7 +32,8 @@ async fn hop_by_hop_headers_are_removed() {
         .get_with(
             &strait.url("/"),
             &[
-                ("connection", "keep-alive"),
+                ("connection", "keep-alive, x-hop"),
+                ("x-hop", "1"),
                 ("keep-alive", "timeout=5"),
                 ("proxy-connection", "keep-alive"),
                 ("te", "trailers"),
@@ -44,6 +45,7 @@ async fn hop_by_hop_headers_are_removed() {
     let seen = up.last_seen();
     for gone in [
         "connection",
+        "x-hop",
         "keep-alive",
         "proxy-connection",
         "upgrade",
@@ -61,6 +63,53 @@ async fn hop_by_hop_headers_are_removed() {
         values(&up.last_seen(), "te").is_empty(),
         "TE other than trailers is removed"
     );
+}
+
+/// An HTTP/1.1 upstream's hop-by-hop response headers stop at the proxy: `Connection`,
+/// `Keep-Alive` and `Proxy-Connection`. As in Envoy (unlike on requests, and unlike RFC 9110
+/// §7.6.1), a header that `Connection` names goes on, as do end-to-end ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_response_headers_are_removed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let strait = Config::new()
+        .routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "up"}}]))
+        .cluster("up", &[up.local_addr().unwrap()])
+        .start()
+        .await;
+    let upstream = tokio::spawn(async move {
+        let (mut c, _) = up.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = c.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the proxy closed before its request head");
+            head.extend_from_slice(&buf[..n]);
+        }
+        c.write_all(
+            b"HTTP/1.1 200 OK\r\nConnection: x-hop, keep-alive\r\nX-Hop: 1\r\n\
+              Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nX-End: kept\r\n\
+              Content-Length: 2\r\n\r\nok",
+        )
+        .await
+        .unwrap();
+        c
+    });
+    let r = Client::http1().get(&strait.url("/")).await;
+    let _conn = upstream.await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, Bytes::from_static(b"ok"));
+    for gone in ["connection", "keep-alive", "proxy-connection"] {
+        assert!(r.headers.get(gone).is_none(), "{gone}: {:?}", r.headers);
+    }
+    for (kept, value) in [("x-end", "kept"), ("x-hop", "1")] {
+        assert_eq!(
+            r.headers.get(kept).map(|v| v.as_bytes()),
+            Some(value.as_bytes()),
+            "{kept}: {:?}",
+            r.headers
+        );
+    }
 }
 
 /// The address Envoy appends for this test's peer. Envoy records a loopback peer as the

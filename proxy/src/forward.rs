@@ -1299,7 +1299,7 @@ async fn route(
                 None
             };
             let (mut head, incoming) = resp.into_parts();
-            headers::remove_hop_by_hop_seen(&mut head.headers, tunnel.is_some(), seen);
+            headers::remove_response_hop_by_hop(&mut head.headers, tunnel.is_some(), seen);
             head.headers.insert(
                 headers::X_ENVOY_UPSTREAM_SERVICE_TIME,
                 headers::int_value(now.saturating_duration_since(started).as_millis() as u64),
@@ -1591,8 +1591,8 @@ impl Attempts<'_> {
             },
         };
         let result = match r {
-            Ok((resp, lease, started)) => AttemptResult::Response(crate::boxed(|| Done {
-                seen: headers::Seen::of(resp.headers()),
+            Ok((resp, seen, lease, started)) => AttemptResult::Response(crate::boxed(|| Done {
+                seen,
                 resp,
                 lease,
                 rq,
@@ -1642,7 +1642,7 @@ impl Attempts<'_> {
         &mut self,
         host: &Arc<Host>,
         body: AttemptBody,
-    ) -> Result<(Response<ProxyBody>, Lease, Instant), ResetReason> {
+    ) -> Result<(Response<ProxyBody>, headers::Seen, Lease, Instant), ResetReason> {
         let cluster = self.cluster;
         let conn = match host.pool.acquire_for(self.priority).await {
             Ok(c) => c,
@@ -1666,10 +1666,16 @@ impl Attempts<'_> {
             Sender::H1(c) => crate::h1client::send(c, req, self.upgrade, self.idle)
                 .await
                 .map_err(SendError::H1),
-            Sender::H2(s) => crate::h2client::send(s, req).await.map_err(SendError::H2),
+            Sender::H2(s) => crate::h2client::send(s, req)
+                .await
+                .map(|resp| {
+                    let seen = headers::Seen::of(resp.headers());
+                    (resp, seen)
+                })
+                .map_err(SendError::H2),
         };
         match sent {
-            Ok(resp) => Ok((resp, lease, started)),
+            Ok((resp, seen)) => Ok((resp, seen, lease, started)),
             Err(e) => {
                 tracing::debug!(upstream = %host.address, error = %e, "upstream request failed");
                 Err(reset_reason(&e))

@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::body::{BoxError, ProxyBody};
 use crate::conn::CountingIo;
+use crate::headers::Seen;
 
 /// Envoy 1.40's default response head limit (80 KiB, measured): longer is a protocol error.
 const MAX_HEAD: usize = 80 * 1024;
@@ -532,6 +533,7 @@ struct Head {
     dec: Decoder,
     keep_alive: bool,
     upgrade: bool,
+    seen: Seen,
 }
 
 enum Parsed {
@@ -547,7 +549,10 @@ enum Role {
     Connection,
     /// Other hop-by-hop headers: `upgrade`, `keep-alive`, `proxy-connection`.
     Hop,
+    /// A table name with none of the roles above.
     Plain,
+    /// A name not in the table (so with none of the roles above either).
+    Other,
 }
 
 /// Names most upstreams send, lower-case, by length; every name with a role other than
@@ -601,7 +606,7 @@ fn response_header_name(raw: &[u8]) -> Result<(HeaderName, Role), Error> {
     // Not a table name in any case, so a plain header.
     let name =
         HeaderName::from_bytes(raw).map_err(|_| Error::Protocol("invalid response header name"))?;
-    Ok((name, Role::Plain))
+    Ok((name, Role::Other))
 }
 
 /// The entries of [`COMMON_NAMES`] `len` bytes long: a name is compared with those alone.
@@ -741,9 +746,18 @@ fn parse_head(
     let mut keep_alive_token = false;
     let mut te: Option<bool> = None;
     let mut cl: Option<u64> = None;
+    // What the proxy's header handling needs to know, read off the names here rather than in
+    // another pass over the map; also names left out of it (a superset is what `Seen` promises).
+    let mut seen = Seen::default();
     for &[ns, ne, vs, ve] in idx {
         let (name, role) = response_header_name(&head[ns as usize..ne as usize])?;
         let value = parsed_value(head.slice(vs as usize..ve as usize));
+        match role {
+            Role::Connection => seen = seen.with(Seen::CONNECTION),
+            Role::TransferEncoding => seen = seen.with(Seen::TRANSFER_ENCODING),
+            Role::Hop | Role::Other => seen = seen.with(Seen::of_name(&name)),
+            Role::ContentLength | Role::Plain => {}
+        }
         // Hop-by-hop headers this codec consumes are left out, so the proxy's own hop-by-hop
         // removal finds nothing to do on the usual response. A `Connection` naming other
         // headers stays for that removal to act on; a 101 keeps everything for the tunnel.
@@ -772,7 +786,7 @@ fn parse_head(
                 only_handled
             }
             Role::Hop => true,
-            Role::Plain => false,
+            Role::Plain | Role::Other => false,
         };
         if hop && !switching {
             continue;
@@ -818,6 +832,7 @@ fn parse_head(
         dec,
         keep_alive,
         upgrade: upgraded,
+        seen,
     })))
 }
 
@@ -829,7 +844,8 @@ pub struct Exchange<C: Pooled> {
 impl<C: Pooled> std::future::Future for Exchange<C> {
     /// The body is boxed here, once: the response moves through several futures on its way
     /// out, and the unboxed body (with the connection) is ten times the size of a box.
-    type Output = Result<Response<ProxyBody>, Error>;
+    /// With what the response's header names tell [`Seen`].
+    type Output = Result<(Response<ProxyBody>, Seen), Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
@@ -843,13 +859,14 @@ impl<C: Pooled> std::future::Future for Exchange<C> {
             dec,
             keep_alive,
             upgrade,
+            seen,
         } = head?;
         if upgrade {
             if let Some(st) = state {
                 let slot = UpgradeSlot(Arc::new(Mutex::new(Some(Upgraded { conn: st.conn }))));
                 response.extensions_mut().insert(slot);
             }
-            return Poll::Ready(Ok(response.map(|()| crate::body::empty())));
+            return Poll::Ready(Ok((response.map(|()| crate::body::empty()), seen)));
         }
         let mut body = ResponseBody {
             state,
@@ -859,7 +876,7 @@ impl<C: Pooled> std::future::Future for Exchange<C> {
         if matches!(body.dec, Decoder::Length(0)) {
             body.finish();
         }
-        Poll::Ready(Ok(response.map(|()| body.boxed_unsync())))
+        Poll::Ready(Ok((response.map(|()| body.boxed_unsync()), seen)))
     }
 }
 
@@ -1277,7 +1294,8 @@ mod tests {
             "transfer-encoding" => Role::TransferEncoding,
             "connection" => Role::Connection,
             "upgrade" | "keep-alive" | "proxy-connection" => Role::Hop,
-            _ => Role::Plain,
+            n if COMMON_NAMES.iter().any(|(l, _, _)| *l == n.as_bytes()) => Role::Plain,
+            _ => Role::Other,
         };
         (name, role)
     }

@@ -63,22 +63,40 @@ pub struct Seen(u16);
 
 impl Seen {
     pub fn of(headers: &HeaderMap) -> Seen {
-        Seen(headers.keys().fold(0, |acc, n| {
-            acc | match n.as_str() {
-                "connection" => SEEN_CONNECTION,
-                "keep-alive" => SEEN_KEEP_ALIVE,
-                "proxy-connection" => SEEN_PROXY_CONNECTION,
-                "transfer-encoding" => SEEN_TRANSFER_ENCODING,
-                "upgrade" => SEEN_UPGRADE,
-                "te" => SEEN_TE,
-                "x-forwarded-for" => SEEN_XFF,
-                "x-forwarded-proto" => SEEN_XFP,
-                "x-request-id" => SEEN_REQUEST_ID,
-                "expect" => SEEN_EXPECT,
-                "x-envoy-immediate-health-check-fail" => SEEN_IMMEDIATE_HC_FAIL,
-                _ => 0,
-            }
-        }))
+        Seen(headers.keys().fold(0, |acc, n| acc | Seen::bit(n)))
+    }
+
+    /// What one name adds (an HTTP/1.1 codec reads the names as it parses the head).
+    pub fn of_name(name: &HeaderName) -> Seen {
+        Seen(Seen::bit(name))
+    }
+
+    /// `Connection`, named by its role (no comparison).
+    pub const CONNECTION: Seen = Seen(SEEN_CONNECTION);
+    /// `Transfer-Encoding`, named by its role.
+    pub const TRANSFER_ENCODING: Seen = Seen(SEEN_TRANSFER_ENCODING);
+
+    /// Both sets.
+    pub fn with(self, other: Seen) -> Seen {
+        Seen(self.0 | other.0)
+    }
+
+    #[inline]
+    fn bit(name: &HeaderName) -> u16 {
+        match name.as_str() {
+            "connection" => SEEN_CONNECTION,
+            "keep-alive" => SEEN_KEEP_ALIVE,
+            "proxy-connection" => SEEN_PROXY_CONNECTION,
+            "transfer-encoding" => SEEN_TRANSFER_ENCODING,
+            "upgrade" => SEEN_UPGRADE,
+            "te" => SEEN_TE,
+            "x-forwarded-for" => SEEN_XFF,
+            "x-forwarded-proto" => SEEN_XFP,
+            "x-request-id" => SEEN_REQUEST_ID,
+            "expect" => SEEN_EXPECT,
+            "x-envoy-immediate-health-check-fail" => SEEN_IMMEDIATE_HC_FAIL,
+            _ => 0,
+        }
     }
 
     fn has(self, bit: u16) -> bool {
@@ -115,6 +133,31 @@ const HANDLED_TOKENS: [&str; 5] = [
 /// `te` is kept only as `trailers`, which gRPC needs end to end.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     remove_hop_by_hop_seen(headers, keep_upgrade, Seen::of(headers));
+}
+
+/// Removes an upstream response's hop-by-hop headers as Envoy's `mutateResponseHeaders` does:
+/// `Connection`, `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, and `Upgrade` unless
+/// the response completes an upgrade (`keep_upgrade`, which also sets `Connection: upgrade`).
+/// Unlike on requests, the headers a `Connection` value names stay, and so does `TE` (checked
+/// against Envoy: `tests/headers.rs`).
+pub fn remove_response_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, seen: Seen) {
+    if seen.has(SEEN_CONNECTION) {
+        headers.remove(header::CONNECTION);
+    }
+    if seen.has(SEEN_KEEP_ALIVE) {
+        headers.remove(KEEP_ALIVE);
+    }
+    if seen.has(SEEN_PROXY_CONNECTION) {
+        headers.remove(PROXY_CONNECTION);
+    }
+    if seen.has(SEEN_TRANSFER_ENCODING) {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else if seen.has(SEEN_UPGRADE) {
+        headers.remove(header::UPGRADE);
+    }
 }
 
 /// Removes the fields a `Connection` value names (RFC 9110 §7.6.1), but for the hop-by-hop
