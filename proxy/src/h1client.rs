@@ -746,18 +746,12 @@ fn parse_head(
     let mut keep_alive_token = false;
     let mut te: Option<bool> = None;
     let mut cl: Option<u64> = None;
-    // What the proxy's header handling needs to know, read off the names here rather than in
-    // another pass over the map; also names left out of it (a superset is what `Seen` promises).
+    // What the proxy's header handling needs to know of the names kept, read off here rather
+    // than in another pass over the map.
     let mut seen = Seen::default();
     for &[ns, ne, vs, ve] in idx {
         let (name, role) = response_header_name(&head[ns as usize..ne as usize])?;
         let value = parsed_value(head.slice(vs as usize..ve as usize));
-        match role {
-            Role::Connection => seen = seen.with(Seen::CONNECTION),
-            Role::TransferEncoding => seen = seen.with(Seen::TRANSFER_ENCODING),
-            Role::Hop | Role::Other => seen = seen.with(Seen::of_name(&name)),
-            Role::ContentLength | Role::Plain => {}
-        }
         // Hop-by-hop headers this codec consumes are left out, so the proxy's own hop-by-hop
         // removal finds nothing to do on the usual response. A `Connection` naming other
         // headers stays for that removal to act on; a 101 keeps everything for the tunnel.
@@ -790,6 +784,12 @@ fn parse_head(
         };
         if hop && !switching {
             continue;
+        }
+        match role {
+            Role::Connection => seen = seen.with(Seen::CONNECTION),
+            Role::TransferEncoding => seen = seen.with(Seen::TRANSFER_ENCODING),
+            Role::Hop | Role::Other => seen = seen.with(Seen::of_name(&name)),
+            Role::ContentLength | Role::Plain => {}
         }
         headers.append(name, value);
     }
