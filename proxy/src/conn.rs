@@ -684,8 +684,11 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
             serve_until_drained!(conn, cx, hs, drained, drain_time);
         } else {
             // Boxed in place, as on HTTP/2: the ~3 KB request future moves as a pointer.
-            let svc =
-                move |req| Box::into_pin(crate::boxed(|| forward::handle(req, svc_cx.clone())));
+            let svc = move |req, seen| {
+                Box::into_pin(crate::boxed(|| {
+                    forward::handle_seen(req, seen, svc_cx.clone())
+                }))
+            };
             let conn = crate::h1server::Server::new(io, max_buf, svc, hyper_conn);
             serve_until_drained!(conn, cx, hs, drained, drain_time);
         }

@@ -659,8 +659,18 @@ impl Drop for RespBody {
 // === The request path ===
 
 /// Entry point for one downstream request (HTTP/1.1 from hyper's server, HTTP/2 from `h2server`).
-pub async fn handle(
+pub fn handle(
+    req: Request<Inbound>,
+    cx: Arc<ConnCtx>,
+) -> impl Future<Output = Result<Response<RespBody>, Infallible>> {
+    let seen = headers::Seen::of(req.headers());
+    handle_seen(req, seen, cx)
+}
+
+/// [`handle`] for a request whose codec (`h1server`) read off its header names already.
+pub async fn handle_seen(
     mut req: Request<Inbound>,
+    seen: headers::Seen,
     cx: Arc<ConnCtx>,
 ) -> Result<Response<RespBody>, Infallible> {
     let hs = &cx.listener.http_stats;
@@ -670,8 +680,7 @@ pub async fn handle(
         Version::HTTP_2 => hs.downstream_rq_http2_total.inc(),
         _ => hs.downstream_rq_http1_total.inc(),
     }
-    // One pass over the names decides which lookups by name the request needs.
-    let seen = headers::Seen::of(req.headers());
+    // The names seen decide which lookups by name the request needs.
     let upgrade = if req.version() == Version::HTTP_11 && seen.connection() {
         headers::upgrade_type(req.headers())
     } else {

@@ -24,6 +24,7 @@ use http_body::Body;
 use crate::body::{BoxError, Inbound};
 use crate::conn::{CountingIo, Side};
 use crate::headers::parse_length;
+use crate::headers::Seen;
 
 /// hyper's default limit on request header fields.
 const MAX_HEADERS: usize = 100;
@@ -128,7 +129,7 @@ pub struct Server<S, F, B, M, H> {
 
 impl<S, F, B, M, H> Server<S, F, B, M, H>
 where
-    S: FnMut(Request<Inbound>) -> F + Unpin,
+    S: FnMut(Request<Inbound>, Seen) -> F + Unpin,
     F: Future<Output = Result<Response<B>, Infallible>> + Unpin,
     B: Body<Data = Bytes, Error = BoxError> + Unpin,
     M: FnOnce(CountingIo) -> H + Unpin,
@@ -173,7 +174,7 @@ where
 
 impl<S, F, B, M, H> Future for Server<S, F, B, M, H>
 where
-    S: FnMut(Request<Inbound>) -> F + Unpin,
+    S: FnMut(Request<Inbound>, Seen) -> F + Unpin,
     F: Future<Output = Result<Response<B>, Infallible>> + Unpin,
     B: Body<Data = Bytes, Error = BoxError> + Unpin,
     M: FnOnce(CountingIo) -> H + Unpin,
@@ -279,12 +280,13 @@ enum Parsed {
     Request {
         req: Request<Inbound>,
         keep_alive: bool,
+        seen: Seen,
     },
 }
 
 impl<S, F, B> Fast<S, F, B>
 where
-    S: FnMut(Request<Inbound>) -> F,
+    S: FnMut(Request<Inbound>, Seen) -> F,
     F: Future<Output = Result<Response<B>, Infallible>> + Unpin,
     B: Body<Data = Bytes, Error = BoxError> + Unpin,
 {
@@ -296,10 +298,14 @@ where
                         return Poll::Ready(Ok(End::Closed));
                     }
                     match self.parse() {
-                        Parsed::Request { req, keep_alive } => {
+                        Parsed::Request {
+                            req,
+                            keep_alive,
+                            seen,
+                        } => {
                             self.served = true;
                             let head = req.method() == Method::HEAD;
-                            let fut = (self.service)(req);
+                            let fut = (self.service)(req, seen);
                             self.stream = Stream::Waiting {
                                 fut,
                                 keep_alive,
@@ -458,7 +464,11 @@ where
         let head = self.rbuf.split_to(len).freeze();
         self.scanned = 0;
         match build_request(&head, method_end, target, idx, &mut self.spare.0) {
-            Some((req, keep_alive)) => Parsed::Request { req, keep_alive },
+            Some((req, keep_alive, seen)) => Parsed::Request {
+                req,
+                keep_alive,
+                seen,
+            },
             None => {
                 // Put the head back in front of what follows it, for hyper to read.
                 let mut all = BytesMut::with_capacity(head.len() + self.rbuf.len());
@@ -660,7 +670,7 @@ fn build_request(
     target: std::ops::Range<usize>,
     idx: &[[u32; 4]],
     spare: &mut HeaderMap,
-) -> Option<(Request<Inbound>, bool)> {
+) -> Option<(Request<Inbound>, bool, Seen)> {
     let method = Method::from_bytes(&head[..method_end]).ok()?;
     if method == Method::CONNECT {
         return None;
@@ -670,8 +680,10 @@ fn build_request(
     let mut headers = std::mem::take(spare);
     headers.reserve(idx.len() + 6);
     let mut keep_alive = true;
+    let mut seen = Seen::default();
     for &[ns, ne, vs, ve] in idx {
-        let name = request_header_name(&head[ns as usize..ne as usize])?;
+        let (name, name_seen) = request_header_name(&head[ns as usize..ne as usize])?;
+        seen = seen.with(name_seen);
         let value = crate::h1client::parsed_value(head.slice(vs as usize..ve as usize));
         match name {
             // A body, an upgrade, a 100-continue, trailers: hyper's.
@@ -691,52 +703,66 @@ fn build_request(
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
-    Some((req, keep_alive))
+    Some((req, keep_alive, seen))
 }
 
-/// Names most clients send, lower-case; every name this module acts on is among them.
-static COMMON_NAMES: [(&[u8], HeaderName); 20] = [
-    (b"te", header::TE),
-    (b"host", header::HOST),
-    (b"accept", header::ACCEPT),
-    (b"cookie", header::COOKIE),
-    (b"expect", header::EXPECT),
-    (b"origin", header::ORIGIN),
-    (b"referer", header::REFERER),
-    (b"upgrade", header::UPGRADE),
-    (b"user-agent", header::USER_AGENT),
-    (b"connection", header::CONNECTION),
-    (b"content-type", header::CONTENT_TYPE),
-    (b"x-request-id", HeaderName::from_static("x-request-id")),
-    (b"authorization", header::AUTHORIZATION),
-    (b"cache-control", header::CACHE_CONTROL),
-    (b"content-length", header::CONTENT_LENGTH),
-    (b"accept-encoding", header::ACCEPT_ENCODING),
-    (b"accept-language", header::ACCEPT_LANGUAGE),
+/// Names most clients send, lower-case; every name this module acts on is among them, and
+/// every name [`Seen`] tracks that reaches the proxy from here (`keep-alive` and
+/// `proxy-connection` take the slow path, which asks `Seen`).
+static COMMON_NAMES: [(&[u8], HeaderName, Seen); 20] = [
+    (b"te", header::TE, Seen::TE),
+    (b"host", header::HOST, Seen::NONE),
+    (b"accept", header::ACCEPT, Seen::NONE),
+    (b"cookie", header::COOKIE, Seen::NONE),
+    (b"expect", header::EXPECT, Seen::EXPECT),
+    (b"origin", header::ORIGIN, Seen::NONE),
+    (b"referer", header::REFERER, Seen::NONE),
+    (b"upgrade", header::UPGRADE, Seen::UPGRADE),
+    (b"user-agent", header::USER_AGENT, Seen::NONE),
+    (b"connection", header::CONNECTION, Seen::CONNECTION),
+    (b"content-type", header::CONTENT_TYPE, Seen::NONE),
+    (
+        b"x-request-id",
+        HeaderName::from_static("x-request-id"),
+        Seen::X_REQUEST_ID,
+    ),
+    (b"authorization", header::AUTHORIZATION, Seen::NONE),
+    (b"cache-control", header::CACHE_CONTROL, Seen::NONE),
+    (b"content-length", header::CONTENT_LENGTH, Seen::NONE),
+    (b"accept-encoding", header::ACCEPT_ENCODING, Seen::NONE),
+    (b"accept-language", header::ACCEPT_LANGUAGE, Seen::NONE),
     (
         b"x-forwarded-for",
         HeaderName::from_static("x-forwarded-for"),
+        Seen::X_FORWARDED_FOR,
     ),
     (
         b"x-forwarded-proto",
         HeaderName::from_static("x-forwarded-proto"),
+        Seen::X_FORWARDED_PROTO,
     ),
-    (b"transfer-encoding", header::TRANSFER_ENCODING),
+    (
+        b"transfer-encoding",
+        header::TRANSFER_ENCODING,
+        Seen::TRANSFER_ENCODING,
+    ),
 ];
 
 /// A request header's name: the usual ones matched a word at a time (as `h1client` does for
 /// responses), any other through `HeaderName::from_bytes`.
-fn request_header_name(raw: &[u8]) -> Option<HeaderName> {
-    for (lower, name) in common_names_of_len(raw.len()) {
+fn request_header_name(raw: &[u8]) -> Option<(HeaderName, Seen)> {
+    for (lower, name, seen) in common_names_of_len(raw.len()) {
         if crate::h1client::token_eq_lower(raw, lower) {
-            return Some(name.clone());
+            return Some((name.clone(), *seen));
         }
     }
-    HeaderName::from_bytes(raw).ok()
+    let name = HeaderName::from_bytes(raw).ok()?;
+    let seen = Seen::of_name(&name);
+    Some((name, seen))
 }
 
 /// The entries of [`COMMON_NAMES`] `len` bytes long: a name is compared with those alone.
-fn common_names_of_len(len: usize) -> &'static [(&'static [u8], HeaderName)] {
+fn common_names_of_len(len: usize) -> &'static [(&'static [u8], HeaderName, Seen)] {
     let range = match len {
         2 => 0..1,
         4 => 1..2,
@@ -985,13 +1011,18 @@ mod tests {
         assert_eq!(spares(), SPARE_MAPS_MAX);
     }
 
-    /// The table gives what `HeaderName::from_bytes` gives, whatever the case on the wire.
+    /// The table gives what `HeaderName::from_bytes` gives, whatever the case on the wire, and
+    /// what `Seen` would make of the name.
     #[test]
     fn common_request_names_match_the_slow_path_in_any_case() {
-        for entry @ (lower, name) in &COMMON_NAMES {
+        for entry @ (lower, name, seen) in &COMMON_NAMES {
             let of_len = common_names_of_len(lower.len());
             assert!(of_len.iter().any(|e| std::ptr::eq(e, entry)), "{name}");
-            assert!(of_len.iter().all(|(l, _)| l.len() == lower.len()), "{name}");
+            assert!(
+                of_len.iter().all(|(l, _, _)| l.len() == lower.len()),
+                "{name}"
+            );
+            assert_eq!(*seen, Seen::of_name(name), "{name}");
             let upper = lower.to_ascii_uppercase();
             let mut title = lower.to_vec();
             let mut start = true;
@@ -1002,15 +1033,19 @@ mod tests {
                 start = *b == b'-';
             }
             for raw in [lower.to_vec(), upper, title] {
-                assert_eq!(request_header_name(&raw).as_ref(), Some(name));
+                assert_eq!(request_header_name(&raw), Some((name.clone(), *seen)));
                 assert_eq!(HeaderName::from_bytes(&raw).ok().as_ref(), Some(name));
             }
         }
         assert_eq!(
             request_header_name(b"X-Custom")
                 .as_ref()
-                .map(HeaderName::as_str),
-            Some("x-custom")
+                .map(|(n, s)| (n.as_str(), *s)),
+            Some(("x-custom", Seen::NONE))
+        );
+        assert_eq!(
+            request_header_name(b"Keep-Alive").map(|(_, s)| s),
+            Some(Seen::of_name(&HeaderName::from_static("keep-alive")))
         );
         assert!(request_header_name(b"bad name").is_none());
     }

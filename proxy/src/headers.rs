@@ -71,10 +71,16 @@ impl Seen {
         Seen(Seen::bit(name))
     }
 
-    /// `Connection`, named by its role (no comparison).
+    // Single names, for codecs that know a name without comparing it (a table hit, a role).
+    pub const NONE: Seen = Seen(0);
     pub const CONNECTION: Seen = Seen(SEEN_CONNECTION);
-    /// `Transfer-Encoding`, named by its role.
     pub const TRANSFER_ENCODING: Seen = Seen(SEEN_TRANSFER_ENCODING);
+    pub const UPGRADE: Seen = Seen(SEEN_UPGRADE);
+    pub const TE: Seen = Seen(SEEN_TE);
+    pub const EXPECT: Seen = Seen(SEEN_EXPECT);
+    pub const X_FORWARDED_FOR: Seen = Seen(SEEN_XFF);
+    pub const X_FORWARDED_PROTO: Seen = Seen(SEEN_XFP);
+    pub const X_REQUEST_ID: Seen = Seen(SEEN_REQUEST_ID);
 
     /// Both sets.
     pub fn with(self, other: Seen) -> Seen {
