@@ -1741,11 +1741,12 @@ impl Attempts<'_> {
             Version::HTTP_11
         };
         let h = req.headers_mut();
-        *h = if self.policy.is_some() {
-            self.headers.clone()
+        if self.policy.is_some() {
+            *h = self.headers.clone();
         } else {
-            std::mem::take(&mut self.headers)
-        };
+            // The request's empty map takes the headers' place: one empty map fewer to drop.
+            std::mem::swap(h, &mut self.headers);
+        }
         if http2 {
             h.remove(header::HOST);
             h.remove(header::CONNECTION);

@@ -740,7 +740,10 @@ fn parse_head(
     }
     let head = buf.split_to(len).freeze();
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
-    let mut headers = std::mem::take(spare);
+    // The spare map and the response's empty one trade places: no map is dropped here.
+    let mut response = Response::new(());
+    std::mem::swap(response.headers_mut(), spare);
+    let headers = response.headers_mut();
     headers.reserve(idx.len());
     let mut close = false;
     let mut keep_alive_token = false;
@@ -823,10 +826,8 @@ fn parse_head(
     if dec == Decoder::Eof {
         keep_alive = false;
     }
-    let mut response = Response::new(());
     *response.status_mut() = status;
     *response.version_mut() = version;
-    *response.headers_mut() = headers;
     Ok(Some(Parsed::Final(Head {
         response,
         dec,

@@ -676,8 +676,12 @@ fn build_request(
         return None;
     }
     let uri = Uri::from_maybe_shared(head.slice(target)).ok()?;
+    // The spare map (with the last response's allocation) and the new request's empty one
+    // trade places: no map is dropped here (an empty one's drop costs ~60 instructions).
+    let mut req = Request::new(Inbound::Empty);
+    std::mem::swap(req.headers_mut(), spare);
+    let headers = req.headers_mut();
     // Room for what the proxy adds (`x-request-id`, `x-forwarded-proto`, …) without a rehash.
-    let mut headers = std::mem::take(spare);
     headers.reserve(idx.len() + 6);
     let mut keep_alive = true;
     let mut seen = Seen::default();
@@ -698,11 +702,9 @@ fn build_request(
         }
         headers.append(name, value);
     }
-    let mut req = Request::new(Inbound::Empty);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
-    *req.headers_mut() = headers;
     Some((req, keep_alive, seen))
 }
 
