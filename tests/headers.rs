@@ -208,6 +208,57 @@ async fn upstream_service_time_and_host() {
     assert_eq!(r.header("x-envoy-upstream-service-time"), None);
 }
 
+/// The router's `x-envoy-*` headers (`x-envoy-expected-rq-timeout-ms` and, on a rewritten path,
+/// `x-envoy-original-path` upstream; `x-envoy-upstream-service-time` downstream) are added by
+/// default and left out with the router's `suppress_envoy_headers`; the connection manager's
+/// own (`x-request-id`, `x-forwarded-proto`) stay either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suppress_envoy_headers_leaves_out_the_routers_headers() {
+    let up = Upstream::start("up").await;
+    for suppress in [false, true] {
+        let strait = Config::new()
+            .routes(json!([{"match": {"prefix": "/old/"},
+                            "route": {"cluster": "up", "prefix_rewrite": "/new/", "timeout": "5s"}}]))
+            .cluster("up", &[up.addr])
+            .hcm(
+                "http_filters",
+                json!([{
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+                        "suppress_envoy_headers": suppress
+                    }
+                }]),
+            )
+            .start()
+            .await;
+        let r = Client::http1().get(&strait.url("/old/x")).await;
+        assert_eq!(r.status, 200);
+        let seen = up.last_seen();
+        assert_eq!(seen.path, "/new/x");
+        let envoy = |name: &str| values(&seen, name);
+        if suppress {
+            assert!(
+                envoy("x-envoy-expected-rq-timeout-ms").is_empty(),
+                "{:?}",
+                seen.headers
+            );
+            assert!(
+                envoy("x-envoy-original-path").is_empty(),
+                "{:?}",
+                seen.headers
+            );
+            assert_eq!(r.header("x-envoy-upstream-service-time"), None);
+        } else {
+            assert_eq!(envoy("x-envoy-expected-rq-timeout-ms"), ["5000"]);
+            assert_eq!(envoy("x-envoy-original-path"), ["/old/x"]);
+            assert!(r.header("x-envoy-upstream-service-time").is_some());
+        }
+        assert_eq!(envoy("x-forwarded-proto"), ["http"], "suppress: {suppress}");
+        assert_eq!(envoy("x-request-id").len(), 1, "suppress: {suppress}");
+    }
+}
+
 /// Envoy's `server` response header: `server_header_transformation` OVERWRITE (the default)
 /// writes `server_name` (default `envoy`) on every response, proxied or local;
 /// APPEND_IF_ABSENT keeps the upstream's; PASS_THROUGH leaves the header as it is.

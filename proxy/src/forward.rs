@@ -1074,8 +1074,10 @@ async fn route(
         route,
         parts.uri.path_and_query().map_or("/", |pq| pq.as_str()),
     );
+    // The router's own `x-envoy-*` headers go only without `suppress_envoy_headers`.
+    let envoy_headers = !hcm.suppress_envoy_headers;
     if let Some(new_pq) = rewritten {
-        if let Ok(v) = HeaderValue::from_str(parts.uri.path()) {
+        if let (true, Ok(v)) = (envoy_headers, HeaderValue::from_str(parts.uri.path())) {
             parts.headers.insert(X_ENVOY_ORIGINAL_PATH, v);
         }
         if let Ok(u) = new_pq.parse::<Uri>() {
@@ -1106,7 +1108,7 @@ async fn route(
     let policy_cow = crate::retry::effective_policy(action.retry_policy.as_ref(), &parts.headers);
     let policy = policy_cow.as_deref();
     let expected_timeout = policy.and_then(|p| p.per_try_timeout).or(action.timeout);
-    if let Some(t) = expected_timeout {
+    if let (true, Some(t)) = (envoy_headers, expected_timeout) {
         parts.headers.insert(
             headers::X_ENVOY_EXPECTED_RQ_TIMEOUT_MS,
             headers::int_value(t.as_millis() as u64),
@@ -1309,10 +1311,12 @@ async fn route(
             };
             let (mut head, incoming) = resp.into_parts();
             headers::remove_response_hop_by_hop(&mut head.headers, tunnel.is_some(), seen);
-            head.headers.insert(
-                headers::X_ENVOY_UPSTREAM_SERVICE_TIME,
-                headers::int_value(now.saturating_duration_since(started).as_millis() as u64),
-            );
+            if envoy_headers {
+                head.headers.insert(
+                    headers::X_ENVOY_UPSTREAM_SERVICE_TIME,
+                    headers::int_value(now.saturating_duration_since(started).as_millis() as u64),
+                );
+            }
             match wc_headers {
                 Some(w) => router::apply_response_headers(
                     &mut head.headers,

@@ -136,6 +136,7 @@ fn bootstrap_with(
         access_logs: vec![],
         upgrade_types,
         server_header: Default::default(),
+        suppress_envoy_headers: false,
     };
     Bootstrap {
         listeners: vec![Arc::new(model::Listener {

@@ -119,6 +119,10 @@ pub struct HttpConnectionManager {
     pub upgrade_types: Vec<UpgradeConfig>,
     /// The `server` response header (`server_name`, `server_header_transformation`).
     pub server_header: ServerHeader,
+    /// The router's `suppress_envoy_headers` (default false): it then adds none of its
+    /// `x-envoy-*` headers (`x-envoy-expected-rq-timeout-ms`, `x-envoy-original-path`,
+    /// `x-envoy-upstream-service-time`).
+    pub suppress_envoy_headers: bool,
 }
 
 /// What the connection manager does with the `server` header of every response, proxied or

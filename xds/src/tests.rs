@@ -646,13 +646,20 @@ fn http_filter_rules() {
     )]));
     assert_eq!(
         errors(&with(&[(
-            &format!("{fp}/0/typed_config/suppress_envoy_headers"),
+            &format!("{fp}/0/typed_config/start_child_span"),
             json!(true)
         )])),
         [format!(
-            "{HCM}.http_filters[0].typed_config.suppress_envoy_headers: not supported yet"
+            "{HCM}.http_filters[0].typed_config.start_child_span: not supported yet"
         )]
     );
+    // The router's `suppress_envoy_headers` reaches the connection manager's model.
+    let b = ok(&with(&[(
+        &format!("{fp}/0/typed_config/suppress_envoy_headers"),
+        json!(true),
+    )]));
+    assert!(b.listeners[0].hcm.suppress_envoy_headers);
+    assert!(!ok(&with(&[])).listeners[0].hcm.suppress_envoy_headers);
 }
 
 // === Access logs ===

@@ -315,7 +315,7 @@ fn http_connection_manager(
     if cx.errors.len() > start {
         return None;
     }
-    let (http_filters, filter_chain) = filters?;
+    let (http_filters, filter_chain, suppress_envoy_headers) = filters?;
     Some(model::HttpConnectionManager {
         stat_prefix,
         codec_type: codec,
@@ -332,6 +332,7 @@ fn http_connection_manager(
         access_logs,
         upgrade_types,
         server_header,
+        suppress_envoy_headers,
     })
 }
 
@@ -376,7 +377,11 @@ fn http_filter_chain(
     cx: &mut Ctx,
     path: &str,
     filters: Vec<hcm::HttpFilter>,
-) -> Option<(Vec<model::HttpFilter>, Arc<strait_filters::FilterChain>)> {
+) -> Option<(
+    Vec<model::HttpFilter>,
+    Arc<strait_filters::FilterChain>,
+    bool,
+)> {
     let start = cx.errors.len();
     let n = filters.len();
     let env = cx.filter_env.0.clone();
@@ -395,6 +400,7 @@ fn http_filter_chain(
     let mut out = Vec::new();
     let mut entries = Vec::new();
     let mut saw_router = false;
+    let mut suppress_envoy_headers = false;
     for (i, f) in filters.into_iter().enumerate() {
         let fpath = format!("{path}[{i}]");
         let hcm::HttpFilter {
@@ -428,7 +434,7 @@ fn http_filter_chain(
             if let Some(any) = any {
                 let tpath = at(&fpath, "typed_config");
                 if let Some(r) = unpack::<Router>(cx, &tpath, &any, ROUTER_TYPE) {
-                    router(cx, &tpath, r);
+                    suppress_envoy_headers = router(cx, &tpath, r);
                 }
             }
             saw_router = true;
@@ -476,7 +482,11 @@ fn http_filter_chain(
     if cx.errors.len() > start {
         return None;
     }
-    Some((out, Arc::new(strait_filters::FilterChain::new(entries))))
+    Some((
+        out,
+        Arc::new(strait_filters::FilterChain::new(entries)),
+        suppress_envoy_headers,
+    ))
 }
 
 /// Checks a filter's cluster against the clusters this configuration knows before asking the
@@ -495,8 +505,9 @@ impl strait_filters::ClusterConnector for NamedClusters<'_> {
     }
 }
 
-/// Router options are accepted only at values that keep Envoy's default behaviour.
-fn router(cx: &mut Ctx, path: &str, r: Router) {
+/// Router options are accepted only at values that keep Envoy's default behaviour, but for
+/// `suppress_envoy_headers`, which is returned.
+fn router(cx: &mut Ctx, path: &str, r: Router) -> bool {
     let Router {
         dynamic_stats,
         start_child_span,
@@ -513,9 +524,10 @@ fn router(cx: &mut Ctx, path: &str, r: Router) {
         cx.unsupported(at(path, "dynamic_stats"));
     }
     reject_set!(cx, path;
-        start_child_span, upstream_log, upstream_log_options, suppress_envoy_headers,
+        start_child_span, upstream_log, upstream_log_options,
         strict_check_headers, respect_expected_rq_timeout, suppress_grpc_request_failure_code_stats,
         upstream_http_filters, reject_connect_request_early_data);
+    suppress_envoy_headers
 }
 
 fn hcm_upgrades(
