@@ -70,7 +70,7 @@ async fn hop_by_hop_headers_are_removed() {
 /// §7.6.1), a header that `Connection` names goes on, as do end-to-end ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_response_headers_are_removed() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let strait = Config::new()
         .routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "up"}}]))
@@ -79,13 +79,7 @@ async fn hop_by_hop_response_headers_are_removed() {
         .await;
     let upstream = tokio::spawn(async move {
         let (mut c, _) = up.accept().await.unwrap();
-        let mut head = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !head.ends_with(b"\r\n\r\n") {
-            let n = c.read(&mut buf).await.unwrap();
-            assert!(n > 0, "the proxy closed before its request head");
-            head.extend_from_slice(&buf[..n]);
-        }
+        common::read_request_head(&mut c).await;
         c.write_all(
             b"HTTP/1.1 200 OK\r\nConnection: x-hop, keep-alive\r\nX-Hop: 1\r\n\
               Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nX-End: kept\r\n\

@@ -353,13 +353,7 @@ async fn a_response_that_keeps_coming_is_not_cut_at_the_idle_timeout() {
     // Four chunks 400 ms apart: 1.6 s in all, no gap near 1 s.
     let upstream = tokio::spawn(async move {
         let (mut c, _) = up.accept().await.unwrap();
-        let mut head = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !head.ends_with(b"\r\n\r\n") {
-            let n = c.read(&mut buf).await.unwrap();
-            assert!(n > 0, "the proxy closed before its request head");
-            head.extend_from_slice(&buf[..n]);
-        }
+        common::read_request_head(&mut c).await;
         c.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
             .await
             .unwrap();

@@ -147,6 +147,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// Unlike on requests, the headers a `Connection` value names stay, and so does `TE` (checked
 /// against Envoy: `tests/headers.rs`).
 pub fn remove_response_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, seen: Seen) {
+    if !seen.has(HOP_BY_HOP) && !keep_upgrade {
+        return;
+    }
     if seen.has(SEEN_CONNECTION) {
         headers.remove(header::CONNECTION);
     }
@@ -186,7 +189,9 @@ fn remove_nominated(headers: &mut HeaderMap, value: &HeaderValue) {
     }
 }
 
-/// [`remove_hop_by_hop`] with the names already scanned.
+/// [`remove_hop_by_hop`] with the names already scanned: what a response loses
+/// ([`remove_response_hop_by_hop`]), and also the fields `Connection` names and `TE` but for
+/// `trailers`.
 pub fn remove_hop_by_hop_seen(headers: &mut HeaderMap, keep_upgrade: bool, seen: Seen) {
     if !seen.has(HOP_BY_HOP) && !keep_upgrade {
         return;
@@ -211,22 +216,8 @@ pub fn remove_hop_by_hop_seen(headers: &mut HeaderMap, keep_upgrade: bool, seen:
                 }
             }
         }
-        headers.remove(header::CONNECTION);
     }
-    if seen.has(SEEN_KEEP_ALIVE) {
-        headers.remove(KEEP_ALIVE);
-    }
-    if seen.has(SEEN_PROXY_CONNECTION) {
-        headers.remove(PROXY_CONNECTION);
-    }
-    if seen.has(SEEN_TRANSFER_ENCODING) {
-        headers.remove(header::TRANSFER_ENCODING);
-    }
-    if keep_upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else if seen.has(SEEN_UPGRADE) {
-        headers.remove(header::UPGRADE);
-    }
+    remove_response_hop_by_hop(headers, keep_upgrade, seen);
     if seen.has(SEEN_TE) {
         let te_trailers = headers
             .get_all(header::TE)

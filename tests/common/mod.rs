@@ -40,6 +40,19 @@ pub async fn within<F: Future>(what: &str, fut: F) -> F::Output {
     within_for(TIMEOUT, what, fut).await
 }
 
+/// Reads what the proxy sends a raw upstream up to the end of its request head.
+pub async fn read_request_head(c: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = within("the request head", c.read(&mut buf)).await.unwrap();
+        assert!(n > 0, "the proxy closed before its request head");
+        head.extend_from_slice(&buf[..n]);
+    }
+    head
+}
+
 pub async fn within_for<F: Future>(limit: Duration, what: &str, fut: F) -> F::Output {
     match tokio::time::timeout(limit, fut).await {
         Ok(v) => v,
