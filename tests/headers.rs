@@ -319,3 +319,72 @@ async fn server_header_follows_the_transformation() {
         }
     }
 }
+
+/// The router sets `x-envoy-expected-rq-timeout-ms` upstream and `x-envoy-upstream-service-time`
+/// downstream: one value each, its own, whatever the client or the upstream brought, over
+/// HTTP/1.1 and h2c; a route's `response_headers_to_remove` still takes the service time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_headers_replace_earlier_ones() {
+    let up = Upstream::start_with(
+        "up",
+        Reply::Full {
+            status: 200,
+            headers: vec![("x-envoy-upstream-service-time".into(), "999999".into())],
+            body: Bytes::new(),
+        },
+    )
+    .await;
+    // Sends no service time of its own.
+    let plain = Upstream::start("plain").await;
+    // With no access log the HTTP/1.1 codecs write these headers themselves; with one, the
+    // headers are in the maps the log reads.
+    for logged in [false, true] {
+        let mut config = Config::new()
+            .routes(json!([
+                {"match": {"prefix": "/removed"}, "route": {"cluster": "plain", "timeout": "5s"},
+                 "response_headers_to_remove": ["x-envoy-upstream-service-time"]},
+                {"match": {"prefix": "/"}, "route": {"cluster": "up", "timeout": "5s"}}
+            ]))
+            .cluster("up", &[up.addr])
+            .cluster("plain", &[plain.addr]);
+        if !logged {
+            config = config.access_logs(Vec::new());
+        }
+        let strait = config.start().await;
+        router_headers_replace_earlier_ones_on(&up, &strait, logged).await;
+    }
+}
+
+async fn router_headers_replace_earlier_ones_on(
+    up: &Upstream,
+    strait: &common::Strait,
+    logged: bool,
+) {
+    for (proto, client) in [("HTTP/1.1", Client::http1()), ("h2c", Client::h2c())] {
+        let proto = format!("{proto}, logged: {logged}");
+        let r = client
+            .get_with(&strait.url("/"), &[("x-envoy-expected-rq-timeout-ms", "1")])
+            .await;
+        assert_eq!(r.status, 200, "{proto}");
+        assert_eq!(
+            values(&up.last_seen(), "x-envoy-expected-rq-timeout-ms"),
+            ["5000"],
+            "{proto}"
+        );
+        let ust: Vec<&str> = r
+            .headers
+            .get_all("x-envoy-upstream-service-time")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        assert_eq!(ust.len(), 1, "{proto}: {ust:?}");
+        assert!(
+            ust[0].parse::<u64>().is_ok_and(|ms| ms < 5000),
+            "{proto}: the upstream's own value is replaced: {ust:?}"
+        );
+
+        let r = client.get(&strait.url("/removed")).await;
+        assert_eq!(r.upstream(), Some("plain"), "{proto}");
+        assert_eq!(r.header("x-envoy-upstream-service-time"), None, "{proto}");
+    }
+}

@@ -686,7 +686,7 @@ pub async fn serve(mut stream: TcpStream, cx: Arc<ConnCtx>) {
             // Boxed in place, as on HTTP/2: the ~3 KB request future moves as a pointer.
             let svc = move |req, seen| {
                 Box::into_pin(crate::boxed(|| {
-                    forward::handle_seen(req, seen, svc_cx.clone())
+                    forward::handle_seen(req, seen, svc_cx.clone(), true)
                 }))
             };
             let conn = crate::h1server::Server::new(io, max_buf, svc, hyper_conn);

@@ -220,10 +220,22 @@ struct State<C: Pooled> {
 
 /// Starts an exchange on `conn`; `upgrade`: the request asks for a protocol upgrade.
 pub fn send<C: Pooled>(
+    conn: C,
+    req: Request<ProxyBody>,
+    upgrade: bool,
+    idle: Option<Duration>,
+) -> Exchange<C> {
+    send_with(conn, req, upgrade, idle, None)
+}
+
+/// [`send`], with the router's `x-envoy-expected-rq-timeout-ms` written after the request's
+/// own headers, as the router would have appended it to them.
+pub fn send_with<C: Pooled>(
     mut conn: C,
     req: Request<ProxyBody>,
     upgrade: bool,
     idle: Option<Duration>,
+    expected_timeout_ms: Option<u64>,
 ) -> Exchange<C> {
     let (parts, body) = req.into_parts();
     let http::request::Parts {
@@ -248,6 +260,11 @@ pub fn send<C: Pooled>(
         w.put_slice(name.as_str().as_bytes());
         w.put_slice(b": ");
         w.put_slice(value.as_bytes());
+        w.put_slice(b"\r\n");
+    }
+    if let Some(ms) = expected_timeout_ms {
+        w.put_slice(b"x-envoy-expected-rq-timeout-ms: ");
+        w.put_slice(itoa::Buffer::new().format(ms).as_bytes());
         w.put_slice(b"\r\n");
     }
     w.put_slice(b"\r\n");

@@ -47,6 +47,8 @@ const SEEN_XFP: u16 = 128;
 const SEEN_REQUEST_ID: u16 = 256;
 const SEEN_EXPECT: u16 = 512;
 const SEEN_IMMEDIATE_HC_FAIL: u16 = 1024;
+const SEEN_EXPECTED_RQ_TIMEOUT: u16 = 2048;
+const SEEN_UPSTREAM_SERVICE_TIME: u16 = 4096;
 const HOP_BY_HOP: u16 = SEEN_CONNECTION
     | SEEN_KEEP_ALIVE
     | SEEN_PROXY_CONNECTION
@@ -101,6 +103,8 @@ impl Seen {
             "x-request-id" => SEEN_REQUEST_ID,
             "expect" => SEEN_EXPECT,
             "x-envoy-immediate-health-check-fail" => SEEN_IMMEDIATE_HC_FAIL,
+            "x-envoy-expected-rq-timeout-ms" => SEEN_EXPECTED_RQ_TIMEOUT,
+            "x-envoy-upstream-service-time" => SEEN_UPSTREAM_SERVICE_TIME,
             _ => 0,
         }
     }
@@ -122,6 +126,16 @@ impl Seen {
     /// `Expect` is present.
     pub fn expect(self) -> bool {
         self.has(SEEN_EXPECT)
+    }
+
+    /// `x-envoy-expected-rq-timeout-ms` is present.
+    pub fn expected_rq_timeout(self) -> bool {
+        self.has(SEEN_EXPECTED_RQ_TIMEOUT)
+    }
+
+    /// `x-envoy-upstream-service-time` is present (in an upstream response).
+    pub fn upstream_service_time(self) -> bool {
+        self.has(SEEN_UPSTREAM_SERVICE_TIME)
     }
 }
 
