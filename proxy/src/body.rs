@@ -92,28 +92,39 @@ pub fn empty() -> ProxyBody {
 /// One waiter (the stream's timer) is woken when it is set.
 #[derive(Debug, Default)]
 pub struct EndSignal {
+    /// The end of a request that had ended when its stream began (no body): a plain field,
+    /// as setting a `OnceLock` costs ~160 instructions.
+    at_start: Option<Instant>,
     when: OnceLock<Instant>,
     waker: AtomicWaker,
 }
 
 impl EndSignal {
+    /// A request whose end is its stream's start, `t`.
+    fn ended(t: Instant) -> EndSignal {
+        EndSignal {
+            at_start: Some(t),
+            ..EndSignal::default()
+        }
+    }
+
     pub fn set(&self) {
         self.set_at(Instant::now());
     }
 
     fn set_at(&self, t: Instant) {
-        if self.when.set(t).is_ok() {
+        if self.at_start.is_none() && self.when.set(t).is_ok() {
             self.waker.wake();
         }
     }
 
     /// When the request ended, if it has.
     pub fn when(&self) -> Option<Instant> {
-        self.when.get().copied()
+        self.at_start.or_else(|| self.when.get().copied())
     }
 
     pub fn is_set(&self) -> bool {
-        self.when.get().is_some()
+        self.when().is_some()
     }
 
     /// When the request ended; otherwise wakes `cx` once it does.
@@ -184,11 +195,12 @@ impl RequestSource {
         start: Instant,
     ) -> RequestSource {
         let src = src.into();
-        let end = EndSignal::default();
         let eos = src.is_end_stream();
-        if eos {
-            end.set_at(start);
-        }
+        let end = if eos {
+            EndSignal::ended(start)
+        } else {
+            EndSignal::default()
+        };
         let exact_len = src.size_hint().exact();
         RequestSource {
             inner: Arc::new(SourceInner {
@@ -914,5 +926,15 @@ mod tests {
         assert_eq!(s.when(), Some(when));
         s.set();
         assert_eq!(s.when(), Some(when), "the first end is kept");
+
+        let start = Instant::now() - Duration::from_secs(1);
+        let s = EndSignal::ended(start);
+        assert!(s.is_set());
+        s.set();
+        assert_eq!(
+            s.when(),
+            Some(start),
+            "a request without a body ended at its start"
+        );
     }
 }

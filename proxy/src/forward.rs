@@ -1139,19 +1139,15 @@ async fn route(
     let in_map = fin.logging()
         || seen.expected_rq_timeout()
         || !hcm.filter_chain.is_empty()
-        || [
+        || any_level(
             wc_headers,
-            Some(&route.headers),
-            Some(&vhost.headers),
-            Some(&rc.headers),
-        ]
-        .into_iter()
-        .flatten()
-        .any(|m| {
-            m.request_headers_to_add
-                .iter()
-                .any(|a| a.name == headers::X_ENVOY_EXPECTED_RQ_TIMEOUT_MS)
-        });
+            [&route.headers, &vhost.headers, &rc.headers],
+            |m| {
+                m.request_headers_to_add
+                    .iter()
+                    .any(|a| a.name == headers::X_ENVOY_EXPECTED_RQ_TIMEOUT_MS)
+            },
+        );
     if in_map {
         if let Some(ms) = expected_timeout_ms.take() {
             parts.headers.insert(
@@ -1367,18 +1363,14 @@ async fn route(
                     || seen.upstream_service_time()
                     || fin.logging()
                     || !hcm.filter_chain.is_empty()
-                    || [
+                    || any_level(
                         wc_headers,
-                        Some(&route.headers),
-                        Some(&vhost.headers),
-                        Some(&rc.headers),
-                    ]
-                    .into_iter()
-                    .flatten()
-                    .any(|m| {
-                        !m.response_headers_to_add.is_empty()
-                            || !m.response_headers_to_remove.is_empty()
-                    });
+                        [&route.headers, &vhost.headers, &rc.headers],
+                        |m| {
+                            !m.response_headers_to_add.is_empty()
+                                || !m.response_headers_to_remove.is_empty()
+                        },
+                    );
                 if in_map {
                     head.headers.insert(
                         headers::X_ENVOY_UPSTREAM_SERVICE_TIME,
@@ -1402,6 +1394,18 @@ async fn route(
             (Response::from_parts(head, inner), true, tunnel)
         }
     }
+}
+
+/// Whether `f` holds for a level of the request's header mutations: the weighted cluster's,
+/// the route's, the virtual host's, the route configuration's. (A plain loop: an iterator
+/// flattening the optional level cost ~45 instructions a call.)
+#[inline]
+fn any_level(
+    weighted: Option<&model::HeaderMutations>,
+    levels: [&model::HeaderMutations; 3],
+    f: impl Fn(&model::HeaderMutations) -> bool,
+) -> bool {
+    weighted.is_some_and(&f) || f(levels[0]) || f(levels[1]) || f(levels[2])
 }
 
 // === Attempts and retries ===

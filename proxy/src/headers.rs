@@ -354,9 +354,9 @@ pub fn request_id_seen(headers: &mut HeaderMap, generate: bool, edge_external: b
     if seen.has(SEEN_REQUEST_ID) && !edge_external && headers.contains_key(&X_REQUEST_ID) {
         return;
     }
-    if let Ok(v) = HeaderValue::from_bytes(&uuid_v4_bytes()) {
-        headers.insert(X_REQUEST_ID, v);
-    }
+    // Hex digits and `-`: a valid value without checking each byte again (~110 instructions).
+    let v = crate::h1client::parsed_value(bytes::Bytes::copy_from_slice(&uuid_v4_bytes()));
+    headers.insert(X_REQUEST_ID, v);
 }
 
 /// A random UUID version 4 in its canonical text form.
