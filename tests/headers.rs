@@ -388,3 +388,49 @@ async fn router_headers_replace_earlier_ones_on(
         assert_eq!(r.header("x-envoy-upstream-service-time"), None, "{proto}");
     }
 }
+
+/// Envoy times `x-envoy-upstream-service-time` from the end of the downstream request, so a
+/// response that arrives while the client is still sending its body has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_service_time_on_a_response_before_the_request_ends() {
+    use futures_util::StreamExt;
+    use http_body_util::{BodyExt, StreamBody};
+
+    // Answers without reading the request body.
+    let up = Upstream::start_with("up", Reply::Status(200)).await;
+    for logged in [false, true] {
+        let mut config = Config::new()
+            .routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "up"}}]))
+            .cluster("up", &[up.addr]);
+        if !logged {
+            config = config.access_logs(Vec::new());
+        }
+        let strait = config.start().await;
+        // One chunk, then a body that never ends.
+        let chunk: Result<hyper::body::Frame<Bytes>, common::BoxError> =
+            Ok(hyper::body::Frame::data(Bytes::from_static(b"partial")));
+        let body = BodyExt::boxed(StreamBody::new(
+            futures_util::stream::iter([chunk]).chain(futures_util::stream::pending()),
+        ));
+        let r = Client::http1()
+            .send_streaming(common::req(
+                http::Method::POST,
+                &strait.url("/upload"),
+                &[],
+                body,
+            ))
+            .await;
+        assert_eq!(r.status(), 200, "logged: {logged}");
+        assert_eq!(
+            r.headers().get("x-envoy-upstream-service-time"),
+            None,
+            "logged: {logged}"
+        );
+        // A whole request gets one.
+        let r = Client::http1().post(&strait.url("/upload"), "whole").await;
+        assert!(
+            r.header("x-envoy-upstream-service-time").is_some(),
+            "logged: {logged}"
+        );
+    }
+}

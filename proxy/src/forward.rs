@@ -78,7 +78,8 @@ struct Finisher {
     source: Option<RequestSource>,
     /// Route, request and stream idle timeouts, while they apply.
     timer: StreamTimer,
-    response_duration: Option<Duration>,
+    /// When the response's headers arrived.
+    response_at: Option<Instant>,
     upstream_host: Option<Arc<Host>>,
     cluster: Option<Arc<ClusterState>>,
     transport_failure: Option<String>,
@@ -151,7 +152,7 @@ impl Finisher {
             details: Cow::Borrowed(""),
             source: None,
             timer: StreamTimer::default(),
-            response_duration: None,
+            response_at: None,
             upstream_host: None,
             cluster: None,
             transport_failure: None,
@@ -275,7 +276,9 @@ impl Finisher {
                 .as_ref()
                 .and_then(|s| s.end().when())
                 .map(|t| t.saturating_duration_since(self.start)),
-            response_duration: self.response_duration,
+            response_duration: self
+                .response_at
+                .map(|t| t.saturating_duration_since(self.start)),
             upstream_host: self.upstream_host.as_ref().map(|h| h.address),
             upstream_cluster: self.cluster.as_ref().map(|c| c.name()),
             upstream_local_address: self.upstream_local,
@@ -1336,11 +1339,10 @@ async fn route(
                 mut resp,
                 lease,
                 rq,
-                started,
                 seen,
             } = *ok;
             let now = Instant::now();
-            fin.response_duration = Some(now.saturating_duration_since(fin.start));
+            fin.response_at = Some(now);
             fin.rq = Some(rq);
             fin.upstream_local = lease.local_addr();
             fin.lease = Some(lease);
@@ -1354,8 +1356,11 @@ async fn route(
             };
             let (mut head, incoming) = resp.into_parts();
             headers::remove_response_hop_by_hop(&mut head.headers, tunnel.is_some(), seen);
-            if envoy_headers {
-                let ms = now.saturating_duration_since(started).as_millis() as u64;
+            // Envoy's: from the end of the downstream request to the response's headers; none
+            // on a response that came before the request ended.
+            let request_end = source.end().when().filter(|_| envoy_headers);
+            if let Some(end) = request_end {
+                let ms = now.saturating_duration_since(end).as_millis() as u64;
                 // Left to the HTTP/1.1 codec (no insert, ~300 instructions) when nothing reads
                 // the response's headers before it and none could already hold this one.
                 let in_map = !extra_headers
@@ -1414,7 +1419,6 @@ struct Done {
     resp: Response<ProxyBody>,
     lease: Lease,
     rq: RqGuard,
-    started: Instant,
     /// The response's header names, scanned once (health-check header, hop-by-hop removal).
     seen: headers::Seen,
 }
@@ -1681,12 +1685,11 @@ impl Attempts<'_> {
             },
         };
         let result = match r {
-            Ok((resp, seen, lease, started)) => AttemptResult::Response(crate::boxed(|| Done {
+            Ok((resp, seen, lease)) => AttemptResult::Response(crate::boxed(|| Done {
                 seen,
                 resp,
                 lease,
                 rq,
-                started,
             })),
             Err(Some(reason)) => {
                 if !matches!(
@@ -1732,7 +1735,7 @@ impl Attempts<'_> {
         &mut self,
         host: &Arc<Host>,
         body: AttemptBody,
-    ) -> Result<(Response<ProxyBody>, headers::Seen, Lease, Instant), ResetReason> {
+    ) -> Result<(Response<ProxyBody>, headers::Seen, Lease), ResetReason> {
         let cluster = self.cluster;
         let conn = match host.pool.acquire_for(self.priority).await {
             Ok(c) => c,
@@ -1748,7 +1751,6 @@ impl Attempts<'_> {
         host.stats.rq_total.inc();
         cluster.info.stats.upstream_rq_total.inc();
         let req = self.upstream_request(host, body);
-        let started = Instant::now();
         let (sender, lease) = conn.into_sender();
         // The exchange awaited here, not through `Sender::send`: one state machine fewer per
         // request, the HTTP/1.1 and HTTP/2 exchanges sharing this future's space.
@@ -1773,7 +1775,7 @@ impl Attempts<'_> {
                 .map_err(SendError::H2),
         };
         match sent {
-            Ok((resp, seen)) => Ok((resp, seen, lease, started)),
+            Ok((resp, seen)) => Ok((resp, seen, lease)),
             Err(e) => {
                 tracing::debug!(upstream = %host.address, error = %e, "upstream request failed");
                 Err(reset_reason(&e))
