@@ -434,3 +434,58 @@ async fn no_service_time_on_a_response_before_the_request_ends() {
         );
     }
 }
+
+/// The upstream gets the client's `Host` as it was sent, and one `Host` line even when the
+/// client sent two (Envoy folds them into one value; Strait sends the first), with or without
+/// an access log, with or without a header mutation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_gets_one_host() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let up = Upstream::start("up").await;
+    for (logged, mutated) in [(false, false), (true, false), (false, true)] {
+        let mut route = json!({"match": {"prefix": "/"}, "route": {"cluster": "up"}});
+        if mutated {
+            route["request_headers_to_add"] = json!([{"header": {"key": "x-added", "value": "1"}}]);
+        }
+        let mut config = Config::new()
+            .routes(json!([route]))
+            .cluster("up", &[up.addr]);
+        if !logged {
+            config = config.access_logs(Vec::new());
+        }
+        let strait = config.start().await;
+        let what = format!("logged: {logged}, mutated: {mutated}");
+
+        let r = Client::http1()
+            .get_with(&strait.url("/"), &[("host", "svc.example:1234")])
+            .await;
+        assert_eq!(r.status, 200, "{what}");
+        assert_eq!(
+            values(&up.last_seen(), "host"),
+            ["svc.example:1234"],
+            "{what}"
+        );
+
+        let mut c = tokio::net::TcpStream::connect(strait.listener("ingress"))
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}"));
+        c.write_all(
+            b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("write: {e}"));
+        let mut answer = Vec::new();
+        common::within("the answer", c.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|e| panic!("read: {e}"));
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{what}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        let host = values(&up.last_seen(), "host");
+        assert_eq!(host.len(), 1, "{what}: {host:?}");
+        assert!(host[0].starts_with("a.example"), "{what}: {host:?}");
+    }
+}

@@ -1114,6 +1114,23 @@ async fn route(
         HostRewrite::Auto => Authority::Host,
         _ => Authority::Original(orig_authority),
     };
+    // The `Host` received is still in the map, as an HTTP/1.1 upstream gets it, when nothing
+    // between could change it: the attempts need not set it again (~170 instructions).
+    // (`h1server` hands a repeated `Host` to hyper, whose requests come with `extra_headers`
+    // false.)
+    let host_in_place = extra_headers
+        && matches!(&authority, Authority::Original(OrigAuthority::Host(h)) if h.to_str().is_ok())
+        && hcm.filter_chain.is_empty()
+        && !any_level(
+            wc_headers,
+            [&route.headers, &vhost.headers, &rc.headers],
+            |m| {
+                m.request_headers_to_add
+                    .iter()
+                    .any(|a| a.name == header::HOST)
+                    || m.request_headers_to_remove.contains(&header::HOST)
+            },
+        );
     match wc_headers {
         Some(w) => router::apply_request_headers(
             &mut parts.headers,
@@ -1224,6 +1241,7 @@ async fn route(
         hash,
         idle,
         expected_timeout_ms,
+        host_in_place,
     };
     let result = {
         let run = st.run();
@@ -1458,6 +1476,8 @@ struct Attempts<'a> {
     idle: Option<Duration>,
     /// `x-envoy-expected-rq-timeout-ms` not in `headers`: each attempt adds it after them.
     expected_timeout_ms: Option<u64>,
+    /// `headers` hold the upstream `Host` of an HTTP/1.1 attempt already.
+    host_in_place: bool,
 }
 
 /// The upstream cluster of a forwarding route, picked once per request when the route is
@@ -1848,8 +1868,10 @@ impl Attempts<'_> {
                     headers::int_value(ms),
                 );
             }
-        } else if let Some(v) = self.authority.header_value(host) {
-            h.insert(header::HOST, v);
+        } else if !self.host_in_place {
+            if let Some(v) = self.authority.header_value(host) {
+                h.insert(header::HOST, v);
+            }
         }
         req
     }

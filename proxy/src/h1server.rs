@@ -707,7 +707,12 @@ fn build_request(
             header::CONNECTION => keep_alive &= !has_token(&value, "close"),
             _ => {}
         }
-        headers.append(name, value);
+        let host = name == header::HOST;
+        // A repeated `Host`: hyper's (the proxy sends the first upstream); here the map holds
+        // at most one, which the proxy forwards as it is.
+        if headers.append(name, value) && host {
+            return None;
+        }
     }
     *req.method_mut() = method;
     *req.uri_mut() = uri;
