@@ -122,6 +122,9 @@ impl From<io::Error> for Error {
 /// Header lines a response carries beside its map, written after the map's: the router's own
 /// when nothing between it and this codec reads them (an insert costs ~300 instructions).
 pub trait ExtraHeaders {
+    /// A `server` value written in the place of the map's (or after the others if it has none).
+    fn server(&self) -> Option<&HeaderValue>;
+
     fn write_extra_headers(&self, dst: &mut Vec<u8>);
 }
 
@@ -504,6 +507,7 @@ where
             parts.version,
             parts.status,
             &parts.headers,
+            body.server(),
             |dst| body.write_extra_headers(dst),
             head_request,
             length,
@@ -819,6 +823,7 @@ fn encode_head(
     version: Version,
     status: StatusCode,
     headers: &HeaderMap,
+    server: Option<&HeaderValue>,
     extra: impl FnOnce(&mut Vec<u8>),
     head_request: bool,
     length: Option<Option<u64>>,
@@ -851,6 +856,7 @@ fn encode_head(
     let mut framing: Option<Framing> = None;
     let mut wrote_connection = false;
     let mut has_date = false;
+    let mut server_pending = server;
     let mut prev: Option<&HeaderName> = None;
     for (name, value) in headers {
         let continues = prev == Some(name);
@@ -920,6 +926,12 @@ fn encode_head(
                 }
                 write_joined(dst, "trailer: ", headers.get_all(name), b"");
             }
+            // Every line of the map's replaced by the one value, where the first was.
+            header::SERVER if server.is_some() => {
+                if let Some(v) = server_pending.take() {
+                    write_line(dst, "server: ", v);
+                }
+            }
             _ => {
                 has_date |= *name == header::DATE;
                 dst.extend_from_slice(name.as_str().as_bytes());
@@ -930,6 +942,9 @@ fn encode_head(
         }
     }
     extra(dst);
+    if let Some(v) = server_pending {
+        write_line(dst, "server: ", v);
+    }
     if !keep_alive && !wrote_connection {
         dst.extend_from_slice(b"connection: close\r\n");
     }
@@ -1088,6 +1103,7 @@ mod tests {
             Version::HTTP_11,
             status,
             &h,
+            None,
             |_| {},
             head_request,
             length,
@@ -1173,6 +1189,7 @@ mod tests {
             Version::HTTP_10,
             StatusCode::OK,
             &h,
+            None,
             |_| {},
             false,
             Some(None),
