@@ -103,13 +103,16 @@ fn main() -> ExitCode {
         WorkerModel::WorkStealing => None,
         // Not started for --mode validate: it serves nothing.
         WorkerModel::PerCore if cli.mode == Mode::Validate => None,
-        WorkerModel::PerCore => match Workers::start(concurrency) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::error!("cannot start the workers: {e}");
-                return ExitCode::FAILURE;
+        // Workers live as long as the process: they may keep freed blocks for reuse.
+        WorkerModel::PerCore => {
+            match Workers::start(concurrency, alloc::keep_freed_blocks_on_this_thread) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::error!("cannot start the workers: {e}");
+                    return ExitCode::FAILURE;
+                }
             }
-        },
+        }
     };
     let built = match cli.worker_model {
         WorkerModel::WorkStealing => tokio::runtime::Builder::new_multi_thread()

@@ -135,8 +135,9 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Starts `n` (at least 1) worker threads, each running its own current-thread runtime.
-    pub fn start(n: usize) -> std::io::Result<Arc<Workers>> {
+    /// Starts `n` (at least 1) worker threads, each running its own current-thread runtime;
+    /// each first runs `on_start` (the binary's allocator set-up for its workers).
+    pub fn start(n: usize, on_start: fn()) -> std::io::Result<Arc<Workers>> {
         crate::pool::set_workers(n);
         let (stop, _) = watch::channel(false);
         let mut handles = Vec::new();
@@ -150,6 +151,7 @@ impl Workers {
             let thread = std::thread::Builder::new()
                 .name(format!("strait-worker-{i}"))
                 .spawn(move || {
+                    on_start();
                     crate::pool::set_worker(i);
                     rt.block_on(async move {
                         let _ = stop_rx.wait_for(|s| *s).await;
