@@ -525,3 +525,117 @@ async fn the_upstream_gets_one_host() {
         assert!(host[0].starts_with("a.example"), "{what}: {host:?}");
     }
 }
+
+/// The connection manager's `x-forwarded-proto` and `x-request-id` reach the upstream whatever
+/// reads them on the way, without an access log (then Strait's HTTP/1.1 client writes them
+/// itself unless something reads them): a route matching on one, a `cluster_header` naming one,
+/// a route's header mutation, an HTTP/2 upstream, a retry (the same id on both attempts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_manager_headers_reach_every_reader() {
+    let up = Upstream::start("up").await;
+    let h2 = Upstream::start("h2").await;
+    let by_proto = Upstream::start("http").await;
+    let flaky = Upstream::start("flaky").await;
+    let uuid =
+        regex::Regex::new("^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+            .unwrap_or_else(|e| panic!("{e}"));
+    for matches_on_headers in [false, true] {
+        let mut routes = vec![
+            json!({"match": {"prefix": "/cluster-header"},
+                   "route": {"cluster_header": "x-forwarded-proto"}}),
+            json!({"match": {"prefix": "/mutated"}, "route": {"cluster": "up"},
+                   "request_headers_to_add": [{
+                       "header": {"key": "x-request-id", "value": "replaced"},
+                       "append_action": "OVERWRITE_IF_EXISTS"}]}),
+            json!({"match": {"prefix": "/h2"}, "route": {"cluster": "h2"}}),
+            json!({"match": {"prefix": "/retried"},
+                   "route": {"cluster": "flaky",
+                             "retry_policy": {"retry_on": "5xx", "num_retries": 1}}}),
+            json!({"match": {"prefix": "/"}, "route": {"cluster": "up"}}),
+        ];
+        if matches_on_headers {
+            // Matched only while the request holds the connection manager's header.
+            routes.insert(
+                0,
+                json!({"match": {"prefix": "/matched",
+                                 "headers": [{"name": "x-forwarded-proto",
+                                              "string_match": {"exact": "http"}}]},
+                       "route": {"cluster": "http"}}),
+            );
+        }
+        let strait = Config::new()
+            .routes(json!(routes))
+            .cluster("up", &[up.addr])
+            .cluster_h2("h2", &[h2.addr])
+            .cluster("http", &[by_proto.addr])
+            .cluster("flaky", &[flaky.addr])
+            .access_logs(Vec::new())
+            .start()
+            .await;
+        let client = Client::http1();
+        let what = format!("matches_on_headers: {matches_on_headers}");
+        let check = |seen: &common::Seen, path: &str| {
+            assert_eq!(values(seen, "x-forwarded-proto"), ["http"], "{what} {path}");
+            let id = values(seen, "x-request-id");
+            assert!(
+                id.len() == 1 && uuid.is_match(&id[0]),
+                "{what} {path}: {id:?}"
+            );
+            id[0].clone()
+        };
+
+        let r = client.get(&strait.url("/plain")).await;
+        assert_eq!(r.upstream(), Some("up"), "{what}");
+        let first = check(&up.last_seen(), "/plain");
+        client.get(&strait.url("/plain")).await;
+        assert_ne!(
+            check(&up.last_seen(), "/plain"),
+            first,
+            "{what}: a fresh id"
+        );
+        client
+            .get_with(&strait.url("/plain"), &[("x-request-id", "mine")])
+            .await;
+        assert_eq!(values(&up.last_seen(), "x-request-id"), ["mine"], "{what}");
+
+        let r = client.get(&strait.url("/cluster-header")).await;
+        assert_eq!(
+            r.upstream(),
+            Some("http"),
+            "{what}: picked by x-forwarded-proto"
+        );
+        check(&by_proto.last_seen(), "/cluster-header");
+
+        client.get(&strait.url("/mutated")).await;
+        assert_eq!(
+            values(&up.last_seen(), "x-request-id"),
+            ["replaced"],
+            "{what}: the mutation sees the generated id"
+        );
+
+        let r = client.get(&strait.url("/h2")).await;
+        assert_eq!(r.upstream(), Some("h2"), "{what}");
+        check(&h2.last_seen(), "/h2");
+
+        flaky.script([Reply::Status(503)]);
+        let before = flaky.seen().len();
+        let r = client.get(&strait.url("/retried")).await;
+        assert_eq!(r.status, 200, "{what}: retried");
+        let seen = flaky.seen();
+        assert_eq!(seen.len(), before + 2, "{what}");
+        let ids: Vec<String> = seen[before..]
+            .iter()
+            .map(|s| check(s, "/retried"))
+            .collect();
+        assert_eq!(ids[0], ids[1], "{what}: one id for both attempts");
+
+        if matches_on_headers {
+            let r = client.get(&strait.url("/matched")).await;
+            assert_eq!(
+                r.upstream(),
+                Some("http"),
+                "{what}: matched on x-forwarded-proto"
+            );
+        }
+    }
+}

@@ -952,12 +952,21 @@ async fn route(
     let orig_authority = OrigAuthority::of(&parts);
 
     headers::remove_hop_by_hop_seen(&mut parts.headers, upgrade.is_some(), seen);
+    let rc = hcm.route_config.clone();
+    // The connection manager's `x-forwarded-proto` and `x-request-id` (and the router's
+    // expected timeout) stay out of the map while nothing reads it: the HTTP/1.1 client codec
+    // writes them (~230 instructions an insert). Filters, the access log and route matching on
+    // headers read it from the start; a route that reads or changes it gets them put in first.
+    let mut appended = headers::Appended::default();
+    let defer =
+        extra_headers && !fin.logging() && hcm.filter_chain.is_empty() && !rc.matches_on_headers();
     fin.client = headers::forwarded_seen(
         &mut parts.headers,
         cx.peer,
         hcm.use_remote_address,
         hcm.xff_num_trusted_hops,
         seen,
+        defer.then_some(&mut appended),
     );
     // Envoy (proxy_100_continue: false) answers `Expect: 100-continue` itself and strips it;
     // hyper sends the 100 once the upstream attempt starts reading the body.
@@ -975,13 +984,26 @@ async fn route(
         hcm.generate_request_id,
         edge_external,
         seen,
+        defer.then_some(&mut appended),
     );
 
-    let rc = hcm.route_config.clone();
     let selected = match router::select(&rc, &parts) {
         Selected::Route { vhost, route } => Some((vhost, route)),
         Selected::NoVirtualHost | Selected::NoRoute => None,
     };
+    if defer {
+        // Only a plain forward keeps them out: a `cluster_header`, a hash policy, or any other
+        // action may read them.
+        let plain = selected.is_some_and(|(_, route)| match &route.action {
+            RouteAction::Forward(a) => {
+                !matches!(a.cluster, ClusterSpecifier::Header(_)) && a.hash_policy.is_empty()
+            }
+            _ => false,
+        });
+        if !plain {
+            appended.insert_hcm(&mut parts.headers);
+        }
+    }
     if let (Some((_, route)), true) = (selected, fin.logging()) {
         fin.route_name = route.name.clone();
     }
@@ -1113,6 +1135,17 @@ async fn route(
         route,
         parts.uri.path_and_query().map_or("/", |pq| pq.as_str()),
     );
+    // Header mutations may read or change them, and the router's headers follow them.
+    if (appended.forwarded_proto || appended.request_id.is_some())
+        && (rewritten.is_some()
+            || any_level(
+                wc_headers,
+                [&route.headers, &vhost.headers, &rc.headers],
+                |m| !m.request_headers_to_add.is_empty() || !m.request_headers_to_remove.is_empty(),
+            ))
+    {
+        appended.insert_hcm(&mut parts.headers);
+    }
     // The router's own `x-envoy-*` headers go only without `suppress_envoy_headers`.
     let envoy_headers = !hcm.suppress_envoy_headers;
     if let Some(new_pq) = rewritten {
@@ -1167,7 +1200,7 @@ async fn route(
     // `x-envoy-expected-rq-timeout-ms` is the last header the router sets: the HTTP/1.1 codec
     // writes it after the map's (no insert, ~300 instructions) when the map cannot hold one
     // already and the access log does not want the headers as sent.
-    let mut expected_timeout_ms = expected_timeout
+    appended.expected_timeout_ms = expected_timeout
         .filter(|_| envoy_headers)
         .map(|t| t.as_millis() as u64);
     let in_map = fin.logging()
@@ -1183,7 +1216,7 @@ async fn route(
             },
         );
     if in_map {
-        if let Some(ms) = expected_timeout_ms.take() {
+        if let Some(ms) = appended.expected_timeout_ms.take() {
             parts.headers.insert(
                 headers::X_ENVOY_EXPECTED_RQ_TIMEOUT_MS,
                 headers::int_value(ms),
@@ -1254,7 +1287,7 @@ async fn route(
         attempted: Vec::new(),
         hash,
         idle,
-        expected_timeout_ms,
+        appended,
         host_in_place,
     };
     let result = {
@@ -1488,8 +1521,8 @@ struct Attempts<'a> {
     hash: Option<u64>,
     /// The stream idle timeout (route `idle_timeout`, else the HCM's).
     idle: Option<Duration>,
-    /// `x-envoy-expected-rq-timeout-ms` not in `headers`: each attempt adds it after them.
-    expected_timeout_ms: Option<u64>,
+    /// Headers not in `headers` that each attempt adds after them.
+    appended: headers::Appended,
     /// `headers` hold the upstream `Host` of an HTTP/1.1 attempt already.
     host_in_place: bool,
 }
@@ -1790,14 +1823,7 @@ impl Attempts<'_> {
         // request, the HTTP/1.1 and HTTP/2 exchanges sharing this future's space.
         let sent = match sender {
             Sender::H1(c) => {
-                crate::h1client::send_with(
-                    c,
-                    req,
-                    self.upgrade,
-                    self.idle,
-                    self.expected_timeout_ms,
-                )
-                .await
+                crate::h1client::send_with(c, req, self.upgrade, self.idle, &self.appended).await
             }
             .map_err(SendError::H1),
             Sender::H2(s) => crate::h2client::send(s, req)
@@ -1876,12 +1902,8 @@ impl Attempts<'_> {
             h.remove(header::HOST);
             h.remove(header::CONNECTION);
             h.remove(header::UPGRADE);
-            if let Some(ms) = self.expected_timeout_ms {
-                h.insert(
-                    headers::X_ENVOY_EXPECTED_RQ_TIMEOUT_MS,
-                    headers::int_value(ms),
-                );
-            }
+            let mut appended = self.appended;
+            appended.insert_all(h);
         } else if !self.host_in_place {
             if let Some(v) = self.authority.header_value(host) {
                 h.insert(header::HOST, v);

@@ -225,17 +225,22 @@ pub fn send<C: Pooled>(
     upgrade: bool,
     idle: Option<Duration>,
 ) -> Exchange<C> {
-    send_with(conn, req, upgrade, idle, None)
+    send_with(
+        conn,
+        req,
+        upgrade,
+        idle,
+        &crate::headers::Appended::default(),
+    )
 }
 
-/// [`send`], with the router's `x-envoy-expected-rq-timeout-ms` written after the request's
-/// own headers, as the router would have appended it to them.
+/// [`send`], with `appended` written after the request's own headers.
 pub fn send_with<C: Pooled>(
     mut conn: C,
     req: Request<ProxyBody>,
     upgrade: bool,
     idle: Option<Duration>,
-    expected_timeout_ms: Option<u64>,
+    appended: &crate::headers::Appended,
 ) -> Exchange<C> {
     let (parts, body) = req.into_parts();
     let http::request::Parts {
@@ -262,11 +267,7 @@ pub fn send_with<C: Pooled>(
         w.put_slice(value.as_bytes());
         w.put_slice(b"\r\n");
     }
-    if let Some(ms) = expected_timeout_ms {
-        w.put_slice(b"x-envoy-expected-rq-timeout-ms: ");
-        w.put_slice(itoa::Buffer::new().format(ms).as_bytes());
-        w.put_slice(b"\r\n");
-    }
+    appended.write(w);
     w.put_slice(b"\r\n");
     if recyclable(&headers) {
         headers.clear();

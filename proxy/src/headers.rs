@@ -269,20 +269,28 @@ pub fn forwarded(
         use_remote_address,
         xff_num_trusted_hops,
         seen,
+        None,
     )
 }
 
-/// [`forwarded`] with the names already scanned.
+/// [`forwarded`] with the names already scanned; an `x-forwarded-proto` added to a request
+/// that had none goes to `appended` when given.
 pub fn forwarded_seen(
     headers: &mut HeaderMap,
     peer: SocketAddr,
     use_remote_address: bool,
     xff_num_trusted_hops: u32,
     seen: Seen,
+    appended: Option<&mut Appended>,
 ) -> SocketAddr {
     if !seen.has(SEEN_XFF) && !use_remote_address {
         if !seen.has(SEEN_XFP) {
-            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+            match appended {
+                Some(a) => a.forwarded_proto = true,
+                None => {
+                    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+                }
+            }
         }
         return peer;
     }
@@ -343,20 +351,87 @@ pub fn is_internal(ip: IpAddr) -> bool {
 /// Envoy replaces unless `preserve_external_request_id`, default false).
 pub fn request_id(headers: &mut HeaderMap, generate: bool, edge_external: bool) {
     let seen = Seen::of(headers);
-    request_id_seen(headers, generate, edge_external, seen);
+    request_id_seen(headers, generate, edge_external, seen, None);
 }
 
-/// [`request_id`] with the names already scanned.
-pub fn request_id_seen(headers: &mut HeaderMap, generate: bool, edge_external: bool, seen: Seen) {
+/// [`request_id`] with the names already scanned; an id for a request that had none goes to
+/// `appended` when given.
+pub fn request_id_seen(
+    headers: &mut HeaderMap,
+    generate: bool,
+    edge_external: bool,
+    seen: Seen,
+    appended: Option<&mut Appended>,
+) {
     if !generate {
         return;
     }
-    if seen.has(SEEN_REQUEST_ID) && !edge_external && headers.contains_key(&X_REQUEST_ID) {
+    if !seen.has(SEEN_REQUEST_ID) {
+        if let Some(a) = appended {
+            a.request_id = Some(uuid_v4_bytes());
+            return;
+        }
+    } else if !edge_external && headers.contains_key(&X_REQUEST_ID) {
         return;
     }
-    // Hex digits and `-`: a valid value without checking each byte again (~110 instructions).
-    let v = crate::h1client::parsed_value(bytes::Bytes::copy_from_slice(&uuid_v4_bytes()));
-    headers.insert(X_REQUEST_ID, v);
+    headers.insert(X_REQUEST_ID, request_id_value(&uuid_v4_bytes()));
+}
+
+/// Hex digits and `-`: a valid value without checking each byte again (~110 instructions).
+fn request_id_value(id: &[u8; 36]) -> HeaderValue {
+    crate::h1client::parsed_value(bytes::Bytes::copy_from_slice(id))
+}
+
+/// Headers the proxy adds to a request, kept out of its map while nothing reads them (no
+/// filters, no access log, no route matching on headers or changing them): the HTTP/1.1
+/// client codec writes them after the map's, in the order Envoy adds them; anything else puts
+/// them in the map first.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Appended {
+    /// The connection manager's `x-forwarded-proto: http`.
+    pub forwarded_proto: bool,
+    /// The connection manager's generated `x-request-id`.
+    pub request_id: Option<[u8; 36]>,
+    /// The router's `x-envoy-expected-rq-timeout-ms`.
+    pub expected_timeout_ms: Option<u64>,
+}
+
+impl Appended {
+    /// Moves the connection manager's headers into `headers` (before anything reads them).
+    pub fn insert_hcm(&mut self, headers: &mut HeaderMap) {
+        if std::mem::take(&mut self.forwarded_proto) {
+            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        }
+        if let Some(id) = self.request_id.take() {
+            headers.insert(X_REQUEST_ID, request_id_value(&id));
+        }
+    }
+
+    /// Moves all of them into `headers`.
+    pub fn insert_all(&mut self, headers: &mut HeaderMap) {
+        self.insert_hcm(headers);
+        if let Some(ms) = self.expected_timeout_ms.take() {
+            headers.insert(X_ENVOY_EXPECTED_RQ_TIMEOUT_MS, int_value(ms));
+        }
+    }
+
+    /// Their lines, for a request head.
+    pub fn write(&self, w: &mut bytes::BytesMut) {
+        use bytes::BufMut;
+        if self.forwarded_proto {
+            w.put_slice(b"x-forwarded-proto: http\r\n");
+        }
+        if let Some(id) = &self.request_id {
+            w.put_slice(b"x-request-id: ");
+            w.put_slice(id);
+            w.put_slice(b"\r\n");
+        }
+        if let Some(ms) = self.expected_timeout_ms {
+            w.put_slice(b"x-envoy-expected-rq-timeout-ms: ");
+            w.put_slice(itoa::Buffer::new().format(ms).as_bytes());
+            w.put_slice(b"\r\n");
+        }
+    }
 }
 
 /// A random UUID version 4 in its canonical text form.

@@ -646,7 +646,7 @@ mod tests {
                     vec![Exact("www.example.com".into()), Exact("h:8080".into())],
                 ),
             ],
-            headers: HeaderMutations::default(),
+            ..Default::default()
         };
         let table = [
             ("www.example.com", "exact"),

@@ -118,7 +118,7 @@ fn bootstrap_with(
             headers: HeaderMutations::default(),
             retry_policy: None,
         }],
-        headers: HeaderMutations::default(),
+        ..Default::default()
     };
     let hcm = HttpConnectionManager {
         stat_prefix: "ingress".into(),

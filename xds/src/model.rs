@@ -260,6 +260,21 @@ pub struct RouteConfig {
     pub name: String,
     pub virtual_hosts: Vec<VirtualHost>,
     pub headers: HeaderMutations,
+    /// Derived on first use: see [`RouteConfig::matches_on_headers`].
+    pub header_matchers: std::sync::OnceLock<bool>,
+}
+
+impl RouteConfig {
+    /// Whether some route matches on request headers (then every header the connection
+    /// manager adds must be in the request before a route is picked).
+    pub fn matches_on_headers(&self) -> bool {
+        *self.header_matchers.get_or_init(|| {
+            self.virtual_hosts
+                .iter()
+                .flat_map(|vh| &vh.routes)
+                .any(|r| !r.matcher.headers.is_empty())
+        })
+    }
 }
 
 /// Request/response header additions and removals at one level (route config, vhost, route,

@@ -94,6 +94,7 @@ pub(crate) fn translate(
         name,
         virtual_hosts: vhosts,
         headers,
+        header_matchers: Default::default(),
     })
 }
 
