@@ -133,10 +133,12 @@ async fn high_priority_breakers_cover_connections_and_pending() {
     // 3: the HIGH pending breaker is full.
     let r = client.get(&strait.url("/high/3")).await;
     assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("x-envoy-overloaded"), Some("true"));
     strait.access_log("\"GET /high/3 HTTP/2\" 503 UO ", 1).await;
     // DEFAULT traffic has its own connections and breakers.
     let r = client.get(&strait.url("/default")).await;
     assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-envoy-overloaded"), None);
     assert_eq!(common::within("first", first).await.ok(), Some(200));
     assert_eq!(common::within("second", second).await.ok(), Some(200));
     assert_eq!(up.requests(), 3);

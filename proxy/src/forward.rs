@@ -41,6 +41,7 @@ use crate::stream_timer::{ConnTimers, Expired, StreamTimer};
 /// body the router keeps for retries; a larger body is not retried.
 pub const RETRY_BUFFER_LIMIT: usize = 1024 * 1024;
 const X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
+const X_ENVOY_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
 
 /// What a request needs to know about its connection.
 pub struct ConnCtx {
@@ -1362,13 +1363,18 @@ async fn route(
         ),
         AttemptResult::Reset(reason) => {
             let details = reason.details_with(fin.transport_failure.as_deref());
-            let resp = local(
+            let mut resp = local(
                 fin,
                 reason.status(),
                 reason.body(retried),
                 reason.flag(),
                 "",
             );
+            // Envoy's router marks a request a circuit breaker turned away.
+            if reason == ResetReason::Overflow && envoy_headers {
+                resp.headers_mut()
+                    .insert(X_ENVOY_OVERLOADED, HeaderValue::from_static("true"));
+            }
             fin.details = details;
             (resp, false, None)
         }
