@@ -104,3 +104,56 @@ async fn websocket_without_upgrade_config_is_403() {
     );
     server.abort();
 }
+
+/// An upgrade the upstream answers without switching (a 426 naming what it wants instead), as
+/// Envoy answers it: the response's `Connection` and `Upgrade` are not passed on, it carries no
+/// `x-envoy-upstream-service-time` (the request, whose upgraded bytes never came, has not
+/// ended), and the connection closes after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_answered_without_switching_closes_the_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = common::bind().await;
+    let addr = common::local_addr(&listener);
+    let upstream = tokio::spawn(async move {
+        let Ok((mut c, _)) = listener.accept().await else {
+            return;
+        };
+        let _ = common::read_request_head(&mut c).await;
+        let _ = c
+            .write_all(
+                b"HTTP/1.1 426 Upgrade Required\r\nconnection: upgrade\r\nupgrade: h2c\r\n\
+                  content-length: 4\r\n\r\nnope",
+            )
+            .await;
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest).await;
+    });
+    let strait = config(addr)
+        .hcm("upgrade_configs", json!([{"upgrade_type": "websocket"}]))
+        .start()
+        .await;
+    let mut c = common::connect(strait.listener("ingress"))
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    c.write_all(
+        b"GET /chat HTTP/1.1\r\nhost: ws.example\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+          sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap_or_else(|e| panic!("write: {e}"));
+    let mut answer = Vec::new();
+    common::within("the answer and the close", c.read_to_end(&mut answer))
+        .await
+        .unwrap_or_else(|e| panic!("read: {e}"));
+    let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    assert!(head.starts_with("http/1.1 426"), "{text}");
+    assert_eq!(body, "nope", "{text}");
+    let lines: Vec<&str> = head.lines().collect();
+    assert!(lines.contains(&"connection: close"), "{text}");
+    for gone in ["upgrade:", "x-envoy-upstream-service-time:"] {
+        assert!(!lines.iter().any(|l| l.starts_with(gone)), "{gone} {text}");
+    }
+    upstream.abort();
+}

@@ -768,6 +768,12 @@ pub async fn handle_seen(
         }
         ServerHeader::PassThrough => {}
     }
+    // An upgrade answered without switching: Envoy closes the connection after the answer (the
+    // request's upgraded bytes never came, so where the next request starts is unknown).
+    if down_upgrade.is_some() && tunnel.is_none() {
+        head.headers
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     fin.status = head.status.as_u16();
     hs.count_response(fin.status);
     if fin.logging() {
@@ -1429,7 +1435,11 @@ async fn route(
             headers::remove_response_hop_by_hop(&mut head.headers, tunnel.is_some(), seen);
             // Envoy's: from the end of the downstream request to the response's headers; none
             // on a response that came before the request ended.
-            let request_end = source.end().when().filter(|_| envoy_headers);
+            // (An upgrade request has not ended: its upgraded bytes follow, as in Envoy.)
+            let request_end = source
+                .end()
+                .when()
+                .filter(|_| envoy_headers && upgrade.is_none());
             if let Some(end) = request_end {
                 let ms = now.saturating_duration_since(end).as_millis() as u64;
                 // Left to the HTTP/1.1 codec (no insert, ~300 instructions) when nothing reads
