@@ -377,6 +377,7 @@ async fn router_headers_replace_earlier_ones() {
     for logged in [false, true] {
         let mut config = Config::new()
             .routes(json!([
+                {"match": {"prefix": "/plain"}, "route": {"cluster": "plain", "timeout": "5s"}},
                 {"match": {"prefix": "/removed"}, "route": {"cluster": "plain", "timeout": "5s"},
                  "response_headers_to_remove": ["x-envoy-upstream-service-time"]},
                 {"match": {"prefix": "/"}, "route": {"cluster": "up", "timeout": "5s"}}
@@ -417,6 +418,21 @@ async fn router_headers_replace_earlier_ones_on(
         assert!(
             ust[0].parse::<u64>().is_ok_and(|ms| ms < 5000),
             "{proto}: the upstream's own value is replaced: {ust:?}"
+        );
+
+        // An upstream without one: Strait's own, once (without an access log, the HTTP/1.1
+        // codec writes it).
+        let r = client.get(&strait.url("/plain")).await;
+        assert_eq!(r.upstream(), Some("plain"), "{proto}");
+        let ust: Vec<&str> = r
+            .headers
+            .get_all("x-envoy-upstream-service-time")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        assert!(
+            ust.len() == 1 && ust[0].parse::<u64>().is_ok_and(|ms| ms < 5000),
+            "{proto}: {ust:?}"
         );
 
         let r = client.get(&strait.url("/removed")).await;
@@ -462,8 +478,13 @@ async fn no_service_time_on_a_response_before_the_request_ends() {
             None,
             "logged: {logged}"
         );
-        // A whole request gets one.
+        // A whole request gets one, with a body or without (the HTTP/1.1 fast path).
         let r = Client::http1().post(&strait.url("/upload"), "whole").await;
+        assert!(
+            r.header("x-envoy-upstream-service-time").is_some(),
+            "logged: {logged}"
+        );
+        let r = Client::http1().get(&strait.url("/upload")).await;
         assert!(
             r.header("x-envoy-upstream-service-time").is_some(),
             "logged: {logged}"
@@ -523,6 +544,20 @@ async fn the_upstream_gets_one_host() {
         let host = values(&up.last_seen(), "host");
         assert_eq!(host.len(), 1, "{what}: {host:?}");
         assert!(host[0].starts_with("a.example"), "{what}: {host:?}");
+
+        // `Connection` naming `host`: the hop-by-hop removal takes the header; the upstream
+        // still gets the authority. (Envoy refuses such a request with a 400.)
+        let r = Client::http1()
+            .get_with(
+                &strait.url("/"),
+                &[("host", "c.example"), ("connection", "host")],
+            )
+            .await;
+        if r.status == 200 {
+            assert_eq!(values(&up.last_seen(), "host"), ["c.example"], "{what}");
+        } else {
+            assert_eq!(r.status, 400, "{what}");
+        }
     }
 }
 

@@ -1172,7 +1172,9 @@ async fn route(
     // between could change it: the attempts need not set it again (~170 instructions).
     // (`h1server` hands a repeated `Host` to hyper, whose requests come with `extra_headers`
     // false.)
+    // (A `Connection` header may have named `host`, which the hop-by-hop removal then took.)
     let host_in_place = extra_headers
+        && !seen.connection()
         && matches!(&authority, Authority::Original(OrigAuthority::Host(h)) if h.to_str().is_ok())
         && hcm.filter_chain.is_empty()
         && !any_level(
@@ -1204,7 +1206,8 @@ async fn route(
     let policy_cow = crate::retry::effective_policy(action.retry_policy.as_ref(), &parts.headers);
     let policy = policy_cow.as_deref();
     let expected_timeout = policy.and_then(|p| p.per_try_timeout).or(action.timeout);
-    // `x-envoy-expected-rq-timeout-ms` is the last header the router sets: the HTTP/1.1 codec
+    // `x-envoy-expected-rq-timeout-ms`, set after the route's header mutations (Envoy sets it
+    // before them, so a mutation removing or appending to it differs): the HTTP/1.1 codec
     // writes it after the map's (no insert, ~300 instructions) when the map cannot hold one
     // already and the access log does not want the headers as sent.
     appended.expected_timeout_ms = expected_timeout
@@ -1444,11 +1447,13 @@ async fn route(
                 let ms = now.saturating_duration_since(end).as_millis() as u64;
                 // Left to the HTTP/1.1 codec (no insert, ~300 instructions) when nothing reads
                 // the response's headers before it and none could already hold this one.
+                // (A `server` the connection manager may append goes after it, in the map.)
                 let in_map = !extra_headers
                     || tunnel.is_some()
                     || seen.upstream_service_time()
                     || fin.logging()
                     || !hcm.filter_chain.is_empty()
+                    || matches!(hcm.server_header, ServerHeader::AppendIfAbsent(_))
                     || any_level(
                         wc_headers,
                         [&route.headers, &vhost.headers, &rc.headers],
