@@ -157,3 +157,61 @@ async fn an_upgrade_answered_without_switching_closes_the_connection() {
     }
     upstream.abort();
 }
+
+/// An HTTP/1.1 request asking to upgrade to h2c (what `curl --http2` sends for an `http://`
+/// URL) is served as plain HTTP/1.1, as Envoy serves it: `Upgrade`, `HTTP2-Settings` and
+/// their `Connection` tokens are dropped, the connection stays open for the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_upgrade_request_is_served_as_http1() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let up = common::Upstream::start("up").await;
+    let strait = Config::new()
+        .routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "up"}}]))
+        .cluster("up", &[up.addr])
+        .start()
+        .await;
+    let mut c = common::connect(strait.listener("ingress"))
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    let request: &[u8] = b"GET /h2c HTTP/1.1\r\nhost: a.example\r\n\
+        connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\n\
+        http2-settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n";
+    for i in 0..2 {
+        c.write_all(request)
+            .await
+            .unwrap_or_else(|e| panic!("write: {e}"));
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The echo's body is JSON ending in `}`; its length is in the head.
+        loop {
+            let n = common::within("the answer", c.read(&mut buf))
+                .await
+                .unwrap_or_else(|e| panic!("read: {e}"));
+            assert!(
+                n > 0,
+                "request {i}: closed: {}",
+                String::from_utf8_lossy(&answer)
+            );
+            answer.extend_from_slice(&buf[..n]);
+            if answer.ends_with(b"}") {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+        assert!(text.starts_with("http/1.1 200"), "request {i}: {text}");
+        assert!(
+            !text.contains("\r\nconnection: close"),
+            "request {i}: {text}"
+        );
+        let seen = up.last_seen();
+        for gone in ["upgrade", "http2-settings", "connection"] {
+            assert!(
+                seen.headers.get(gone).is_none(),
+                "request {i}: {gone}: {:?}",
+                seen.headers
+            );
+        }
+        assert_eq!(seen.path, "/h2c");
+    }
+}

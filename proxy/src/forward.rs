@@ -709,8 +709,10 @@ pub async fn handle_seen(
         _ => hs.downstream_rq_http1_total.inc(),
     }
     // The names seen decide which lookups by name the request needs.
+    // Envoy ignores an h2c upgrade and serves the request as HTTP/1.1: its `Upgrade` and the
+    // headers its `Connection` names go as hop-by-hop headers.
     let upgrade = if req.version() == Version::HTTP_11 && seen.connection() {
-        headers::upgrade_type(req.headers())
+        headers::upgrade_type(req.headers()).filter(|t| t != "h2c")
     } else {
         None
     };
