@@ -378,6 +378,8 @@ async fn router_headers_replace_earlier_ones() {
         let mut config = Config::new()
             .routes(json!([
                 {"match": {"prefix": "/plain"}, "route": {"cluster": "plain", "timeout": "5s"}},
+                {"match": {"prefix": "/no-timeout"}, "route": {"cluster": "plain", "timeout": "5s"},
+                 "request_headers_to_remove": ["x-envoy-expected-rq-timeout-ms"]},
                 {"match": {"prefix": "/removed"}, "route": {"cluster": "plain", "timeout": "5s"},
                  "response_headers_to_remove": ["x-envoy-upstream-service-time"]},
                 {"match": {"prefix": "/"}, "route": {"cluster": "up", "timeout": "5s"}}
@@ -388,12 +390,13 @@ async fn router_headers_replace_earlier_ones() {
             config = config.access_logs(Vec::new());
         }
         let strait = config.start().await;
-        router_headers_replace_earlier_ones_on(&up, &strait, logged).await;
+        router_headers_replace_earlier_ones_on(&up, &plain, &strait, logged).await;
     }
 }
 
 async fn router_headers_replace_earlier_ones_on(
     up: &Upstream,
+    plain: &Upstream,
     strait: &common::Strait,
     logged: bool,
 ) {
@@ -433,6 +436,14 @@ async fn router_headers_replace_earlier_ones_on(
         assert!(
             ust.len() == 1 && ust[0].parse::<u64>().is_ok_and(|ms| ms < 5000),
             "{proto}: {ust:?}"
+        );
+
+        // The router sets it before the route's header mutations, which may remove it.
+        client.get(&strait.url("/no-timeout")).await;
+        assert_eq!(
+            values(&plain.last_seen(), "x-envoy-expected-rq-timeout-ms"),
+            Vec::<String>::new(),
+            "{proto}"
         );
 
         let r = client.get(&strait.url("/removed")).await;

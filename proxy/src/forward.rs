@@ -1189,6 +1189,33 @@ async fn route(
                     || m.request_headers_to_remove.contains(&header::HOST)
             },
         );
+    // `x-envoy-expected-rq-timeout-ms` (the route's per-try timeout, else its timeout), set
+    // before the route's header mutations, as Envoy's router sets it: then in the map, as it is
+    // whenever something reads the map or it may be there already. Otherwise the HTTP/1.1 codec
+    // writes it after the map's headers (no insert, ~300 instructions).
+    appended.expected_timeout_ms = action
+        .retry_policy
+        .as_ref()
+        .and_then(|p| p.per_try_timeout)
+        .or(action.timeout)
+        .filter(|_| envoy_headers)
+        .map(|t| t.as_millis() as u64);
+    let in_map = fin.logging()
+        || seen.expected_rq_timeout()
+        || !hcm.filter_chain.is_empty()
+        || any_level(
+            wc_headers,
+            [&route.headers, &vhost.headers, &rc.headers],
+            |m| !m.request_headers_to_add.is_empty() || !m.request_headers_to_remove.is_empty(),
+        );
+    if in_map {
+        if let Some(ms) = appended.expected_timeout_ms.take() {
+            parts.headers.insert(
+                headers::X_ENVOY_EXPECTED_RQ_TIMEOUT_MS,
+                headers::int_value(ms),
+            );
+        }
+    }
     match wc_headers {
         Some(w) => router::apply_request_headers(
             &mut parts.headers,
@@ -1207,34 +1234,6 @@ async fn route(
     }
     let policy_cow = crate::retry::effective_policy(action.retry_policy.as_ref(), &parts.headers);
     let policy = policy_cow.as_deref();
-    let expected_timeout = policy.and_then(|p| p.per_try_timeout).or(action.timeout);
-    // `x-envoy-expected-rq-timeout-ms`, set after the route's header mutations (Envoy sets it
-    // before them, so a mutation removing or appending to it differs): the HTTP/1.1 codec
-    // writes it after the map's (no insert, ~300 instructions) when the map cannot hold one
-    // already and the access log does not want the headers as sent.
-    appended.expected_timeout_ms = expected_timeout
-        .filter(|_| envoy_headers)
-        .map(|t| t.as_millis() as u64);
-    let in_map = fin.logging()
-        || seen.expected_rq_timeout()
-        || !hcm.filter_chain.is_empty()
-        || any_level(
-            wc_headers,
-            [&route.headers, &vhost.headers, &rc.headers],
-            |m| {
-                m.request_headers_to_add
-                    .iter()
-                    .any(|a| a.name == headers::X_ENVOY_EXPECTED_RQ_TIMEOUT_MS)
-            },
-        );
-    if in_map {
-        if let Some(ms) = appended.expected_timeout_ms.take() {
-            parts.headers.insert(
-                headers::X_ENVOY_EXPECTED_RQ_TIMEOUT_MS,
-                headers::int_value(ms),
-            );
-        }
-    }
     if fin.logging() {
         fin.request_headers = Some(parts.headers.clone());
     }
