@@ -1144,14 +1144,15 @@ async fn route(
         route,
         parts.uri.path_and_query().map_or("/", |pq| pq.as_str()),
     );
-    // Header mutations may read or change them, and the router's headers follow them.
+    // Whether any level changes the request's headers: the headers Strait adds must be in the
+    // map before (mutations may read or change them, and follow them).
+    let request_mutated = any_level(
+        wc_headers,
+        [&route.headers, &vhost.headers, &rc.headers],
+        |m| !m.request_headers_to_add.is_empty() || !m.request_headers_to_remove.is_empty(),
+    );
     if (appended.forwarded_proto || appended.request_id.is_some())
-        && (rewritten.is_some()
-            || any_level(
-                wc_headers,
-                [&route.headers, &vhost.headers, &rc.headers],
-                |m| !m.request_headers_to_add.is_empty() || !m.request_headers_to_remove.is_empty(),
-            ))
+        && (rewritten.is_some() || request_mutated)
     {
         appended.insert_hcm(&mut parts.headers);
     }
@@ -1179,16 +1180,17 @@ async fn route(
         && !seen.connection()
         && matches!(&authority, Authority::Original(OrigAuthority::Host(h)) if h.to_str().is_ok())
         && hcm.filter_chain.is_empty()
-        && !any_level(
-            wc_headers,
-            [&route.headers, &vhost.headers, &rc.headers],
-            |m| {
-                m.request_headers_to_add
-                    .iter()
-                    .any(|a| a.name == header::HOST)
-                    || m.request_headers_to_remove.contains(&header::HOST)
-            },
-        );
+        && !(request_mutated
+            && any_level(
+                wc_headers,
+                [&route.headers, &vhost.headers, &rc.headers],
+                |m| {
+                    m.request_headers_to_add
+                        .iter()
+                        .any(|a| a.name == header::HOST)
+                        || m.request_headers_to_remove.contains(&header::HOST)
+                },
+            ));
     // `x-envoy-expected-rq-timeout-ms` (the route's per-try timeout, else its timeout), set
     // before the route's header mutations, as Envoy's router sets it: then in the map, as it is
     // whenever something reads the map or it may be there already. Otherwise the HTTP/1.1 codec
@@ -1203,11 +1205,7 @@ async fn route(
     let in_map = fin.logging()
         || seen.expected_rq_timeout()
         || !hcm.filter_chain.is_empty()
-        || any_level(
-            wc_headers,
-            [&route.headers, &vhost.headers, &rc.headers],
-            |m| !m.request_headers_to_add.is_empty() || !m.request_headers_to_remove.is_empty(),
-        );
+        || request_mutated;
     if in_map {
         if let Some(ms) = appended.expected_timeout_ms.take() {
             parts.headers.insert(
