@@ -94,8 +94,11 @@ impl RawResponse {
     }
 
     /// The head with the values that change between requests blanked.
+    /// The head with varying values starred, and a `content-length: 0` last: hyper writes it
+    /// after the other fields, the fast path where the upstream had it (as Envoy does).
     fn normalized_head(&self) -> String {
-        self.head
+        let (mut lines, zero): (Vec<String>, Vec<String>) = self
+            .head
             .lines()
             .map(|l| match l.split_once(": ") {
                 Some((n, _)) if n == "date" || n == "x-envoy-upstream-service-time" => {
@@ -103,8 +106,9 @@ impl RawResponse {
                 }
                 _ => l.to_string(),
             })
-            .collect::<Vec<_>>()
-            .join("\r\n")
+            .partition(|l| l != "content-length: 0");
+        lines.extend(zero);
+        lines.join("\r\n")
     }
 }
 

@@ -462,3 +462,197 @@ async fn an_upload_the_upstream_stops_reading_ends_at_the_idle_timeout() {
         "the stalled connection served another request"
     );
 }
+
+/// Sends `method path` on `c` and reads the response: its head's field lines (name, value) in
+/// order as they came on the wire, and its body (by `content-length`; none for HEAD or 204).
+async fn exchange_raw(
+    c: &mut tokio::net::TcpStream,
+    method: &str,
+    path: &str,
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let req = format!("{method} {path} HTTP/1.1\r\nhost: raw.test\r\n\r\n");
+    common::within("the request", c.write_all(req.as_bytes()))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = loop {
+        if let Some(at) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at;
+        }
+        let n = common::within("the response head", c.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(n > 0, "closed before the response head");
+        got.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8(got[..end].to_vec()).unwrap();
+    let mut rest = got[end + 4..].to_vec();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next().unwrap()[9..12].parse().unwrap();
+    let fields: Vec<(String, String)> = lines
+        .map(|l| {
+            let (n, v) = l.split_once(": ").unwrap_or_else(|| panic!("line {l:?}"));
+            (n.to_string(), v.to_string())
+        })
+        .collect();
+    let len = match (method, status) {
+        ("HEAD", _) | (_, 204) => 0,
+        _ => fields
+            .iter()
+            .find(|(n, _)| n == "content-length")
+            .map_or(0, |(_, v)| v.parse().unwrap()),
+    };
+    while rest.len() < len {
+        let n = common::within("the response body", c.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(n > 0, "closed before the response body");
+        rest.extend_from_slice(&buf[..n]);
+    }
+    (status, fields, rest)
+}
+
+/// The fields of `got` but the service time (its value varies), which must come once, last
+/// among the upstream's fields and before an added `server`.
+fn without_service_time(got: &[(String, String)]) -> Vec<(String, String)> {
+    let at: Vec<usize> = got
+        .iter()
+        .enumerate()
+        .filter(|(_, (n, _))| n == "x-envoy-upstream-service-time")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(at.len(), 1, "{got:?}");
+    let mut rest = got.to_vec();
+    rest.remove(at[0]);
+    rest
+}
+
+fn fields(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The upstream's response fields reach the client as Envoy writes them, whether or not
+/// anything on the way reads them (without an access log Strait copies a plain head's lines
+/// as they came): names lower-cased, values and order kept, the upstream's `server` replaced
+/// where it was, `Connection: keep-alive` consumed, `content-length` kept on HEAD and left off
+/// a 204; lines not as the codec writes them (no space after the colon, trailing spaces) and
+/// heads of many fields come out the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_fields_reach_the_client_as_envoy_writes_them() {
+    let many: String = (0..14).map(|i| format!("X-Many-{i}: v{i}\r\n")).collect();
+    for logged in [false, true] {
+        let raw =
+            Raw::start(vec![
+            answer(
+                b"HTTP/1.1 200 OK\r\nServer: Up/1\r\nDate: Tue, 01 Jan 2030 00:00:00 GMT\r\n\
+                  X-Mixed-Case: Va lue\r\nContent-Type: text/plain\r\nSet-Cookie: a=1\r\n\
+                  Set-Cookie: b=2\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok",
+                false,
+            ),
+            answer(
+                b"HTTP/1.1 200 OK\r\nX-Tight:v\r\nX-Spaced:   v2  \r\ncontent-length: 0\r\n\r\n",
+                false,
+            ),
+            answer(
+                format!("HTTP/1.1 200 OK\r\n{many}Content-Length: 1\r\n\r\nm").as_bytes(),
+                false,
+            ),
+            answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-H: h\r\n\r\n", false),
+            answer(b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n", false),
+            answer(
+                b"HTTP/1.1 200 OK\r\nSet-Cookie: a=1\r\nX-B: 2\r\nset-cookie: c=3\r\n\
+                  Content-Length: 0\r\n\r\n",
+                false,
+            ),
+        ])
+            .await;
+        let mut config = Config::new()
+            .routes(json!([{"match": {"prefix": "/"}, "route": {"cluster": "up"}}]))
+            .cluster("up", &[raw.addr]);
+        if !logged {
+            config = config.access_logs(Vec::new());
+        }
+        let strait = config.start().await;
+        let mut c = common::connect(strait.listener("ingress")).await.unwrap();
+
+        let (status, got, body) = exchange_raw(&mut c, "GET", "/plain").await;
+        assert_eq!((status, &body[..]), (200, &b"ok"[..]), "{logged}");
+        assert_eq!(
+            without_service_time(&got),
+            fields(&[
+                ("server", "envoy"),
+                ("date", "Tue, 01 Jan 2030 00:00:00 GMT"),
+                ("x-mixed-case", "Va lue"),
+                ("content-type", "text/plain"),
+                ("set-cookie", "a=1"),
+                ("set-cookie", "b=2"),
+                ("content-length", "2"),
+            ]),
+            "logged: {logged}"
+        );
+        assert_eq!(got.last().unwrap().0, "x-envoy-upstream-service-time");
+
+        let (status, got, _) = exchange_raw(&mut c, "GET", "/spacing").await;
+        assert_eq!(status, 200);
+        let got = without_service_time(&got);
+        assert_eq!(
+            got[..3],
+            fields(&[
+                ("x-tight", "v"),
+                ("x-spaced", "v2"),
+                ("content-length", "0")
+            ]),
+            "logged: {logged}"
+        );
+        assert!(got[3..].iter().any(|(n, v)| n == "server" && v == "envoy"));
+
+        let (status, got, body) = exchange_raw(&mut c, "GET", "/many").await;
+        assert_eq!((status, &body[..]), (200, &b"m"[..]));
+        let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+        let want: Vec<String> = (0..14).map(|i| format!("x-many-{i}")).collect();
+        assert_eq!(names[..14], want, "logged: {logged}");
+        assert_eq!(got[13].1, "v13");
+
+        let (status, got, _) = exchange_raw(&mut c, "HEAD", "/head").await;
+        assert_eq!(status, 200);
+        let got = without_service_time(&got);
+        assert_eq!(
+            got[..2],
+            fields(&[("content-length", "5"), ("x-h", "h")]),
+            "logged: {logged}"
+        );
+
+        let (status, got, _) = exchange_raw(&mut c, "GET", "/nothing").await;
+        assert_eq!(status, 204);
+        assert!(
+            !got.iter()
+                .any(|(n, _)| n == "content-length" || n == "transfer-encoding"),
+            "{got:?}"
+        );
+        assert_eq!(got[0], ("x-a".to_string(), "1".to_string()));
+
+        // A name repeated around another: Envoy keeps the order received. (With an access
+        // log, Strait's map puts a name's values together.)
+        let (status, got, _) = exchange_raw(&mut c, "GET", "/interleaved").await;
+        assert_eq!(status, 200);
+        let got = without_service_time(&got);
+        let mut upstream: Vec<_> = got[..4].to_vec();
+        if logged {
+            upstream.sort();
+        }
+        let mut want = fields(&[
+            ("set-cookie", "a=1"),
+            ("x-b", "2"),
+            ("set-cookie", "c=3"),
+            ("content-length", "0"),
+        ]);
+        if logged {
+            want.sort();
+        }
+        assert_eq!(upstream, want, "logged: {logged}");
+    }
+}

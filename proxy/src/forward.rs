@@ -29,6 +29,7 @@ use crate::body::{
     ReplySlot, RequestSource, SharedFilterContext,
 };
 use crate::cluster::{Breakers, ClusterState, Host};
+use crate::h1client::RawFields;
 use crate::headers;
 use crate::local_reply::{self, ResetReason};
 use crate::pool::{Lease, PoolError, SendError, Sender};
@@ -75,6 +76,9 @@ struct Finisher {
     /// `x-envoy-upstream-service-time` in milliseconds, when the downstream HTTP/1.1 codec
     /// writes it after the response's headers instead of it being in them.
     service_time_ms: Option<u64>,
+    /// The upstream response's fields, when the downstream HTTP/1.1 codec writes them as
+    /// received instead of them being in the response's map.
+    raw_fields: Option<Box<RawFields>>,
     details: Cow<'static, str>,
     source: Option<RequestSource>,
     /// Route, request and stream idle timeouts, while they apply.
@@ -150,6 +154,7 @@ impl Finisher {
             response_trailers: None,
             flags: ResponseFlags::default(),
             service_time_ms: None,
+            raw_fields: None,
             details: Cow::Borrowed(""),
             source: None,
             timer: StreamTimer::default(),
@@ -550,6 +555,8 @@ pub struct RespBody {
     service_time_ms: Option<u64>,
     /// The `server` value the HTTP/1.1 codec writes in place of the map's.
     server: Option<HeaderValue>,
+    /// See [`Finisher::raw_fields`].
+    raw: Option<Box<RawFields>>,
 }
 
 impl crate::h1server::ExtraHeaders for RespBody {
@@ -563,6 +570,10 @@ impl crate::h1server::ExtraHeaders for RespBody {
             dst.extend_from_slice(itoa::Buffer::new().format(ms).as_bytes());
             dst.extend_from_slice(b"\r\n");
         }
+    }
+
+    fn raw_fields(&self) -> Option<&RawFields> {
+        self.raw.as_deref()
     }
 }
 
@@ -738,6 +749,19 @@ pub async fn handle_seen(
         fin.timer.stop();
     }
     let (mut head, mut inner) = resp.into_parts();
+    // Fields kept as received are for the HTTP/1.1 codec alone: whatever else reads or changes
+    // the response's headers here gets them in the map (`route` keeps none in such cases).
+    if fin.raw_fields.is_some()
+        && (!extra_headers
+            || fin.logging()
+            || fin.filters.is_some()
+            || tunnel.is_some()
+            || down_upgrade.is_some())
+    {
+        if let Some(raw) = fin.raw_fields.take() {
+            (*raw).into_map(&mut head.headers);
+        }
+    }
     if let Some(mut run) = fin.filters.take() {
         // Boxed, as every path taken only with filters or retries: inline, its state would
         // size the request's future (moved and copied whole) even when it never runs.
@@ -764,6 +788,9 @@ pub async fn handle_seen(
             head.headers.insert(header::SERVER, v.clone());
         }
         ServerHeader::AppendIfAbsent(v) => {
+            if let Some(raw) = fin.raw_fields.take() {
+                (*raw).into_map(&mut head.headers);
+            }
             if !head.headers.contains_key(header::SERVER) {
                 head.headers.insert(header::SERVER, v.clone());
             }
@@ -800,6 +827,7 @@ pub async fn handle_seen(
                 fin: None,
                 service_time_ms: None,
                 server: None,
+                raw: None,
             },
         ));
     }
@@ -807,6 +835,7 @@ pub async fn handle_seen(
         inner,
         server,
         service_time_ms: fin.service_time_ms.take(),
+        raw: fin.raw_fields.take(),
         fin: Some(fin),
     };
     // hyper never polls a body it must not send (HEAD, 204, 304): the stream ends here.
@@ -1276,6 +1305,22 @@ async fn route(
     } else {
         None
     };
+    // The upstream's response fields stay as received, for the HTTP/1.1 codec to copy, when
+    // nothing reads or changes the response's map on the way: no filter, access log, retry
+    // policy (its checks read the response), response header mutation, or upgrade, and no
+    // `server` added only when absent.
+    let response_mutated = any_level(
+        wc_headers,
+        [&route.headers, &vhost.headers, &rc.headers],
+        |m| !m.response_headers_to_add.is_empty() || !m.response_headers_to_remove.is_empty(),
+    );
+    let raw_ok = extra_headers
+        && upgrade.is_none()
+        && policy.is_none()
+        && !fin.logging()
+        && hcm.filter_chain.is_empty()
+        && !matches!(hcm.server_header, ServerHeader::AppendIfAbsent(_))
+        && !response_mutated;
     // The attempts own the headers: the only attempt takes them, retries copy them.
     let headers = std::mem::take(&mut parts.headers);
     let mut st = Attempts {
@@ -1298,6 +1343,7 @@ async fn route(
         idle,
         appended,
         host_in_place,
+        raw_ok,
     };
     let result = {
         let run = st.run();
@@ -1419,7 +1465,9 @@ async fn route(
                 lease,
                 rq,
                 seen,
+                raw,
             } = *ok;
+            fin.raw_fields = raw;
             let now = Instant::now();
             fin.response_at = Some(now);
             fin.rq = Some(rq);
@@ -1453,14 +1501,7 @@ async fn route(
                     || fin.logging()
                     || !hcm.filter_chain.is_empty()
                     || matches!(hcm.server_header, ServerHeader::AppendIfAbsent(_))
-                    || any_level(
-                        wc_headers,
-                        [&route.headers, &vhost.headers, &rc.headers],
-                        |m| {
-                            !m.response_headers_to_add.is_empty()
-                                || !m.response_headers_to_remove.is_empty()
-                        },
-                    );
+                    || response_mutated;
                 if in_map {
                     head.headers.insert(
                         headers::X_ENVOY_UPSTREAM_SERVICE_TIME,
@@ -1506,6 +1547,8 @@ struct Done {
     rq: RqGuard,
     /// The response's header names, scanned once (health-check header, hop-by-hop removal).
     seen: headers::Seen,
+    /// The response's fields when kept out of its map (`Attempts::raw_ok`).
+    raw: Option<Box<RawFields>>,
 }
 
 enum AttemptResult {
@@ -1545,6 +1588,9 @@ struct Attempts<'a> {
     appended: headers::Appended,
     /// `headers` hold the upstream `Host` of an HTTP/1.1 attempt already.
     host_in_place: bool,
+    /// Nothing reads or changes the response's headers before the downstream HTTP/1.1 codec:
+    /// an HTTP/1.1 upstream's plain head may keep its fields as received (`RawFields`).
+    raw_ok: bool,
 }
 
 /// The upstream cluster of a forwarding route, picked once per request when the route is
@@ -1772,8 +1818,9 @@ impl Attempts<'_> {
             },
         };
         let result = match r {
-            Ok((resp, seen, lease)) => AttemptResult::Response(crate::boxed(|| Done {
+            Ok((resp, seen, raw, lease)) => AttemptResult::Response(crate::boxed(|| Done {
                 seen,
+                raw,
                 resp,
                 lease,
                 rq,
@@ -1822,7 +1869,15 @@ impl Attempts<'_> {
         &mut self,
         host: &Arc<Host>,
         body: AttemptBody,
-    ) -> Result<(Response<ProxyBody>, headers::Seen, Lease), ResetReason> {
+    ) -> Result<
+        (
+            Response<ProxyBody>,
+            headers::Seen,
+            Option<Box<RawFields>>,
+            Lease,
+        ),
+        ResetReason,
+    > {
         let cluster = self.cluster;
         let conn = match host.pool.acquire_for(self.priority).await {
             Ok(c) => c,
@@ -1843,19 +1898,27 @@ impl Attempts<'_> {
         // request, the HTTP/1.1 and HTTP/2 exchanges sharing this future's space.
         let sent = match sender {
             Sender::H1(c) => {
-                crate::h1client::send_with(c, req, self.upgrade, self.idle, &self.appended).await
+                crate::h1client::send_with(
+                    c,
+                    req,
+                    self.upgrade,
+                    self.idle,
+                    &self.appended,
+                    self.raw_ok,
+                )
+                .await
             }
             .map_err(SendError::H1),
             Sender::H2(s) => crate::h2client::send(s, req)
                 .await
                 .map(|resp| {
                     let seen = headers::Seen::of(resp.headers());
-                    (resp, seen)
+                    (resp, seen, None)
                 })
                 .map_err(SendError::H2),
         };
         match sent {
-            Ok((resp, seen)) => Ok((resp, seen, lease)),
+            Ok((resp, seen, raw)) => Ok((resp, seen, raw, lease)),
             Err(e) => {
                 tracing::debug!(upstream = %host.address, error = %e, "upstream request failed");
                 Err(reset_reason(&e))

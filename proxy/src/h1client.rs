@@ -212,6 +212,8 @@ struct State<C: Pooled> {
     write_failed: bool,
     head_request: bool,
     upgrade: bool,
+    /// See [`send_with`].
+    raw_ok: bool,
     /// The stream idle timeout: bounds a request body still sent after its response ended.
     idle: Option<Duration>,
     /// Request body bytes taken so far (progress, for that bound).
@@ -231,16 +233,19 @@ pub fn send<C: Pooled>(
         upgrade,
         idle,
         &crate::headers::Appended::default(),
+        false,
     )
 }
 
-/// [`send`], with `appended` written after the request's own headers.
+/// [`send`], with `appended` written after the request's own headers; `raw_ok`: a plain
+/// response head's fields may come as [`RawFields`] instead of in the response's map.
 pub fn send_with<C: Pooled>(
     mut conn: C,
     req: Request<ProxyBody>,
     upgrade: bool,
     idle: Option<Duration>,
     appended: &crate::headers::Appended,
+    raw_ok: bool,
 ) -> Exchange<C> {
     let (parts, body) = req.into_parts();
     let http::request::Parts {
@@ -285,6 +290,7 @@ pub fn send_with<C: Pooled>(
             write_failed: false,
             head_request: method == Method::HEAD,
             upgrade,
+            raw_ok,
             idle,
             pulled: 0,
         }),
@@ -366,9 +372,14 @@ pub(crate) fn ends_in_chunked(v: &HeaderValue) -> bool {
 
 /// All `Content-Length` values (each maybe a list) must be the same number. `None`: absent.
 fn content_length<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Option<Result<u64, ()>> {
+    content_length_of(values.map(HeaderValue::as_bytes))
+}
+
+/// [`content_length`] of values as bytes.
+fn content_length_of<'a>(values: impl Iterator<Item = &'a [u8]>) -> Option<Result<u64, ()>> {
     let mut found: Option<u64> = None;
     for v in values {
-        for part in v.as_bytes().split(|&b| b == b',') {
+        for part in v.split(|&b| b == b',') {
             let part = part.trim_ascii();
             if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
                 return Some(Err(()));
@@ -503,7 +514,13 @@ impl<C: Pooled> State<C> {
             }
             let c = self.conn.conn();
             if !c.rbuf.is_empty() {
-                match parse_head(&mut c.rbuf, &mut c.spare, self.head_request, self.upgrade) {
+                match parse_head(
+                    &mut c.rbuf,
+                    &mut c.spare,
+                    self.head_request,
+                    self.upgrade,
+                    self.raw_ok,
+                ) {
                     Ok(Some(Parsed::Final(h))) => return Poll::Ready(Ok(h)),
                     Ok(Some(Parsed::Informational)) => continue,
                     Ok(None) if c.rbuf.len() > MAX_HEAD => {
@@ -552,6 +569,201 @@ struct Head {
     keep_alive: bool,
     upgrade: bool,
     seen: Seen,
+    /// The fields, when kept as received rather than in the response's map.
+    raw: Option<Box<RawFields>>,
+}
+
+/// A response's fields as received, names lower-cased in place, for a downstream HTTP/1.1
+/// codec to copy out as they are: taken when nothing reads the response's headers before that
+/// codec (building the map cost ~170 instructions a field, and writing it out as much again).
+/// Only a plain head is kept so: at most [`RAW_LINES`] lines, each `name: value` CR LF as the
+/// codec would write it; no framing or hop-by-hop field but one `Content-Length` and a
+/// `Connection` of `keep-alive` / `close` (which the codec consumes and leaves out); and no
+/// name the proxy acts on ([`Seen`]). Anything else goes into the map as before.
+#[derive(Debug)]
+pub struct RawFields {
+    head: Bytes,
+    lines: [RawLine; RAW_LINES],
+    len: u8,
+}
+
+/// The most lines a head kept as [`RawFields`] has.
+pub const RAW_LINES: usize = 12;
+
+#[derive(Debug, Clone, Copy)]
+pub struct RawLine {
+    /// Where the line starts, its value starts, and it ends (past its CR LF), in the head.
+    start: u32,
+    value: u32,
+    end: u32,
+    pub kind: FieldKind,
+}
+
+const NO_LINE: RawLine = RawLine {
+    start: 0,
+    value: 0,
+    end: 0,
+    kind: FieldKind::Other,
+};
+
+/// What the downstream codec treats apart among a response's fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldKind {
+    ContentLength,
+    Server,
+    Date,
+    Other,
+}
+
+impl RawFields {
+    pub fn lines(&self) -> &[RawLine] {
+        &self.lines[..usize::from(self.len)]
+    }
+
+    /// A line's bytes, `name: value` CR LF.
+    pub fn line(&self, l: &RawLine) -> &[u8] {
+        &self.head[l.start as usize..l.end as usize]
+    }
+
+    /// Lines `from.start` to `to.end`, in one piece.
+    pub fn span(&self, from: &RawLine, to: &RawLine) -> &[u8] {
+        &self.head[from.start as usize..to.end as usize]
+    }
+
+    /// Whether `next` follows `l` in the head with nothing between.
+    pub fn adjacent(l: &RawLine, next: &RawLine) -> bool {
+        l.end == next.start
+    }
+
+    /// A line's value.
+    pub fn value(&self, l: &RawLine) -> &[u8] {
+        &self.head[l.value as usize..l.end as usize - 2]
+    }
+
+    /// Puts the fields into `headers`, in order and before what it holds: for a path that
+    /// reads the response's map after all.
+    pub fn into_map(self, headers: &mut HeaderMap) {
+        let rest = std::mem::take(headers);
+        headers.reserve(usize::from(self.len) + rest.len());
+        for l in self.lines() {
+            // The name: up to the `: ` before the value (checked a token, lower-cased).
+            let name = &self.head[l.start as usize..l.value as usize - 2];
+            let Ok(name) = HeaderName::from_bytes(name) else {
+                continue;
+            };
+            let value = self.head.slice(l.value as usize..l.end as usize - 2);
+            headers.append(name, parsed_value(value));
+        }
+        let mut last: Option<HeaderName> = None;
+        for (name, value) in rest {
+            if let Some(n) = name {
+                last = Some(n);
+            }
+            if let Some(n) = &last {
+                headers.append(n.clone(), value);
+            }
+        }
+    }
+}
+
+/// The lines of a plain head (see [`RawFields`]), with their names lower-cased in `head`;
+/// `None`: not a plain head (names may be lower-cased already, which changes nothing for the
+/// map that is built instead). Sets what the framing needs, as the map's loop does.
+fn raw_lines(
+    head: &mut BytesMut,
+    idx: &[[u32; 4]],
+    cl: &mut Option<u64>,
+    close: &mut bool,
+    keep_alive_token: &mut bool,
+) -> Result<Option<([RawLine; RAW_LINES], u8)>, Error> {
+    let mut lines = [NO_LINE; RAW_LINES];
+    let mut n = 0;
+    for &[ns, ne, vs, ve] in idx {
+        let (nsu, neu, vsu, veu) = (ns as usize, ne as usize, vs as usize, ve as usize);
+        // `name: value` CR LF exactly, as written out: one space, nothing trailing.
+        if vsu != neu + 2
+            || head.get(neu..vsu) != Some(b": ")
+            || head.get(veu..veu + 2) != Some(b"\r\n")
+        {
+            return Ok(None);
+        }
+        let kind = match common_name(&head[nsu..neu]) {
+            Some((lower, role)) => {
+                let kind = match role {
+                    Role::ContentLength => {
+                        if cl.is_some() {
+                            return Ok(None);
+                        }
+                        match content_length_of(std::iter::once(&head[vsu..veu])) {
+                            Some(Ok(len)) => *cl = Some(len),
+                            _ => return Err(Error::Protocol("invalid content-length")),
+                        }
+                        FieldKind::ContentLength
+                    }
+                    Role::Connection => {
+                        let (c, k, only_handled) = connection_tokens(&head[vsu..veu]);
+                        *close |= c;
+                        *keep_alive_token |= k;
+                        if !only_handled {
+                            return Ok(None);
+                        }
+                        continue;
+                    }
+                    Role::TransferEncoding | Role::Hop => return Ok(None),
+                    Role::Plain | Role::Other => match lower {
+                        b"server" => FieldKind::Server,
+                        b"date" => FieldKind::Date,
+                        _ => FieldKind::Other,
+                    },
+                };
+                head[nsu..neu].make_ascii_lowercase();
+                kind
+            }
+            // (`HeaderName` takes no name of 64 KiB or more: the map's path answers those.)
+            None if neu - nsu >= 1 << 16 => return Ok(None),
+            None => {
+                let name = &mut head[nsu..neu];
+                name.make_ascii_lowercase();
+                if !Seen::of_lower(name).is_none() {
+                    return Ok(None);
+                }
+                FieldKind::Other
+            }
+        };
+        if n == RAW_LINES {
+            return Ok(None);
+        }
+        lines[n] = RawLine {
+            start: ns,
+            value: vs,
+            end: ve + 2,
+            kind,
+        };
+        n += 1;
+    }
+    Ok(Some((lines, n as u8)))
+}
+
+/// A `Connection` value's `close` and `keep-alive` tokens, and whether it has no other.
+#[inline]
+fn connection_tokens(value: &[u8]) -> (bool, bool, bool) {
+    // The usual values, whole.
+    if value.len() == 10 && token_eq_lower(value, b"keep-alive") {
+        return (false, true, true);
+    }
+    if value.len() == 5 && token_eq_lower(value, b"close") {
+        return (true, false, true);
+    }
+    let (mut close, mut keep_alive, mut only_handled) = (false, false, true);
+    for t in value.split(|&b| b == b',') {
+        let t = t.trim_ascii();
+        let c = t.eq_ignore_ascii_case(b"close");
+        let k = t.eq_ignore_ascii_case(b"keep-alive");
+        close |= c;
+        keep_alive |= k;
+        only_handled &= c || k || t.is_empty();
+    }
+    (close, keep_alive, only_handled)
 }
 
 enum Parsed {
@@ -625,6 +837,17 @@ fn response_header_name(raw: &[u8]) -> Result<(HeaderName, Role), Error> {
     let name =
         HeaderName::from_bytes(raw).map_err(|_| Error::Protocol("invalid response header name"))?;
     Ok((name, Role::Other))
+}
+
+/// The table's lower-case form and role of a response header name; `None`: not in the table
+/// (so [`Role::Other`]).
+fn common_name(raw: &[u8]) -> Option<(&'static [u8], Role)> {
+    for (lower, _, role) in common_names_of_len(raw.len()) {
+        if token_eq_lower(raw, lower) {
+            return Some((lower, *role));
+        }
+    }
+    None
 }
 
 /// The entries of [`COMMON_NAMES`] `len` bytes long: a name is compared with those alone.
@@ -720,11 +943,13 @@ pub(crate) fn header_offsets<'a>(
 }
 
 /// Parses a response head at the start of `buf` and takes it out; `None`: not all there yet.
+/// `raw_ok`: a plain head's fields may stay out of the map ([`RawFields`]).
 fn parse_head(
     buf: &mut BytesMut,
     spare: &mut HeaderMap,
     head_request: bool,
     upgrade: bool,
+    raw_ok: bool,
 ) -> Result<Option<Parsed>, Error> {
     let mut slots =
         [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -758,13 +983,9 @@ fn parse_head(
         buf.advance(len);
         return Ok(Some(Parsed::Informational));
     }
-    let head = buf.split_to(len).freeze();
+    let mut head = buf.split_to(len);
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
-    // The spare map and the response's empty one trade places: no map is dropped here.
     let mut response = Response::new(());
-    std::mem::swap(response.headers_mut(), spare);
-    let headers = response.headers_mut();
-    headers.reserve(idx.len());
     let mut close = false;
     let mut keep_alive_token = false;
     let mut te: Option<bool> = None;
@@ -772,51 +993,61 @@ fn parse_head(
     // What the proxy's header handling needs to know of the names kept, read off here rather
     // than in another pass over the map.
     let mut seen = Seen::default();
-    for &[ns, ne, vs, ve] in idx {
-        let (name, role) = response_header_name(&head[ns as usize..ne as usize])?;
-        let value = parsed_value(head.slice(vs as usize..ve as usize));
-        // Hop-by-hop headers this codec consumes are left out, so the proxy's own hop-by-hop
-        // removal finds nothing to do on the usual response. A `Connection` naming other
-        // headers stays (that removal takes it out, and leaves what it names, as Envoy does);
-        // a 101 keeps everything for the tunnel.
-        let hop = match role {
-            Role::ContentLength => {
-                match content_length(std::iter::once(&value)) {
-                    Some(Ok(n)) if cl.is_none_or(|c| c == n) => cl = Some(n),
-                    _ => return Err(Error::Protocol("invalid content-length")),
+    let raw = match raw_ok && !switching {
+        true => raw_lines(&mut head, idx, &mut cl, &mut close, &mut keep_alive_token)?,
+        false => None,
+    };
+    let head = head.freeze();
+    // The spare map and the response's empty one trade places: no map is dropped here (one
+    // left empty still goes round, to the downstream codec's next request).
+    std::mem::swap(response.headers_mut(), spare);
+    let raw = match raw {
+        Some((lines, len)) => Some(Box::new(RawFields { head, lines, len })),
+        None => {
+            let headers = response.headers_mut();
+            headers.reserve(idx.len());
+            for &[ns, ne, vs, ve] in idx {
+                let (name, role) = response_header_name(&head[ns as usize..ne as usize])?;
+                let value = parsed_value(head.slice(vs as usize..ve as usize));
+                // Hop-by-hop headers this codec consumes are left out, so the proxy's own
+                // hop-by-hop removal finds nothing to do on the usual response. A `Connection`
+                // naming other headers stays (that removal takes it out, and leaves what it
+                // names, as Envoy does); a 101 keeps everything for the tunnel.
+                let hop = match role {
+                    Role::ContentLength => {
+                        match content_length(std::iter::once(&value)) {
+                            Some(Ok(n)) if cl.is_none_or(|c| c == n) => cl = Some(n),
+                            _ => return Err(Error::Protocol("invalid content-length")),
+                        }
+                        false
+                    }
+                    Role::TransferEncoding => {
+                        te = Some(ends_in_chunked(&value));
+                        true
+                    }
+                    Role::Connection => {
+                        let (c, k, only_handled) = connection_tokens(value.as_bytes());
+                        close |= c;
+                        keep_alive_token |= k;
+                        only_handled
+                    }
+                    Role::Hop => true,
+                    Role::Plain | Role::Other => false,
+                };
+                if hop && !switching {
+                    continue;
                 }
-                false
-            }
-            Role::TransferEncoding => {
-                te = Some(ends_in_chunked(&value));
-                true
-            }
-            Role::Connection => {
-                let mut only_handled = true;
-                for t in value.as_bytes().split(|&b| b == b',') {
-                    let t = t.trim_ascii();
-                    let c = t.eq_ignore_ascii_case(b"close");
-                    let k = t.eq_ignore_ascii_case(b"keep-alive");
-                    close |= c;
-                    keep_alive_token |= k;
-                    only_handled &= c || k || t.is_empty();
+                match role {
+                    Role::Connection => seen = seen.with(Seen::CONNECTION),
+                    Role::TransferEncoding => seen = seen.with(Seen::TRANSFER_ENCODING),
+                    Role::Hop | Role::Other => seen = seen.with(Seen::of_name(&name)),
+                    Role::ContentLength | Role::Plain => {}
                 }
-                only_handled
+                headers.append(name, value);
             }
-            Role::Hop => true,
-            Role::Plain | Role::Other => false,
-        };
-        if hop && !switching {
-            continue;
+            None
         }
-        match role {
-            Role::Connection => seen = seen.with(Seen::CONNECTION),
-            Role::TransferEncoding => seen = seen.with(Seen::TRANSFER_ENCODING),
-            Role::Hop | Role::Other => seen = seen.with(Seen::of_name(&name)),
-            Role::ContentLength | Role::Plain => {}
-        }
-        headers.append(name, value);
-    }
+    };
     let (version, mut keep_alive) = if version == 0 {
         (Version::HTTP_10, keep_alive_token && !close)
     } else {
@@ -855,6 +1086,7 @@ fn parse_head(
         keep_alive,
         upgrade: upgraded,
         seen,
+        raw,
     })))
 }
 
@@ -867,7 +1099,8 @@ impl<C: Pooled> std::future::Future for Exchange<C> {
     /// The body is boxed here, once: the response moves through several futures on its way
     /// out, and the unboxed body (with the connection) is ten times the size of a box.
     /// With what the response's header names tell [`Seen`].
-    type Output = Result<(Response<ProxyBody>, Seen), Error>;
+    /// With the fields kept out of the map, if they were.
+    type Output = Result<(Response<ProxyBody>, Seen, Option<Box<RawFields>>), Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
@@ -882,13 +1115,14 @@ impl<C: Pooled> std::future::Future for Exchange<C> {
             keep_alive,
             upgrade,
             seen,
+            raw,
         } = head?;
         if upgrade {
             if let Some(st) = state {
                 let slot = UpgradeSlot(Arc::new(Mutex::new(Some(Upgraded { conn: st.conn }))));
                 response.extensions_mut().insert(slot);
             }
-            return Poll::Ready(Ok((response.map(|()| crate::body::empty()), seen)));
+            return Poll::Ready(Ok((response.map(|()| crate::body::empty()), seen, raw)));
         }
         let mut body = ResponseBody {
             state,
@@ -898,7 +1132,7 @@ impl<C: Pooled> std::future::Future for Exchange<C> {
         if matches!(body.dec, Decoder::Length(0)) {
             body.finish();
         }
-        Poll::Ready(Ok((response.map(|()| body.boxed_unsync()), seen)))
+        Poll::Ready(Ok((response.map(|()| body.boxed_unsync()), seen, raw)))
     }
 }
 
@@ -1443,7 +1677,7 @@ mod tests {
         for &b in wire {
             buf.put_u8(b);
             if parsed.is_none() {
-                parsed = parse_head(&mut buf, &mut HeaderMap::new(), false, false)
+                parsed = parse_head(&mut buf, &mut HeaderMap::new(), false, false, false)
                     .unwrap_or_else(|e| panic!("{e}"));
             }
         }
@@ -1456,11 +1690,75 @@ mod tests {
         assert_eq!(&buf[..], b"abc");
         // HTTP/1.0 keeps the connection only when asked to; HEAD answers carry no body.
         let mut buf = BytesMut::from(&b"HTTP/1.0 200 OK\r\ncontent-length: 9\r\n\r\n"[..]);
-        let Ok(Some(Parsed::Final(h))) = parse_head(&mut buf, &mut HeaderMap::new(), true, false)
+        let Ok(Some(Parsed::Final(h))) =
+            parse_head(&mut buf, &mut HeaderMap::new(), true, false, false)
         else {
             panic!("HTTP/1.0 head");
         };
         assert_eq!((h.dec, h.keep_alive), (Decoder::Length(0), false));
+    }
+
+    /// With `raw_ok`, a plain head keeps its lines (names lower-cased) out of the map; any
+    /// head that is not plain comes in the map as without it.
+    #[test]
+    fn plain_heads_keep_their_lines_and_others_fill_the_map() {
+        let parse = |head: &[u8]| {
+            let mut buf = BytesMut::from(head);
+            match parse_head(&mut buf, &mut HeaderMap::new(), false, false, true) {
+                Ok(Some(Parsed::Final(h))) => h,
+                _ => panic!("no head in {:?}", String::from_utf8_lossy(head)),
+            }
+        };
+        let h = parse(
+            b"HTTP/1.1 200 OK\r\nServer: S\r\nX-Case: V a\r\nConnection: Keep-Alive\r\n\
+              Content-Length: 0\r\ndate: d\r\n\r\n",
+        );
+        let raw = h.raw.expect("a plain head");
+        assert!(h.response.headers().is_empty());
+        assert!(h.keep_alive);
+        let lines: Vec<(FieldKind, &[u8])> =
+            raw.lines().iter().map(|l| (l.kind, raw.line(l))).collect();
+        assert_eq!(
+            lines,
+            [
+                (FieldKind::Server, &b"server: S\r\n"[..]),
+                (FieldKind::Other, b"x-case: V a\r\n"),
+                (FieldKind::ContentLength, b"content-length: 0\r\n"),
+                (FieldKind::Date, b"date: d\r\n"),
+            ]
+        );
+        // The connection line is left out: the runs around it are apart.
+        let l = raw.lines();
+        assert!(RawFields::adjacent(&l[0], &l[1]) && !RawFields::adjacent(&l[1], &l[2]));
+        let mut map = HeaderMap::new();
+        map.insert("x-after", HeaderValue::from_static("1"));
+        (*raw).into_map(&mut map);
+        let names: Vec<&str> = map.keys().map(|n| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["server", "x-case", "content-length", "date", "x-after"]
+        );
+
+        let many: Vec<u8> = (0..RAW_LINES + 1)
+            .flat_map(|i| format!("x-{i}: v\r\n").into_bytes())
+            .collect();
+        for head in [
+            &b"HTTP/1.1 200 OK\r\nx-a:v\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nx-a: v \r\n\r\n",
+            b"HTTP/1.1 200 OK\nx-a: v\n\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 1\r\n\r\nx",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nconnection: x-a\r\nx-a: v\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nX-Envoy-Immediate-Health-Check-Fail: true\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nx-envoy-upstream-service-time: 5\r\n\r\n",
+            &[&b"HTTP/1.1 200 OK\r\n"[..], &many, b"\r\n"].concat(),
+        ] {
+            let h = parse(head);
+            assert!(h.raw.is_none(), "{:?}", String::from_utf8_lossy(head));
+        }
+        let h = parse(b"HTTP/1.1 200 OK\r\nX-Envoy-Immediate-Health-Check-Fail: true\r\n\r\n");
+        assert!(h.seen.immediate_hc_fail());
     }
 
     /// Past the fields whose offsets fit on the stack, and into a recycled map too small for
@@ -1480,7 +1778,8 @@ mod tests {
             raw.extend_from_slice(b"\r\n");
             let mut buf = BytesMut::from(&raw[..]);
             let mut spare = HeaderMap::with_capacity(2);
-            let Ok(Some(Parsed::Final(h))) = parse_head(&mut buf, &mut spare, false, false) else {
+            let Ok(Some(Parsed::Final(h))) = parse_head(&mut buf, &mut spare, false, false, false)
+            else {
                 panic!("{n} fields");
             };
             let names: Vec<String> = h.response.headers().keys().map(|k| k.to_string()).collect();

@@ -23,6 +23,7 @@ use http_body::Body;
 
 use crate::body::{BoxError, Inbound};
 use crate::conn::{CountingIo, Side};
+use crate::h1client::{FieldKind, RawFields, RawLine};
 use crate::headers::parse_length;
 use crate::headers::Seen;
 
@@ -126,6 +127,11 @@ pub trait ExtraHeaders {
     fn server(&self) -> Option<&HeaderValue>;
 
     fn write_extra_headers(&self, dst: &mut Vec<u8>);
+
+    /// The upstream's fields kept out of the map, written before the map's.
+    fn raw_fields(&self) -> Option<&crate::h1client::RawFields> {
+        None
+    }
 }
 
 /// One downstream HTTP/1.1 connection. A future that ends with the connection.
@@ -507,6 +513,7 @@ where
             parts.version,
             parts.status,
             &parts.headers,
+            body.raw_fields(),
             body.server(),
             |dst| body.write_extra_headers(dst),
             head_request,
@@ -823,6 +830,7 @@ fn encode_head(
     version: Version,
     status: StatusCode,
     headers: &HeaderMap,
+    raw: Option<&crate::h1client::RawFields>,
     server: Option<&HeaderValue>,
     extra: impl FnOnce(&mut Vec<u8>),
     head_request: bool,
@@ -857,6 +865,61 @@ fn encode_head(
     let mut wrote_connection = false;
     let mut has_date = false;
     let mut server_pending = server;
+    // A first `content-length`: what it frames, and whether it is written.
+    let first_length = |value: &[u8]| -> Result<Option<Framing>, &'static str> {
+        match length {
+            Some(Some(n)) => Ok(Some(Framing::Length(n))),
+            Some(None) => match parse_length(value) {
+                Some(n) => Ok(Some(Framing::Length(n))),
+                None => Err("invalid content-length"),
+            },
+            // No body: the header stays on a HEAD response, and where it says so (Envoy keeps
+            // an upstream's `content-length: 0` where it was).
+            None if head_request => Ok(Some(Framing::Length(0))),
+            None if body_allowed && parse_length(value) == Some(0) => Ok(Some(Framing::Length(0))),
+            None => Ok(None),
+        }
+    };
+    // The upstream's fields as received (a plain head: one `content-length` at most, no
+    // framing or hop-by-hop field), before anything the proxy put in the map: each run of
+    // lines written as they are in one copy.
+    if let Some(raw) = raw {
+        let mut run: Option<(&RawLine, &RawLine)> = None;
+        for l in raw.lines() {
+            let keep = match l.kind {
+                FieldKind::ContentLength => {
+                    if framing.is_some() {
+                        return Err("multiple content-length values");
+                    }
+                    framing = first_length(raw.value(l))?;
+                    framing.is_some()
+                }
+                FieldKind::Server => server.is_none(),
+                FieldKind::Date => {
+                    has_date = true;
+                    true
+                }
+                FieldKind::Other => true,
+            };
+            match run {
+                Some((first, last)) if keep && RawFields::adjacent(last, l) => {
+                    run = Some((first, l));
+                    continue;
+                }
+                Some((first, last)) => dst.extend_from_slice(raw.span(first, last)),
+                None => {}
+            }
+            run = keep.then_some((l, l));
+            if l.kind == FieldKind::Server && !keep {
+                if let Some(v) = server_pending.take() {
+                    write_line(dst, "server: ", v);
+                }
+            }
+        }
+        if let Some((first, last)) = run {
+            dst.extend_from_slice(raw.span(first, last));
+        }
+    }
     let mut prev: Option<&HeaderName> = None;
     for (name, value) in headers {
         let continues = prev == Some(name);
@@ -878,15 +941,9 @@ fn encode_head(
                 if framing.is_some() {
                     return Err("content-length after transfer-encoding");
                 }
-                match length {
-                    Some(Some(n)) => framing = Some(Framing::Length(n)),
-                    Some(None) => match parse_length(value.as_bytes()) {
-                        Some(n) => framing = Some(Framing::Length(n)),
-                        None => return Err("invalid content-length"),
-                    },
-                    // No body: the header stays only on a HEAD response.
-                    None if head_request => framing = Some(Framing::Length(0)),
-                    None => continue,
+                framing = first_length(value.as_bytes())?;
+                if framing.is_none() {
+                    continue;
                 }
                 write_line(dst, "content-length: ", value);
             }
@@ -1104,6 +1161,7 @@ mod tests {
             status,
             &h,
             None,
+            None,
             |_| {},
             head_request,
             length,
@@ -1189,6 +1247,7 @@ mod tests {
             Version::HTTP_10,
             StatusCode::OK,
             &h,
+            None,
             None,
             |_| {},
             false,

@@ -89,22 +89,37 @@ impl Seen {
         Seen(self.0 | other.0)
     }
 
+    /// What one lower-case name adds, from its bytes.
+    pub fn of_lower(name: &[u8]) -> Seen {
+        Seen(Seen::bit_of(name))
+    }
+
+    /// Whether no name the connection manager acts on was seen.
+    pub fn is_none(self) -> bool {
+        self.0 == 0
+    }
+
     #[inline]
     fn bit(name: &HeaderName) -> u16 {
-        match name.as_str() {
-            "connection" => SEEN_CONNECTION,
-            "keep-alive" => SEEN_KEEP_ALIVE,
-            "proxy-connection" => SEEN_PROXY_CONNECTION,
-            "transfer-encoding" => SEEN_TRANSFER_ENCODING,
-            "upgrade" => SEEN_UPGRADE,
-            "te" => SEEN_TE,
-            "x-forwarded-for" => SEEN_XFF,
-            "x-forwarded-proto" => SEEN_XFP,
-            "x-request-id" => SEEN_REQUEST_ID,
-            "expect" => SEEN_EXPECT,
-            "x-envoy-immediate-health-check-fail" => SEEN_IMMEDIATE_HC_FAIL,
-            "x-envoy-expected-rq-timeout-ms" => SEEN_EXPECTED_RQ_TIMEOUT,
-            "x-envoy-upstream-service-time" => SEEN_UPSTREAM_SERVICE_TIME,
+        Seen::bit_of(name.as_str().as_bytes())
+    }
+
+    #[inline]
+    fn bit_of(name: &[u8]) -> u16 {
+        match name {
+            b"connection" => SEEN_CONNECTION,
+            b"keep-alive" => SEEN_KEEP_ALIVE,
+            b"proxy-connection" => SEEN_PROXY_CONNECTION,
+            b"transfer-encoding" => SEEN_TRANSFER_ENCODING,
+            b"upgrade" => SEEN_UPGRADE,
+            b"te" => SEEN_TE,
+            b"x-forwarded-for" => SEEN_XFF,
+            b"x-forwarded-proto" => SEEN_XFP,
+            b"x-request-id" => SEEN_REQUEST_ID,
+            b"expect" => SEEN_EXPECT,
+            b"x-envoy-immediate-health-check-fail" => SEEN_IMMEDIATE_HC_FAIL,
+            b"x-envoy-expected-rq-timeout-ms" => SEEN_EXPECTED_RQ_TIMEOUT,
+            b"x-envoy-upstream-service-time" => SEEN_UPSTREAM_SERVICE_TIME,
             _ => 0,
         }
     }

@@ -703,7 +703,7 @@ impl Sender {
         match self {
             Sender::H1(c) => h1client::send(c, req, upgrade, idle)
                 .await
-                .map(|(resp, _)| resp)
+                .map(|(resp, _, _)| resp)
                 .map_err(SendError::H1),
             Sender::H2(s) => crate::h2client::send(s, req).await.map_err(SendError::H2),
         }
