@@ -604,6 +604,17 @@ where
                 }
             }
             let done = matches!(self.stream, Stream::Sending { body: None, .. });
+            if matches!(
+                self.stream,
+                Stream::Sending {
+                    body: None,
+                    keep_alive: false,
+                    ..
+                }
+            ) {
+                // The connection closes once this is out: its FIN goes with the last bytes.
+                self.io.last_writes();
+            }
             ready!(self.poll_flush(cx))?;
             if done {
                 return Poll::Ready(Ok(()));
